@@ -1,0 +1,31 @@
+# Two entry points for a newcomer: `make demo` (generate with the embedded model) and `make test`.
+# Everything installs into .venv from scratch; torch is installed first and pinned, because an
+# unpinned torch pulls several GB of CUDA packages.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= a red circle moving right on a blue background
+
+.PHONY: setup demo test test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/dit generate "$(PROMPT)" -o outputs/demo.mp4
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

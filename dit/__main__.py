@@ -1,0 +1,3 @@
+from dit.cli import main
+
+raise SystemExit(main())

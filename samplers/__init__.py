@@ -1,0 +1,1 @@
+"""Samplers as plain functions: noise schedules, Gaussian paths, solvers, guidance, relay diffusion."""

@@ -1,0 +1,1 @@
+"""The causal 3D VAE (CogVideoX architecture) with streaming, tiling and time-sharded execution."""
