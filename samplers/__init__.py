@@ -1,1 +1,16 @@
-"""Samplers as plain functions: noise schedules, Gaussian paths, solvers, guidance, relay diffusion."""
+"""Samplers as plain functions: noise schedules, Gaussian paths, solvers, guidance, relay diffusion.
+
+This package is a leaf: it imports torch and numpy only, never `dit` or `vae3d`.
+"""
+
+from samplers.from_diffusers import SamplerSpec, from_diffusers_config, load_scheduler_config
+from samplers.guidance import check_guidance_scale, classifier_free_guidance, cogvideox_dynamic_scale
+from samplers.paths import (Denoiser, add_noise, check_prediction, diffusion_loss, eps_from_x0, to_x0,
+                            training_target)
+from samplers.schedules import (Schedule, alphas_cumprod_from_betas, ddpm_betas, dynamic_shift_mu, flow_schedule,
+                                flow_shift, flow_sigmas, rescale_zero_terminal_snr, snr_shift, spaced_timesteps,
+                                time_shift, vp_schedule)
+from samplers.solvers import (SOLVERS, cogvideox_dpm_step, ddim_step, dpmpp_2m_step, get_solver, heun_step,
+                              sample_cogvideox_dpm, sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun)
+
+__all__ = [name for name in dir() if not name.startswith("_")]
