@@ -278,3 +278,28 @@ def flow_schedule(sigmas: Tensor, *, num_train_timesteps: int = 1000) -> Schedul
     # The model's timestep is the float32 product, as diffusers feeds it.
     timesteps = (sigmas.float() * num_train_timesteps).double()
     return Schedule.from_states(timesteps, 1 - s, s)
+
+
+@dataclass(frozen=True)
+class TrainPath:
+    """The training discretisation of a path: for each integer training step t in [0, T), the state
+    (alphas[t], sigmas[t]) and the timestep value the model is conditioned on (`model_t[t]`)."""
+
+    alphas: Tensor
+    sigmas: Tensor
+    model_t: Tensor
+
+    def __len__(self) -> int:
+        return len(self.alphas)
+
+    @classmethod
+    def vp(cls, alphas_cumprod: Tensor) -> "TrainPath":
+        """Variance preserving: alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar); the model sees t."""
+        acp = alphas_cumprod.double()
+        return cls(acp.sqrt(), (1 - acp).sqrt(), torch.arange(len(acp), dtype=torch.float64))
+
+    @classmethod
+    def flow(cls, num_train_timesteps: int = 1000) -> "TrainPath":
+        """Rectified flow with sigma = (t + 1) / T (diffusers' training grid); the model sees sigma * T."""
+        s = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+        return cls(1 - s, s, s * num_train_timesteps)
