@@ -1,0 +1,72 @@
+"""Context-parallel configuration and the process groups it runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+RING_IMPLS = ("p2p", "allgather")
+
+
+@dataclass(frozen=True)
+class ContextParallelConfig:
+    """How a sequence is split over ranks: ring_degree x ulysses_degree = the context-parallel world.
+
+    ulysses_degree: DeepSpeed-Ulysses (all-to-all from sequence shards to head shards); needs the head count
+    divisible by it. ring_degree: ring attention (K/V passed round the ring, partial results merged in fp32 by
+    log-sum-exp). Both > 1 is USP (Fang & Zhao 2024) on a 2-D mesh, ulysses the inner (fast) dimension.
+    ring_impl: "p2p", a true ring with send/recv (memory O(L / P) per rank), or "allgather", K/V gathered once
+    (simpler, memory O(L) for K/V).
+    """
+
+    ring_degree: int = 1
+    ulysses_degree: int = 1
+    ring_impl: str = "p2p"
+
+    def __post_init__(self) -> None:
+        for name in ("ring_degree", "ulysses_degree"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.ring_impl not in RING_IMPLS:
+            raise ValueError(f"unknown ring_impl {self.ring_impl!r}; accepted: {', '.join(RING_IMPLS)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.ring_degree * self.ulysses_degree
+
+
+class ParallelContext:
+    """The 2-D (ring, ulysses) DeviceMesh of a config, with this rank's coordinates and groups."""
+
+    def __init__(self, config: ContextParallelConfig, *, device_type: str = "cpu"):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("context parallelism needs torch.distributed initialised first (torchrun / accelerate)")
+        world = dist.get_world_size()
+        if config.world_size != world:
+            raise ValueError(
+                f"ring_degree x ulysses_degree = {config.ring_degree} x {config.ulysses_degree} = {config.world_size} "
+                f"must equal the world size {world}"
+            )
+        self.config = config
+        self.mesh: DeviceMesh = init_device_mesh(
+            device_type, (config.ring_degree, config.ulysses_degree), mesh_dim_names=("ring", "ulysses")
+        )
+        self.ring_group = self.mesh.get_group("ring")
+        self.ulysses_group = self.mesh.get_group("ulysses")
+        self.world_group = dist.group.WORLD
+        self.rank = dist.get_rank()
+        self.ring_rank = dist.get_rank(self.ring_group)
+        self.ulysses_rank = dist.get_rank(self.ulysses_group)
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def shard_index(self) -> int:
+        """Which sequence chunk this rank holds: ring-major, ulysses-minor, so that a Ulysses group's chunks
+        are contiguous and its all-to-all yields the ring chunk."""
+        return self.ring_rank * self.config.ulysses_degree + self.ulysses_rank
