@@ -1,0 +1,327 @@
+"""Diffusers-compatible pipelines on our transformers, VAE and samplers.
+
+`DiTPipeline.from_pretrained(folder)` reads a diffusers pipeline folder (model_index.json) and returns the
+pipeline for its family with our transformer (`dit.load_transformer`), our VAE for video (`vae3d.load_vae`),
+the folder's text encoders and tokenizers (transformers, local files only) and our samplers driven by the
+folder's scheduler config. Same seed and settings as the diffusers pipeline give the same result.
+Folders we save name diffusers' pipeline class, so `diffusers.DiffusionPipeline.from_pretrained` loads them
+(with our modules as components).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.video_processor import VideoProcessor
+
+import samplers
+from dit.convert import load_transformer
+
+PIPELINE_FAMILIES: dict[str, str] = {
+    "CogVideoXPipeline": "dit.pipeline:CogVideoXDiTPipeline",
+}
+
+
+class DiTPipelineOutput(BaseOutput):
+    """`.frames` for video ((B, F, H, W, 3) in [0, 1] for output_type="np"), `.images` for images."""
+
+    frames: Any = None
+    images: Any = None
+
+
+def _resolve(qualname: str):
+    module, _, name = qualname.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _read_index(path: str | os.PathLike) -> dict:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model folder {str(folder)!r} does not exist or is not a folder")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{str(folder)!r} has no model_index.json; expected a diffusers pipeline folder")
+    return json.loads(index.read_text())
+
+
+def _load_component(folder: Path, name: str, spec: list, torch_dtype: torch.dtype | None) -> Any:
+    """One component of a pipeline folder, by its role; our own modules for the transformer and video VAE."""
+    library, class_name = spec
+    if library is None or class_name is None:
+        return None
+    sub = folder / name
+    if name == "transformer":
+        return load_transformer(sub, torch_dtype=torch_dtype)
+    if name == "vae" and class_name in ("AutoencoderKLCogVideoX", "CausalVAE3D"):
+        from vae3d import load_vae
+
+        return load_vae(sub, torch_dtype=torch_dtype)
+    if name.startswith("scheduler"):
+        import diffusers
+
+        return getattr(diffusers, class_name).from_pretrained(sub)
+    if name.startswith("tokenizer"):
+        import transformers
+
+        return getattr(transformers, class_name).from_pretrained(sub, local_files_only=True)
+    module = importlib.import_module(library if library not in ("diffusers", "transformers") else library)
+    cls = getattr(module, class_name)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if library == "transformers":
+        kwargs["local_files_only"] = True
+    return cls.from_pretrained(sub, **kwargs)
+
+
+class DiTPipeline(DiffusionPipeline):
+    """Base of our pipelines: family dispatch on load, our samplers for the denoising loop."""
+
+    diffusers_class_name: str = ""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, **kwargs: Any) -> "DiTPipeline":
+        """Load a local diffusers pipeline folder (never downloads) into the pipeline for its family."""
+        if kwargs:
+            raise ValueError(f"unsupported from_pretrained arguments: {sorted(kwargs)}; accepted: torch_dtype, device")
+        folder = Path(pretrained_model_name_or_path)
+        index = _read_index(folder)
+        family = index.get("_class_name")
+        if family not in PIPELINE_FAMILIES:
+            raise ValueError(f"{str(folder)!r}: unsupported pipeline {family!r}; accepted: {', '.join(PIPELINE_FAMILIES)}")
+        target = _resolve(PIPELINE_FAMILIES[family])
+        if not issubclass(target, cls):
+            raise ValueError(f"{str(folder)!r} holds a {family}, which {cls.__name__} cannot load")
+        components = {
+            name: _load_component(folder, name, spec, torch_dtype)
+            for name, spec in index.items()
+            if not name.startswith("_") and isinstance(spec, list)
+        }
+        pipe = target(**components)
+        return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' save_pretrained, with model_index.json naming the diffusers pipeline class, so that
+        `diffusers.DiffusionPipeline.from_pretrained` builds diffusers' pipeline around our components."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = self.diffusers_class_name
+        tmp = index_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, index_path)
+
+    # -- shared helpers ----------------------------------------------------------------------------------------------
+
+    def _sampler(self, num_inference_steps: int, *, mu: float | None = None) -> samplers.SamplerSpec:
+        config = dict(self.scheduler.config, _class_name=type(self.scheduler).__name__)
+        return samplers.from_diffusers_config(config, num_inference_steps, mu=mu)
+
+    def _step_callback(self, callback_on_step_end: Callable | None, tensor_inputs: list[str], state: dict,
+                       progress) -> Callable:
+        """Our solvers' callback(i, x, x0) -> diffusers' callback_on_step_end(pipe, i, t, kwargs) and a progress bar."""
+
+        def on_step(i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
+            progress.update()
+            if callback_on_step_end is None:
+                return None
+            state["latents"] = x
+            outputs = callback_on_step_end(self, i, state["timesteps"][i], {k: state[k] for k in tensor_inputs})
+            for key in ("prompt_embeds", "negative_prompt_embeds"):
+                if key in outputs:
+                    state[key] = outputs[key]
+            return outputs.get("latents")
+
+        return on_step
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class CogVideoXDiTPipeline(DiTPipeline):
+    """Text-to-video with CogVideoX (1.0 2B/5B, 1.5): the same call and the same frames as CogVideoXPipeline."""
+
+    diffusers_class_name = "CogVideoXPipeline"
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                              scheduler=scheduler)
+        cfg = self.vae.config
+        self.vae_scale_factor_spatial = 2 ** (len(cfg.block_out_channels) - 1)
+        self.vae_scale_factor_temporal = cfg.temporal_compression_ratio
+        self.vae_scaling_factor_image = cfg.scaling_factor
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # -- inputs ------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[str], *, max_sequence_length: int = 226,
+                      device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """T5 embeddings (B, L, D), padded to max_sequence_length as CogVideoX was trained."""
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        embeds = self.text_encoder(ids.to(device or self._execution_device))[0]
+        return embeds.to(dtype=dtype or self.text_encoder.dtype, device=device or self._execution_device)
+
+    def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
+                     num_inference_steps: int, guidance_scale: float) -> None:
+        """Every user input checked before any model runs; each error names the value and what is accepted."""
+        if prompt is None or (not isinstance(prompt, str) and not (
+                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            n = 1 if isinstance(prompt, str) else len(prompt)
+            if not (isinstance(negative_prompt, list) and len(negative_prompt) == n):
+                raise ValueError(f"negative_prompt must be a string or a list of {n} strings, got {negative_prompt!r}")
+        for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
+                            ("num_inference_steps", num_inference_steps)):
+            _check_positive_int(name, value)
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                lo = max(multiple, value // multiple * multiple)
+                raise ValueError(f"{name} {value} must be divisible by {multiple}; nearest valid: {lo} or {lo + multiple}")
+        k = self.vae_scale_factor_temporal
+        if (num_frames - 1) % k:
+            lo = (num_frames - 1) // k * k + 1
+            raise ValueError(f"num_frames {num_frames} must be 1 + {k}n for this VAE; nearest valid: {lo} or {lo + k}")
+        samplers.check_guidance_scale(guidance_scale)
+
+    def _rotary(self, height: int, width: int, latent_frames: int, device: torch.device):
+        """3D RoPE for the video tokens as CogVideoXPipeline computes it (None if the model uses sin-cos)."""
+        if not self.transformer.config.use_rotary_positional_embeddings:
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        cfg = self.transformer.config
+        p, p_t = cfg.patch_size, cfg.patch_size_t
+        gh, gw = height // (self.vae_scale_factor_spatial * p), width // (self.vae_scale_factor_spatial * p)
+        base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+        if p_t is None:
+            crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
+            return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
+                                           temporal_size=latent_frames, device=device)
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(gh, gw),
+                                       temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
+                                       max_size=(base_h, base_w), device=device)
+
+    # -- the call ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = 226,
+        solver: str | None = None,
+    ) -> DiTPipelineOutput | tuple:
+        """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); by default the folder's
+        scheduler decides, as in diffusers."""
+        cfg = self.transformer.config
+        height = height or cfg.sample_height * self.vae_scale_factor_spatial
+        width = width or cfg.sample_width * self.vae_scale_factor_spatial
+        num_frames = num_frames or cfg.sample_frames
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale)
+        if num_videos_per_prompt != 1:
+            raise ValueError(f"num_videos_per_prompt must be 1 (as in CogVideoXPipeline), got {num_videos_per_prompt}")
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+        spec = self._sampler(num_inference_steps)
+        solve = samplers.get_solver(solver or spec.solver)
+        options = dict(spec.options) if solver in (None, spec.solver) else {}
+
+        device = self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds = self.encode_prompt(prompts, max_sequence_length=max_sequence_length, device=device)
+        negative_embeds = None
+        if do_cfg:
+            neg = negative_prompt or ""
+            neg = [neg] * batch if isinstance(neg, str) else list(neg)
+            negative_embeds = self.encode_prompt(neg, max_sequence_length=max_sequence_length, device=device)
+
+        # Latents (B, F', C, H', W'); CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t.
+        k = self.vae_scale_factor_temporal
+        latent_frames = (num_frames - 1) // k + 1
+        extra = 0
+        if cfg.patch_size_t is not None and latent_frames % cfg.patch_size_t:
+            extra = cfg.patch_size_t - latent_frames % cfg.patch_size_t
+        shape = (batch, latent_frames + extra, cfg.in_channels, height // self.vae_scale_factor_spatial,
+                 width // self.vae_scale_factor_spatial)
+        if latents is None:
+            latents = samplers.solvers.randn(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        else:
+            latents = latents.to(device=device, dtype=prompt_embeds.dtype)
+        rope = self._rotary(height, width, shape[1], device)
+        state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": prompt_embeds,
+                 "negative_prompt_embeds": negative_embeds}
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            context = prompt_embeds if not do_cfg else torch.cat([state["negative_prompt_embeds"],
+                                                                  state["prompt_embeds"]])
+            timestep = t.to(device).expand(x.shape[0])
+            return self.transformer(hidden_states=x, encoder_hidden_states=context, timestep=timestep,
+                                    image_rotary_emb=rope, attention_kwargs=attention_kwargs,
+                                    return_dict=False)[0].float()
+
+        if do_cfg:
+            scale = samplers.cogvideox_dynamic_scale(guidance_scale, num_inference_steps) if use_dynamic_cfg \
+                else guidance_scale
+            model = samplers.classifier_free_guidance(model_fn, scale)
+        else:
+            model = model_fn
+        denoiser = samplers.Denoiser(model, spec.prediction)
+        if solve is samplers.sample_ddim and eta:
+            options["eta"] = eta
+        if solve in (samplers.sample_cogvideox_dpm,) or options.get("eta"):
+            options["generator"] = generator
+        with self.progress_bar(total=num_inference_steps) as progress:
+            callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
+                                           progress)
+            latents = solve(denoiser, latents, spec.schedule, callback=callback, **options)
+
+        if output_type == "latent":
+            video = latents
+        else:
+            latents = latents[:, extra:].permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image  # (B, C, F, H, W)
+            video = self.vae.decode(latents).sample
+            video = self.video_processor.postprocess_video(video=video, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (video,)
+        return DiTPipelineOutput(frames=video)

@@ -1,0 +1,65 @@
+"""Tiny random-weight diffusers pipelines, built offline and saved into a folder (no hub access)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "moving", "left", "right", "on", "background", "the", "cat"]
+
+
+def tiny_tokenizer(max_length: int = 16):
+    """A word-level fast tokenizer built in memory (pad 0, eos 1, unk 2, like T5's ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def tiny_t5(d_model: int = 16, vocab: int = len(WORDS) + 3):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8)).eval()
+
+
+def randomize(module: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
+    """Seeded normal weights everywhere: zero-initialised layers would make parity trivially true."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def tiny_cogvideox_pipeline(folder: Path, *, rotary: bool = False, scheduler: str = "ddim", text_len: int = 16):
+    """Save a tiny diffusers CogVideoXPipeline into `folder` and return the diffusers pipeline."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=text_len, use_rotary_positional_embeddings=rotary,
+    )
+    randomize(transformer, 1, 0.2)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    sched_cls = CogVideoXDDIMScheduler if scheduler == "ddim" else CogVideoXDPMScheduler
+    sched = sched_cls(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                      snr_shift_scale=3.0, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    pipe = CogVideoXPipeline(tokenizer=tiny_tokenizer(text_len), text_encoder=tiny_t5(), vae=vae.eval(),
+                             transformer=transformer.eval(), scheduler=sched)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
