@@ -134,7 +134,7 @@ class CogVideoXAttention(nn.Module):
         layers = (self.to_q, self.to_k, self.to_v)
         ws = [lin.weight for lin in layers]
         bs = [lin.bias for lin in layers]
-        if not _autograd_free(*ws):
+        if not _autograd_free(*ws) or torch.compiler.is_compiling():  # compiled graphs fuse the cat themselves
             return torch.cat(ws), None if bs[0] is None else torch.cat(bs)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ws + bs if t is not None)
         if self._fused is None or self._fused[0] != key:
