@@ -1,0 +1,92 @@
+"""3D rotary position embedding for video tokens (RoFormer, Su et al. 2021; CogVideoX, Yang et al. 2024).
+
+The head dimension is split into a time part (1/4) and two space parts (3/8 each); each part rotates
+consecutive channel pairs (x[2i], x[2i+1]) by angle pos * theta^(-2i/d) of its own axis. The numbers equal
+diffusers' `get_3d_rotary_pos_embed` as CogVideoXPipeline calls it, so a caller may pass either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rope_1d(dim: int, pos: Tensor, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (S, dim) for positions (S,), each frequency repeated for its channel pair; fp32."""
+    if dim % 2:
+        raise ValueError(f"rotary embedding dim must be even, got {dim}")
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim)  # (dim/2,)
+    angles = torch.outer(pos.float(), inv_freq)  # (S, dim/2)
+    return angles.cos().repeat_interleave(2, dim=1), angles.sin().repeat_interleave(2, dim=1)  # (S, dim) each
+
+
+def rope_3d(head_dim: int, grid_t: Tensor, grid_h: Tensor, grid_w: Tensor, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (T*H*W, head_dim) over a (t, h, w) grid of positions, frame-major tokens.
+
+    Channels: [time head_dim/4 | height 3*head_dim/8 | width 3*head_dim/8], as CogVideoX was trained.
+    """
+    if head_dim % 8:
+        raise ValueError(f"3D rotary embedding needs head_dim divisible by 8, got {head_dim}")
+    dims = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
+    nt, nh, nw = len(grid_t), len(grid_h), len(grid_w)
+    tables = [rope_1d(d, g, theta) for d, g in zip(dims, (grid_t, grid_h, grid_w))]  # each ((n, d), (n, d))
+
+    def combine(t: Tensor, h: Tensor, w: Tensor) -> Tensor:
+        full = torch.cat(
+            [t[:, None, None].expand(-1, nh, nw, -1), h[None, :, None].expand(nt, -1, nw, -1),
+             w[None, None, :].expand(nt, nh, -1, -1)], dim=-1,
+        )  # (T, H, W, head_dim)
+        return full.reshape(nt * nh * nw, head_dim)
+
+    cos = combine(*(c for c, _ in tables))
+    sin = combine(*(s for _, s in tables))
+    return cos, sin
+
+
+def _resize_crop_region(grid_h: int, grid_w: int, base_h: int, base_w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The centred region a (grid_h, grid_w) grid covers once resized to fit the (base_h, base_w) training grid."""
+    if grid_h / grid_w > base_h / base_w:
+        rh, rw = base_h, int(round(base_h / grid_h * grid_w))
+    else:
+        rh, rw = int(round(base_w / grid_w * grid_h)), base_w
+    top, left = int(round((base_h - rh) / 2.0)), int(round((base_w - rw) / 2.0))
+    return (top, left), (top + rh, left + rw)
+
+
+def cogvideox_rope(
+    head_dim: int, frames: int, grid_h: int, grid_w: int, base_h: int, base_w: int, *,
+    temporal_patch: bool, device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The RoPE tables CogVideoX uses for a (frames, grid_h, grid_w) token grid, as its pipeline computes them.
+
+    1.0 (no temporal patch): positions are stretched over the crop of the (base_h, base_w) training grid
+    ("linspace" grid), so other resolutions interpolate rather than extrapolate. 1.5: integer positions.
+    `frames`, `grid_h`, `grid_w` count tokens (after patching). Returns cos, sin of shape (F*H*W, head_dim).
+    """
+    f32 = dict(device=device, dtype=torch.float32)
+    if temporal_patch:
+        gt, gh, gw = (torch.arange(n, **f32) for n in (frames, grid_h, grid_w))
+    else:
+        (top, left), (bottom, right) = _resize_crop_region(grid_h, grid_w, base_h, base_w)
+        # linspace(start, stop * (n - 1) / n, n) is the training recipe; it is not arange(start, stop).
+        gh = torch.linspace(top, bottom * (grid_h - 1) / grid_h, grid_h, **f32)
+        gw = torch.linspace(left, right * (grid_w - 1) / grid_w, grid_w, **f32)
+        gt = torch.linspace(0, frames * (frames - 1) / frames, frames, **f32)
+    return rope_3d(head_dim, gt, gh, gw)
+
+
+def apply_rope_(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate channel pairs of x (..., S, head_dim) in place: (a, b) -> (a cos - b sin, b cos + a sin).
+
+    `sin_signed` is sin with the even channels negated (see `signed_sin`), so the rotation is
+    x * cos + swap_pairs(x) * sin_signed: one pair swap and two fused passes, no complex numbers and no
+    fp32 round trip. cos/sin broadcast against x (e.g. (S, head_dim) for x of (B, S, H... ) laid out to match).
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., head_dim): (b, a) per pair; one copy
+    return x.mul_(cos).addcmul_(swapped, sin_signed)
+
+
+def signed_sin(sin: Tensor) -> Tensor:
+    """sin (S, D) with the first channel of every pair negated: [-s0, s0, -s1, s1, ...]."""
+    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
+    return sin * sign

@@ -1,0 +1,218 @@
+"""Building blocks of the CogVideoX VAE: norms, the 3D ResNet block, time-aware down/upsampling.
+
+Module and parameter names equal diffusers' (``norm1.norm_layer.weight``, ``conv1.conv.weight``,
+``downsamplers.0.conv.weight``) so that diffusers' state dicts load without renaming.
+
+Norms are split into statistics (over the whole frame batch, in fp32) and a frame-wise apply, so
+that the apply can be fused into the next causal convolution a few frames at a time (see
+``causal_conv``). Statistics per frame batch are what diffusers' frame-batched decode computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .causal_conv import CONV_FRAMES_PER_STEP, CausalConv3d, ConvCache, FrameTransform
+
+
+def _inplace() -> bool:
+    # In-place updates are safe only when autograd does not keep the overwritten values.
+    return not torch.is_grad_enabled()
+
+
+def group_norm_transform(
+    norm: nn.GroupNorm, x: torch.Tensor, act: bool = True
+) -> FrameTransform:
+    """GroupNorm (+ SiLU) of ``x`` (B, C, T, H, W) as a frame-wise transform.
+
+    Mean and variance are computed once over the whole batch in fp32 (also for fp16/bf16 inputs,
+    one group at a time so no full fp32 copy is made); the returned function normalises any frame
+    range with them.
+    """
+    b, c = x.shape[:2]
+    g = norm.num_groups
+    xg = x.reshape(b, g, -1)  # (B, G, C/G * T * H * W)
+    if x.dtype == torch.float32:
+        var, mean = torch.var_mean(xg, dim=-1, correction=0)
+    else:
+        stats = [torch.var_mean(xg[:, i].float(), dim=-1, correction=0) for i in range(g)]
+        var = torch.stack([v for v, _ in stats], 1)
+        mean = torch.stack([m for _, m in stats], 1)
+    rstd = torch.rsqrt(var + norm.eps)  # (B, G)
+    # Fold normalisation and affine into one per-channel scale and shift: y = x * a + s.
+    scale = rstd.repeat_interleave(c // g, dim=1)  # (B, C)
+    shift = -mean.repeat_interleave(c // g, dim=1) * scale
+    if norm.affine:
+        scale = scale * norm.weight.float()
+        shift = shift * norm.weight.float() + norm.bias.float()
+    scale = scale[:, :, None, None, None]
+    shift = shift[:, :, None, None, None]
+    low = x.dtype != torch.float32
+
+    def apply(s: torch.Tensor, a: int, b_: int) -> torch.Tensor:
+        y = torch.addcmul(shift, s.float() if low else s, scale)
+        if low:
+            y = y.to(x.dtype)
+        return F.silu(y, inplace=_inplace()) if act else y
+
+    return apply
+
+
+def _latent_index(frames: int, latent_frames: int) -> list[int]:
+    """Latent frame that conditions each of ``frames`` feature frames (nearest, in time).
+
+    As diffusers: an odd frame count > 1 keeps frame 0 with latent 0 and stretches the rest.
+    """
+    if frames > 1 and frames % 2 == 1 and latent_frames > 1:
+        r = (frames - 1) // (latent_frames - 1)
+        return [0] + [1 + (t - 1) // r for t in range(1, frames)]
+    r = frames // latent_frames
+    return [t // r for t in range(frames)]
+
+
+class SpatialNorm3D(nn.Module):
+    """Spatially conditioned norm (MoVQ, Zheng et al. 2022): GN(f) * conv_y(zq) + conv_b(zq).
+
+    zq is nearest-upsampled to f's size before the 1x1x1 convolutions in diffusers; a 1x1x1
+    convolution commutes with nearest upsampling, so they run at latent size here and the result
+    is broadcast, never materialised at feature size.
+    """
+
+    def __init__(self, f_channels: int, zq_channels: int, groups: int = 32) -> None:
+        super().__init__()
+        self.norm_layer = nn.GroupNorm(num_channels=f_channels, num_groups=groups, eps=1e-6, affine=True)
+        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+
+    def transform(self, f: torch.Tensor, zq: torch.Tensor, act: bool = True) -> FrameTransform:
+        """Frame-wise SpatialNorm (+ SiLU) of f (B, C, T, H, W) conditioned on zq (B, Z, Tz, h, w)."""
+        norm = group_norm_transform(self.norm_layer, f, act=False)
+        y = self.conv_y(zq)  # (B, C, Tz, h, w)
+        b = self.conv_b(zq)
+        index = torch.tensor(_latent_index(f.shape[2], zq.shape[2]), device=f.device)
+        rh, rw = f.shape[3] // zq.shape[3], f.shape[4] // zq.shape[4]
+
+        def apply(s: torch.Tensor, a: int, b_: int) -> torch.Tensor:
+            h = norm(s, a, b_)
+            ys, bs = y[:, :, index[a:b_]], b[:, :, index[a:b_]]  # (B, C, n, h, w)
+            n, zh, zw = ys.shape[2:]
+            hv = h.view(h.shape[0], h.shape[1], n, zh, rh, zw, rw)  # (B, C, n, h, rh, w, rw)
+            ys, bs = ys[:, :, :, :, None, :, None], bs[:, :, :, :, None, :, None]
+            if _inplace():
+                torch.addcmul(bs, hv, ys, out=hv)
+                return F.silu(h, inplace=True) if act else h
+            h = torch.addcmul(bs, hv, ys).view(h.shape)
+            return F.silu(h) if act else h
+
+        return apply
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        return self.transform(f, zq, act=False)(f, 0, f.shape[2])
+
+
+class ResnetBlock3D(nn.Module):
+    """Pre-norm 3D ResNet block: x + conv2(act(norm2(conv1(act(norm1(x)))))).
+
+    ``spatial_norm_dim`` set (decoder) uses SpatialNorm3D conditioned on the latents.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        groups: int = 32,
+        eps: float = 1e-6,
+        dropout: float = 0.0,
+        spatial_norm_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_norm_dim is None:
+            self.norm1 = nn.GroupNorm(num_channels=in_channels, num_groups=groups, eps=eps)
+            self.norm2 = nn.GroupNorm(num_channels=out_channels, num_groups=groups, eps=eps)
+        else:
+            self.norm1 = SpatialNorm3D(in_channels, spatial_norm_dim, groups)
+            self.norm2 = SpatialNorm3D(out_channels, spatial_norm_dim, groups)
+        self.conv1 = CausalConv3d(in_channels, out_channels, kernel_size=3)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_channels, out_channels, kernel_size=3)
+        # diffusers' non-causal 1x1x1 shortcut (a plain Conv3d, named conv_shortcut).
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def _norm_act(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> FrameTransform:
+        if isinstance(norm, SpatialNorm3D):
+            return norm.transform(x, zq)
+        return group_norm_transform(norm, x)
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None) -> torch.Tensor:
+        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq))
+        tf2 = self._norm_act(self.norm2, h, zq)
+        if self.dropout.p > 0 and self.training:
+            norm_act2 = tf2
+            tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
+        h = self.conv2(h, cache, tf2)
+        if self.conv_shortcut is None:
+            return h.add_(x) if _inplace() else h + x
+        if not _inplace():
+            return h + self.conv_shortcut(x)
+        for t0 in range(0, x.shape[2], CONV_FRAMES_PER_STEP):  # no full-size shortcut temporary
+            t1 = t0 + CONV_FRAMES_PER_STEP
+            h[:, :, t0:t1] += self.conv_shortcut(x[:, :, t0:t1])
+        return h
+
+
+class Downsample3D(nn.Module):
+    """Halve H and W (3x3 stride-2 conv after a right/bottom zero pad); optionally halve time.
+
+    Time is halved by averaging frame pairs; the causal first frame of a video with an odd
+    frame count stays alone (it is the image frame).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor, at_start: bool = True) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames: list[tuple[int, ...]] = [(i,) for i in range(t)]
+        if self.compress_time:
+            keep_first = t % 2 == 1
+            if keep_first and not at_start and t > 1:
+                raise AssertionError(f"a frame batch after the first has an odd frame count {t}")
+            first = [(0,)] if keep_first else []
+            frames = first + [(i, i + 1) for i in range(len(first), t, 2)]
+        out = x.new_empty(b, self.conv.out_channels, len(frames), (h - 2) // 2 + 1, (w - 2) // 2 + 1)
+        for j, src in enumerate(frames):
+            f = x[:, :, src[0]] if len(src) == 1 else (x[:, :, src[0]] + x[:, :, src[1]]) / 2  # (B, C, H, W)
+            out[:, :, j] = self.conv(F.pad(f, (0, 1, 0, 1)))
+        return out
+
+
+class Upsample3D(nn.Module):
+    """Double H and W (nearest, then 3x3 conv); optionally double time by repeating frames.
+
+    At the start of a video with an odd frame count (and for a single frame) the first frame is
+    the image frame and is not repeated. A repeated frame gives the same convolution output, so
+    each source frame is convolved once and written twice.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.compress_time = compress_time
+
+    def forward(self, x: torch.Tensor, at_start: bool = True) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        repeats = [1] * t
+        if self.compress_time:
+            single_first = at_start and t % 2 == 1
+            repeats = [1 if (i == 0 and single_first) else 2 for i in range(t)]
+        out = x.new_empty(b, self.conv.out_channels, sum(repeats), 2 * h, 2 * w)
+        j = 0
+        for i, r in enumerate(repeats):
+            y = self.conv(F.interpolate(x[:, :, i], scale_factor=2.0, mode="nearest"))  # (B, C', 2H, 2W)
+            out[:, :, j : j + r] = y.unsqueeze(2)
+            j += r
+        return out

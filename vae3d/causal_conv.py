@@ -1,0 +1,115 @@
+"""Causal 3D convolution with an explicit time-padding rule and a carried frame cache.
+
+Padding rule (CogVideoX, as in diffusers' ``CogVideoXCausalConv3d``):
+
+- time: ``k_t - 1`` frames are put on the left of the input. At the start of a video they are
+  copies of the first frame; afterwards they are the last ``k_t - 1`` frames of the previous
+  frame batch's padded input (the *cache*). Output frame t therefore sees input frames
+  t - k_t + 1 .. t and nothing later, and running a video in frame batches with the cache
+  carried between them gives exactly the whole-sequence result.
+- height/width: ``(k - 1) // 2`` zeros on both sides, done by the convolution itself.
+
+Memory: the convolution input is usually ``act(norm(x))``. Instead of materialising that (and a
+time-padded copy of it), the caller passes the frame-wise ``transform`` and it is applied to a few
+frames at a time right before each convolution call; outputs are written into one preallocated
+tensor. Peak memory of a convolution is then its input, its output and a few frames of
+temporaries, instead of four full-size tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Output frames per convolution call when streaming (no autograd). Small enough that the
+# per-call temporaries are a fraction of the batch, large enough to amortise the call.
+CONV_FRAMES_PER_STEP = 2
+
+# transform(x[:, :, a:b], a, b) -> the convolution's input for frames a..b-1; frame-wise.
+FrameTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+class ConvCache:
+    """State carried from one frame batch to the next.
+
+    ``frames[conv]`` holds the last ``k_t - 1`` frames of that convolution's padded input;
+    ``at_start`` is True while the batch being processed begins the video (its first frame is the
+    causal image frame: padded by replication, never pooled with another frame).
+    """
+
+    def __init__(self) -> None:
+        self.frames: dict[nn.Module, torch.Tensor] = {}
+        self.at_start = True
+
+
+def _identity(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return x
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d, causal in time (replicate-first-frame left padding), zero padded in space.
+
+    The weights live in ``self.conv`` so that state-dict names equal diffusers'
+    (``...conv1.conv.weight``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.time_pad = kernel_size - 1
+        p = (kernel_size - 1) // 2
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, p, p))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: ConvCache | None = None,
+        transform: FrameTransform | None = None,
+    ) -> torch.Tensor:
+        """conv(transform(x)) causally: x (B, C, T, H, W) -> (B, C', T, H, W).
+
+        ``cache`` carries the last frames between batches (None: a whole video in one call).
+        """
+        tf = transform or _identity
+        p, t = self.time_pad, x.shape[2]
+        previous = cache.frames.get(self) if cache is not None else None
+        if torch.is_grad_enabled() or p == 0:
+            # Plain path (training, 1x1x1 convs): one padded tensor, one convolution.
+            h = tf(x, 0, t)
+            if p > 0:
+                head = previous if previous is not None else h[:, :, :1].expand(-1, -1, p, -1, -1)
+                h = torch.cat([head, h], dim=2)  # (B, C, p + T, H, W)
+                if cache is not None:
+                    cache.frames[self] = h[:, :, -p:].detach().clone()
+            return self.conv(h)
+
+        if previous is None and t == 1:
+            # A single frame at the start of a video is an image: all time taps see the same
+            # replicated frame, so one 2D convolution with the kernel summed over time is exact.
+            h = tf(x, 0, 1)
+            if cache is not None:
+                cache.frames[self] = h.expand(-1, -1, p, -1, -1).clone()
+            y = F.conv2d(h[:, :, 0], self.conv.weight.sum(2), self.conv.bias, 1, self.conv.padding[1:])
+            return y.unsqueeze(2)  # (B, C', 1, H, W)
+
+        b, _, _, hh, ww = x.shape
+        out = x.new_empty(b, self.conv.out_channels, t, hh, ww)
+        first = None
+        for t0 in range(0, t, CONV_FRAMES_PER_STEP):
+            t1 = min(t, t0 + CONV_FRAMES_PER_STEP)
+            lo = max(t0 - p, 0)
+            h = tf(x[:, :, lo:t1], lo, t1)  # (B, C, t1 - lo, H, W)
+            missing = p - (t0 - lo)  # pad frames that come from before this batch
+            if missing > 0:
+                if previous is not None:
+                    head = previous[:, :, p - missing :]
+                else:
+                    first = h[:, :, :1] if first is None else first
+                    head = first.expand(-1, -1, missing, -1, -1)
+                h = torch.cat([head, h], dim=2)  # (B, C, p + t1 - t0, H, W)
+            out[:, :, t0:t1] = self.conv(h)
+            if t1 == t and cache is not None:
+                cache.frames[self] = h[:, :, -p:].clone()  # last p frames of the padded stream
+        return out

@@ -1,0 +1,345 @@
+"""CogVideoX causal 3D VAE (Yang et al. 2024, "CogVideoX"): encoder, decoder, KL wrapper, presets.
+
+Reads top to bottom like the architecture: down/mid/up blocks, the encoder (8x space, 4x time),
+the decoder with latent-conditioned SpatialNorm, and ``CausalVAE3D``, the AutoencoderKL-style
+wrapper whose config keys equal diffusers' ``AutoencoderKLCogVideoX`` so that its folders load.
+
+Every module works on one frame batch (B, C, T, H, W) at a time; the state between batches (conv
+caches, whether the batch starts the video) is a ``ConvCache`` passed down. Frame batching,
+tiling and slicing live in ``streaming``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from torch import nn
+
+from . import streaming
+from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, group_norm_transform
+from .causal_conv import CausalConv3d, ConvCache
+
+DOWN_BLOCK = "CogVideoXDownBlock3D"
+UP_BLOCK = "CogVideoXUpBlock3D"
+
+
+class DownBlock3D(nn.Module):
+    """ResNet blocks, then (except for the last block) 2x spatial and optionally 2x time downsampling."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float,
+        dropout: float, add_downsample: bool, compress_time: bool,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps, dropout)
+            for i in range(num_layers)
+        )
+        self.downsamplers = (
+            nn.ModuleList([Downsample3D(out_channels, out_channels, compress_time)]) if add_downsample else None
+        )
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, None, cache)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x, at_start=cache is None or cache.at_start)
+        return x
+
+
+class MidBlock3D(nn.Module):
+    """Two ResNet blocks at the lowest resolution (SpatialNorm in the decoder)."""
+
+    def __init__(
+        self, channels: int, groups: int, eps: float, dropout: float, spatial_norm_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(channels, channels, groups, eps, dropout, spatial_norm_dim) for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, zq, cache)
+        return x
+
+
+class UpBlock3D(nn.Module):
+    """ResNet blocks with SpatialNorm, then (except for the last block) 2x space, optionally 2x time."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float,
+        dropout: float, spatial_norm_dim: int, add_upsample: bool, compress_time: bool,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups, eps, dropout, spatial_norm_dim)
+            for i in range(num_layers)
+        )
+        self.upsamplers = (
+            nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time)]) if add_upsample else None
+        )
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor, cache: ConvCache | None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, zq, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, at_start=cache is None or cache.at_start)
+        return x
+
+
+def _check_block_types(types: tuple[str, ...], expected: str, name: str) -> None:
+    bad = [t for t in types if t != expected]
+    if bad:
+        raise ValueError(f"{name} {bad!r} is not supported; every entry must be {expected!r}")
+
+
+class Encoder3D(nn.Module):
+    """Video (B, 3, 1 + 4k, H, W) -> posterior moments (B, 2 * latent, 1 + k, H / 8, W / 8)."""
+
+    def __init__(
+        self, in_channels: int, latent_channels: int, block_out_channels: tuple[int, ...],
+        layers_per_block: int, norm_eps: float, norm_num_groups: int, temporal_compress_level: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.conv_in = CausalConv3d(in_channels, block_out_channels[0], kernel_size=3)
+        self.down_blocks = nn.ModuleList()
+        prev = block_out_channels[0]
+        for i, ch in enumerate(block_out_channels):
+            self.down_blocks.append(
+                DownBlock3D(
+                    prev, ch, layers_per_block, norm_num_groups, norm_eps, dropout,
+                    add_downsample=i < len(block_out_channels) - 1, compress_time=i < temporal_compress_level,
+                )
+            )
+            prev = ch
+        self.mid_block = MidBlock3D(prev, norm_num_groups, norm_eps, dropout)
+        self.norm_out = nn.GroupNorm(norm_num_groups, prev, eps=1e-6)
+        self.conv_out = CausalConv3d(prev, 2 * latent_channels, kernel_size=3)
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        h = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            h = block(h, cache)
+        h = self.mid_block(h, None, cache)
+        return self.conv_out(h, cache, group_norm_transform(self.norm_out, h))
+
+
+class Decoder3D(nn.Module):
+    """Latents (B, latent, 1 + k, h, w) -> video (B, 3, 1 + 4k, 8h, 8w); every norm sees the latents."""
+
+    def __init__(
+        self, latent_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
+        layers_per_block: int, norm_eps: float, norm_num_groups: int, temporal_compress_level: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        channels = list(reversed(block_out_channels))
+        self.conv_in = CausalConv3d(latent_channels, channels[0], kernel_size=3)
+        self.mid_block = MidBlock3D(channels[0], norm_num_groups, norm_eps, dropout, latent_channels)
+        self.up_blocks = nn.ModuleList()
+        prev = channels[0]
+        for i, ch in enumerate(channels):
+            self.up_blocks.append(
+                UpBlock3D(
+                    prev, ch, layers_per_block + 1, norm_num_groups, norm_eps, dropout, latent_channels,
+                    add_upsample=i < len(channels) - 1, compress_time=i < temporal_compress_level,
+                )
+            )
+            prev = ch
+        self.norm_out = SpatialNorm3D(prev, latent_channels, groups=norm_num_groups)
+        self.conv_out = CausalConv3d(prev, out_channels, kernel_size=3)
+
+    def forward(self, z: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        h = self.conv_in(z, cache)
+        h = self.mid_block(h, z, cache)
+        for block in self.up_blocks:
+            h = block(h, z, cache)
+        return self.conv_out(h, cache, self.norm_out.transform(h, z))
+
+
+# Named configurations. "cogvideox" is diffusers' default (CogVideoX-2b/5b VAE); the others are
+# ours, for VAEs trained from scratch (same architecture, fewer channels and layers).
+PRESETS: dict[str, dict] = {
+    "cogvideox": {},
+    "tiny": dict(block_out_channels=(32, 32, 64, 64), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                 sample_height=64, sample_width=64, scaling_factor=1.0),
+    "small": dict(block_out_channels=(64, 128, 128, 256), latent_channels=16, layers_per_block=2, norm_num_groups=32,
+                  sample_height=256, sample_width=256, scaling_factor=1.0),
+}
+
+
+class CausalVAE3D(ModelMixin, ConfigMixin):
+    """KL autoencoder with the CogVideoX causal 3D encoder/decoder; drop-in for AutoencoderKLCogVideoX.
+
+    ``encode(x).latent_dist`` / ``decode(z).sample`` run in frame batches with carried conv caches
+    (``streaming``), so memory does not grow with the number of frames.
+    """
+
+    _supports_gradient_checkpointing = False
+    _no_split_modules = ["ResnetBlock3D"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        down_block_types: tuple[str, ...] = (DOWN_BLOCK,) * 4,
+        up_block_types: tuple[str, ...] = (UP_BLOCK,) * 4,
+        block_out_channels: tuple[int, ...] = (128, 256, 256, 512),
+        latent_channels: int = 16,
+        layers_per_block: int = 3,
+        act_fn: str = "silu",
+        norm_eps: float = 1e-6,
+        norm_num_groups: int = 32,
+        temporal_compression_ratio: float = 4,
+        sample_height: int = 480,
+        sample_width: int = 720,
+        scaling_factor: float = 1.15258426,
+        shift_factor: float | None = None,
+        latents_mean: tuple[float, ...] | None = None,
+        latents_std: tuple[float, ...] | None = None,
+        force_upcast: float = True,
+        use_quant_conv: bool = False,
+        use_post_quant_conv: bool = False,
+        invert_scale_latents: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_block_types(tuple(down_block_types), DOWN_BLOCK, "down_block_types")
+        _check_block_types(tuple(up_block_types), UP_BLOCK, "up_block_types")
+        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
+            raise ValueError(
+                f"need one block type per entry of block_out_channels {tuple(block_out_channels)}; got "
+                f"{len(down_block_types)} down and {len(up_block_types)} up block types"
+            )
+        if act_fn not in ("silu", "swish"):
+            raise ValueError(f"act_fn {act_fn!r} is not supported; use 'silu'")
+        level = math.log2(temporal_compression_ratio)
+        if not level.is_integer() or level >= len(block_out_channels):
+            raise ValueError(
+                f"temporal_compression_ratio {temporal_compression_ratio} must be a power of two below "
+                f"{2 ** len(block_out_channels)}"
+            )
+        args = (block_out_channels, layers_per_block, norm_eps, norm_num_groups, int(level))
+        self.encoder = Encoder3D(in_channels, latent_channels, *args)
+        self.decoder = Decoder3D(latent_channels, out_channels, *args)
+        # diffusers sizes these by out_channels (not latent_channels); kept identical for loading.
+        self.quant_conv = nn.Conv3d(2 * out_channels, 2 * out_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv3d(out_channels, out_channels, 1) if use_post_quant_conv else None
+
+        self.use_slicing = False
+        self.use_tiling = False
+        # Frame batching (diffusers' semantics): latents are decoded 2 at a time and frames encoded
+        # 8 at a time; the first batch also takes the remainder. GroupNorm statistics are per batch.
+        self.num_latent_frames_batch_size = 2
+        self.num_sample_frames_batch_size = 8
+        # "diffusers": as above. "causal": the first frame alone, then fixed-size batches, so that
+        # encoding any prefix of 1 + 4k frames (for k a multiple of the batch) is a prefix of the latents.
+        self.frame_batching = "diffusers"
+        self.tile_sample_min_height = sample_height // 2
+        self.tile_sample_min_width = sample_width // 2
+        self.tile_overlap_factor_height = 1 / 6
+        self.tile_overlap_factor_width = 1 / 5
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "CausalVAE3D":
+        """A randomly initialised model from a named preset (``PRESETS``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # -- shapes ----------------------------------------------------------------------------------
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return int(self.config.temporal_compression_ratio)
+
+    @property
+    def tile_latent_min_height(self) -> int:
+        return int(self.tile_sample_min_height / self.spatial_compression)
+
+    @property
+    def tile_latent_min_width(self) -> int:
+        return int(self.tile_sample_min_width / self.spatial_compression)
+
+    # -- options (diffusers' AutoencoderMixin API) -------------------------------------------------
+
+    def enable_tiling(
+        self,
+        tile_sample_min_height: int | None = None,
+        tile_sample_min_width: int | None = None,
+        tile_overlap_factor_height: float | None = None,
+        tile_overlap_factor_width: float | None = None,
+    ) -> None:
+        """Encode/decode large frames in overlapping spatial tiles blended linearly (as diffusers)."""
+        self.use_tiling = True
+        self.tile_sample_min_height = tile_sample_min_height or self.tile_sample_min_height
+        self.tile_sample_min_width = tile_sample_min_width or self.tile_sample_min_width
+        self.tile_overlap_factor_height = tile_overlap_factor_height or self.tile_overlap_factor_height
+        self.tile_overlap_factor_width = tile_overlap_factor_width or self.tile_overlap_factor_width
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Encode/decode one batch element at a time."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    # -- encode / decode -------------------------------------------------------------------------
+
+    @apply_forward_hook
+    def encode(
+        self, x: torch.Tensor, return_dict: bool = True
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
+        """Video (B, C, 1 + 4k, H, W) in [-1, 1] -> posterior over latents (B, latent, 1 + k, H/8, W/8)."""
+        streaming.check_video(self, x)
+        moments = streaming.encode(self, x)
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    @apply_forward_hook
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """Latents (B, latent, F, h, w) -> video (B, C, 1 + 4(F - 1), 8h, 8w)."""
+        streaming.check_latents(self, z)
+        video = streaming.decode(self, z)
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        sample_posterior: bool = False,
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> DecoderOutput | tuple[torch.Tensor]:
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        video = self.decode(z).sample
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+    # -- latent scaling (what a diffusion model sees) ------------------------------------------------
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior sample -> diffusion-model latents: (z - shift) * scale, or / scale if inverted."""
+        shift = self.config.shift_factor or 0.0
+        s = self.config.scaling_factor
+        return (z - shift) / s if self.config.invert_scale_latents else (z - shift) * s
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``scale_latents``: what ``decode`` takes."""
+        shift = self.config.shift_factor or 0.0
+        s = self.config.scaling_factor
+        return z * s + shift if self.config.invert_scale_latents else z / s + shift

@@ -1,0 +1,252 @@
+"""Streaming encode/decode: frame batches with carried conv caches, spatial tiling, batch slicing.
+
+Frame batching ``"diffusers"`` reproduces diffusers' ``_encode``/``_decode``: frames in batches
+of ``num_sample_frames_batch_size`` (latents: ``num_latent_frames_batch_size``), the first batch
+also taking the remainder. ``"causal"`` puts the first frame alone and then fixed batches, so a
+prefix of the video encodes to a prefix of the latents. GroupNorm statistics are per batch in
+both (that is what the released weights were run with in diffusers).
+
+Only one batch's activations are alive at a time plus the caches, so peak memory does not grow
+with the number of frames; the output is written into one preallocated tensor.
+
+Tiling reproduces diffusers' ``tiled_encode``/``tiled_decode`` (tile grid, linear blending of the
+already blended neighbours, cropping) but loops over frame batches outside the tiles, with one
+cache per tile, so it streams too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .causal_conv import ConvCache
+
+if TYPE_CHECKING:
+    from .model import CausalVAE3D
+
+FRAME_BATCHING = ("diffusers", "causal")
+
+
+# -- validation (before any compute) ------------------------------------------------------------
+
+
+def _nearest_multiples(value: int, step: int, offset: int = 0) -> list[int]:
+    """The valid values ``offset + step * k`` (>= offset + step if offset == 0) around ``value``."""
+    low = offset + step * ((value - offset) // step)
+    cands = [v for v in (low, low + step) if v >= max(offset, 1) and (offset > 0 or v > 0)]
+    return sorted(set(cands))
+
+
+def check_video(vae: CausalVAE3D, x: torch.Tensor) -> None:
+    """ValueError naming the value and the accepted ones if x is not (B, C, 1 + r*k, s*i, s*j)."""
+    if x.ndim != 5:
+        raise ValueError(f"expected a video tensor (B, C, F, H, W), got shape {tuple(x.shape)}")
+    _, c, f, h, w = x.shape
+    if c != vae.config.in_channels:
+        raise ValueError(f"got {c} input channels (shape {tuple(x.shape)}); this VAE takes {vae.config.in_channels}")
+    r, s = vae.temporal_compression, vae.spatial_compression
+    if f < 1 or (f - 1) % r != 0:
+        near = " or ".join(map(str, _nearest_multiples(f, r, offset=1)))
+        raise ValueError(f"num_frames {f} is not 1 + {r}k; nearest valid frame counts: {near}")
+    for name, v in (("height", h), ("width", w)):
+        if v < 1 or v % s != 0:
+            near = " or ".join(map(str, _nearest_multiples(v, s)))
+            raise ValueError(f"{name} {v} is not a multiple of the spatial compression {s}; nearest valid: {near}")
+    _check_batching(vae)
+
+
+def check_latents(vae: CausalVAE3D, z: torch.Tensor) -> None:
+    if z.ndim != 5:
+        raise ValueError(f"expected latents (B, C, F, h, w), got shape {tuple(z.shape)}")
+    c = z.shape[1]
+    if c != vae.config.latent_channels:
+        raise ValueError(
+            f"got {c} latent channels (shape {tuple(z.shape)}); this VAE has {vae.config.latent_channels}"
+        )
+    if min(z.shape[2:]) < 1:
+        raise ValueError(f"latents have an empty dimension: shape {tuple(z.shape)}")
+    _check_batching(vae)
+
+
+def _check_batching(vae: CausalVAE3D) -> None:
+    if vae.frame_batching not in FRAME_BATCHING:
+        raise ValueError(f"frame_batching {vae.frame_batching!r}; choose one of {FRAME_BATCHING}")
+    r = vae.temporal_compression
+    if vae.num_sample_frames_batch_size % r != 0 or vae.num_sample_frames_batch_size < r:
+        raise ValueError(
+            f"num_sample_frames_batch_size {vae.num_sample_frames_batch_size} must be a positive multiple of {r}"
+        )
+    if vae.num_latent_frames_batch_size < 1:
+        raise ValueError(f"num_latent_frames_batch_size {vae.num_latent_frames_batch_size} must be >= 1")
+
+
+# -- frame batches ----------------------------------------------------------------------------------
+
+
+def frame_batches(num_frames: int, batch_size: int, mode: str = "diffusers") -> list[slice]:
+    """The frame ranges processed together.
+
+    diffusers: ``max(F // n, 1)`` batches of n, the remainder ``F % n`` added to the first.
+    causal: ``[0, 1)`` then batches of n (the last one may be shorter).
+    """
+    if mode == "causal":
+        return [slice(0, 1)] + [slice(s, min(s + batch_size, num_frames)) for s in range(1, num_frames, batch_size)]
+    count = max(num_frames // batch_size, 1)
+    rem = num_frames % batch_size
+    return [
+        slice(batch_size * i + (0 if i == 0 else rem), min(batch_size * (i + 1) + rem, num_frames))
+        for i in range(count)
+    ]
+
+
+def decoded_frames(latent_frames: int, at_start: bool, temporal_compression: int) -> int:
+    """Frames one decoder call gives for a batch of latent frames (diffusers' first-frame rule)."""
+    if at_start and latent_frames % 2 == 1:
+        return 1 + temporal_compression * (latent_frames - 1)
+    return temporal_compression * latent_frames
+
+
+# -- whole-frame streaming ---------------------------------------------------------------------------
+
+
+def _encode_frames(vae: CausalVAE3D, x: torch.Tensor):
+    """Yield the posterior moments of each frame batch of x (B, C, F, H, W)."""
+    cache = ConvCache()
+    for sl in frame_batches(x.shape[2], vae.num_sample_frames_batch_size, vae.frame_batching):
+        h = vae.encoder(x[:, :, sl], cache)  # (B, 2 * latent, f, h, w)
+        cache.at_start = False
+        if vae.quant_conv is not None:
+            h = vae.quant_conv(h)
+        yield h
+
+
+def _decode_frames(vae: CausalVAE3D, z: torch.Tensor):
+    """Yield the decoded frames of each latent-frame batch of z (B, latent, F, h, w)."""
+    cache = ConvCache()
+    for sl in frame_batches(z.shape[2], vae.num_latent_frames_batch_size, vae.frame_batching):
+        zi = z[:, :, sl]
+        if vae.post_quant_conv is not None:
+            zi = vae.post_quant_conv(zi)
+        y = vae.decoder(zi, cache)  # (B, C, f, H, W)
+        cache.at_start = False
+        yield y
+
+
+def _output_frames(vae: CausalVAE3D, latent_frames: int) -> int:
+    batches = frame_batches(latent_frames, vae.num_latent_frames_batch_size, vae.frame_batching)
+    return sum(
+        decoded_frames(len(range(latent_frames)[sl]), i == 0, vae.temporal_compression) for i, sl in enumerate(batches)
+    )
+
+
+def encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, F, H, W) -> moments (B, 2 * latent, 1 + (F - 1) / r, H / s, W / s), sliced/tiled as enabled."""
+    if vae.use_slicing and x.shape[0] > 1:
+        return torch.cat([encode(vae, xs) for xs in x.split(1)])
+    if vae.use_tiling and (x.shape[4] > vae.tile_sample_min_width or x.shape[3] > vae.tile_sample_min_height):
+        return tiled_encode(vae, x)
+    return torch.cat(list(_encode_frames(vae, x)), dim=2)
+
+
+def decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
+    """z (B, latent, F, h, w) -> video (B, C, frames, h * s, w * s), sliced/tiled as enabled."""
+    if vae.use_slicing and z.shape[0] > 1:
+        return torch.cat([decode(vae, zs) for zs in z.split(1)])
+    if vae.use_tiling and (z.shape[4] > vae.tile_latent_min_width or z.shape[3] > vae.tile_latent_min_height):
+        return tiled_decode(vae, z)
+    b, _, f, h, w = z.shape
+    s = vae.spatial_compression
+    out = z.new_empty(b, vae.config.out_channels, _output_frames(vae, f), h * s, w * s)
+    t = 0
+    for y in _decode_frames(vae, z):
+        out[:, :, t : t + y.shape[2]] = y
+        t += y.shape[2]
+    assert t == out.shape[2], (t, out.shape)
+    return out
+
+
+# -- tiling -------------------------------------------------------------------------------------------
+
+
+def _blend_v(a: torch.Tensor, b: torch.Tensor, extent: int) -> torch.Tensor:
+    """Blend the bottom rows of a into the top rows of b, linearly (in place on b, as diffusers)."""
+    extent = min(a.shape[3], b.shape[3], extent)
+    for y in range(extent):
+        b[:, :, :, y, :] = a[:, :, :, -extent + y, :] * (1 - y / extent) + b[:, :, :, y, :] * (y / extent)
+    return b
+
+
+def _blend_h(a: torch.Tensor, b: torch.Tensor, extent: int) -> torch.Tensor:
+    extent = min(a.shape[4], b.shape[4], extent)
+    for x in range(extent):
+        b[:, :, :, :, x] = a[:, :, :, :, -extent + x] * (1 - x / extent) + b[:, :, :, :, x] * (x / extent)
+    return b
+
+
+def _stitch(tiles: list[list[torch.Tensor]], blend: tuple[int, int], keep: tuple[int, int]) -> torch.Tensor:
+    """Blend each tile with its (already blended) upper and left neighbours, crop, concatenate."""
+    rows = []
+    for i, row in enumerate(tiles):
+        out_row = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = _blend_v(tiles[i - 1][j], tile, blend[0])
+            if j > 0:
+                tile = _blend_h(row[j - 1], tile, blend[1])
+            out_row.append(tile[:, :, :, : keep[0], : keep[1]])
+        rows.append(torch.cat(out_row, dim=4))
+    return torch.cat(rows, dim=3)
+
+
+def _tile_grid(vae: CausalVAE3D, height: int, width: int, in_tile: tuple[int, int], out_tile: tuple[int, int]):
+    """diffusers' tile geometry: tile starts (input units), blend extents and kept sizes (output units)."""
+    fh, fw = vae.tile_overlap_factor_height, vae.tile_overlap_factor_width
+    stride_h, stride_w = int(in_tile[0] * (1 - fh)), int(in_tile[1] * (1 - fw))
+    blend = (int(out_tile[0] * fh), int(out_tile[1] * fw))
+    keep = (out_tile[0] - blend[0], out_tile[1] - blend[1])
+    return list(range(0, height, stride_h)), list(range(0, width, stride_w)), blend, keep
+
+
+def tiled_encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
+    """Encode in overlapping spatial tiles (diffusers' geometry and blending), streamed over frames."""
+    th, tw = vae.tile_sample_min_height, vae.tile_sample_min_width
+    lh, lw = vae.tile_latent_min_height, vae.tile_latent_min_width
+    rows, cols, blend, keep = _tile_grid(vae, x.shape[3], x.shape[4], (th, tw), (lh, lw))
+    caches = {(i, j): ConvCache() for i in rows for j in cols}
+    out = []
+    for sl in frame_batches(x.shape[2], vae.num_sample_frames_batch_size, vae.frame_batching):
+        tiles = []
+        for i in rows:
+            row = []
+            for j in cols:
+                cache = caches[(i, j)]
+                h = vae.encoder(x[:, :, sl, i : i + th, j : j + tw], cache)
+                cache.at_start = False
+                row.append(vae.quant_conv(h) if vae.quant_conv is not None else h)
+            tiles.append(row)
+        out.append(_stitch(tiles, blend, keep))
+    return torch.cat(out, dim=2)
+
+
+def tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
+    """Decode in overlapping spatial tiles (diffusers' geometry and blending), streamed over frames."""
+    th, tw = vae.tile_sample_min_height, vae.tile_sample_min_width
+    lh, lw = vae.tile_latent_min_height, vae.tile_latent_min_width
+    rows, cols, blend, keep = _tile_grid(vae, z.shape[3], z.shape[4], (lh, lw), (th, tw))
+    caches = {(i, j): ConvCache() for i in rows for j in cols}
+    out = []
+    for sl in frame_batches(z.shape[2], vae.num_latent_frames_batch_size, vae.frame_batching):
+        tiles = []
+        for i in rows:
+            row = []
+            for j in cols:
+                zi = z[:, :, sl, i : i + lh, j : j + lw]
+                if vae.post_quant_conv is not None:
+                    zi = vae.post_quant_conv(zi)
+                cache = caches[(i, j)]
+                row.append(vae.decoder(zi, cache))
+                cache.at_start = False
+            tiles.append(row)
+        out.append(_stitch(tiles, blend, keep))
+    return torch.cat(out, dim=2)
