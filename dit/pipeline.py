@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -72,8 +71,7 @@ def _load_component(folder: Path, name: str, spec: list, torch_dtype: torch.dtyp
         import transformers
 
         return getattr(transformers, class_name).from_pretrained(sub, local_files_only=True)
-    module = importlib.import_module(library if library not in ("diffusers", "transformers") else library)
-    cls = getattr(module, class_name)
+    cls = getattr(importlib.import_module(library), class_name)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     if library == "transformers":
         kwargs["local_files_only"] = True

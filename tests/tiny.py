@@ -46,7 +46,7 @@ def tiny_cogvideox_pipeline(folder: Path, *, rotary: bool = False, scheduler: st
 
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        num_attention_heads=2, attention_head_dim=16 if rotary else 8, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=text_len, use_rotary_positional_embeddings=rotary,
     )
