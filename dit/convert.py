@@ -110,7 +110,7 @@ def load_transformer(
     # Buffers that are not saved (e.g. precomputed positions) were created on meta: rebuild them.
     if hasattr(model, "init_buffers"):
         model.init_buffers()
-    if torch_dtype is not None:
+    if torch_dtype is not None and any(p.dtype != torch_dtype for p in model.parameters()):
         model = model.to(torch_dtype)
     if device is not None:
         model = model.to(device)

@@ -146,6 +146,21 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_sizes(height: int, width: int, num_frames: int, spatial_multiple: int, temporal: int) -> None:
+    """Pixel sizes must divide by VAE x patch; frame counts must be 1 + kn (the causal VAE's first frame)."""
+    for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+        _check_positive_int(name, value)
+    for name, value in (("height", height), ("width", width)):
+        if value % spatial_multiple:
+            lo = max(spatial_multiple, value // spatial_multiple * spatial_multiple)
+            raise ValueError(f"{name} {value} must be divisible by {spatial_multiple}; "
+                             f"nearest valid: {lo} or {lo + spatial_multiple}")
+    if (num_frames - 1) % temporal:
+        lo = (num_frames - 1) // temporal * temporal + 1
+        raise ValueError(f"num_frames {num_frames} must be 1 + {temporal}n for this VAE; "
+                         f"nearest valid: {lo} or {lo + temporal}")
+
+
 class CogVideoXDiTPipeline(DiTPipeline):
     """Text-to-video with CogVideoX (1.0 2B/5B, 1.5): the same call and the same frames as CogVideoXPipeline."""
 
@@ -164,6 +179,12 @@ class CogVideoXDiTPipeline(DiTPipeline):
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     # -- inputs ------------------------------------------------------------------------------------------------------
+
+    def default_size(self) -> tuple[int, int, int]:
+        """(height, width, frames) the transformer was configured for."""
+        cfg = self.transformer.config
+        return cfg.sample_height * self.vae_scale_factor_spatial, cfg.sample_width * self.vae_scale_factor_spatial, \
+            cfg.sample_frames
 
     def encode_prompt(self, prompt: str | list[str], *, max_sequence_length: int = 226,
                       device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -184,19 +205,24 @@ class CogVideoXDiTPipeline(DiTPipeline):
             n = 1 if isinstance(prompt, str) else len(prompt)
             if not (isinstance(negative_prompt, list) and len(negative_prompt) == n):
                 raise ValueError(f"negative_prompt must be a string or a list of {n} strings, got {negative_prompt!r}")
-        for name, value in (("height", height), ("width", width), ("num_frames", num_frames),
-                            ("num_inference_steps", num_inference_steps)):
-            _check_positive_int(name, value)
-        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple:
-                lo = max(multiple, value // multiple * multiple)
-                raise ValueError(f"{name} {value} must be divisible by {multiple}; nearest valid: {lo} or {lo + multiple}")
-        k = self.vae_scale_factor_temporal
-        if (num_frames - 1) % k:
-            lo = (num_frames - 1) // k * k + 1
-            raise ValueError(f"num_frames {num_frames} must be 1 + {k}n for this VAE; nearest valid: {lo} or {lo + k}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_sizes(height, width, num_frames, self.vae_scale_factor_spatial * self.transformer.config.patch_size,
+                     self.vae_scale_factor_temporal)
         samplers.check_guidance_scale(guidance_scale)
+
+    @staticmethod
+    def check_folder_request(folder: str | os.PathLike, height: int | None, width: int | None,
+                             num_frames: int | None) -> tuple[int, int, int]:
+        """Fill the defaults and check sizes from the folder's config files alone, before loading any weights."""
+        folder = Path(folder)
+        t = json.loads((folder / "transformer" / "config.json").read_text())
+        v = json.loads((folder / "vae" / "config.json").read_text())
+        spatial = 2 ** (len(v["block_out_channels"]) - 1)
+        height = height or t["sample_height"] * spatial
+        width = width or t["sample_width"] * spatial
+        num_frames = num_frames or t["sample_frames"]
+        _check_sizes(height, width, num_frames, spatial * t["patch_size"], v.get("temporal_compression_ratio", 4))
+        return height, width, num_frames
 
     def _rotary(self, height: int, width: int, latent_frames: int, device: torch.device):
         """3D RoPE for the video tokens as CogVideoXPipeline computes it (None if the model uses sin-cos)."""
@@ -239,12 +265,13 @@ class CogVideoXDiTPipeline(DiTPipeline):
         attention_kwargs: dict | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        max_sequence_length: int = 226,
+        max_sequence_length: int | None = None,
         solver: str | None = None,
     ) -> DiTPipelineOutput | tuple:
         """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); by default the folder's
         scheduler decides, as in diffusers."""
         cfg = self.transformer.config
+        max_sequence_length = max_sequence_length or cfg.max_text_seq_length  # 226 for released CogVideoX
         height = height or cfg.sample_height * self.vae_scale_factor_spatial
         width = width or cfg.sample_width * self.vae_scale_factor_spatial
         num_frames = num_frames or cfg.sample_frames

@@ -1,0 +1,116 @@
+"""`dit generate` end to end on a tiny saved model: files, sidecars, reruns, and one-line errors (exit 2)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import pytest
+
+from dit.cli import main
+from tests.tiny import tiny_cogvideox_pipeline
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-cogvideox")
+    tiny_cogvideox_pipeline(folder)
+    return folder
+
+
+ARGS = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "2", "--guidance", "1.0"]
+
+
+def test_mp4_has_requested_frames_and_size_and_sidecar(model, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "a red circle", "-o", str(out), "--model", str(model), "--seed", "3", *ARGS]) == 0
+    frames = iio.imread(out, plugin="FFMPEG")
+    assert frames.shape == (9, 32, 32, 3)
+    side = json.loads((tmp_path / "clip.mp4.json").read_text())
+    assert side["prompt"] == "a red circle" and side["seed"] == 3 and side["frames"] == 9
+    assert side["height"] == 32 and side["steps"] == 2 and side["model"] == str(model)
+    mtime = out.stat().st_mtime_ns
+    assert main(["generate", "a red circle", "-o", str(out), "--model", str(model), *ARGS]) == 0
+    assert out.stat().st_mtime_ns == mtime and "skip (exists)" in capsys.readouterr().err  # a rerun skips
+    assert main(["generate", "a red circle", "-o", str(out), "--model", str(model), "--overwrite", *ARGS]) == 0
+    assert out.stat().st_mtime_ns != mtime
+
+
+def test_batch_from_jsonl_with_formats_and_resume(model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a green square", "seed": 7}\n{"prompt": "a blue circle", "frames": 5}\n')
+    outdir = tmp_path / "out"
+    assert main(["generate", "--prompts-file", str(prompts), "-o", str(outdir), "--format", "gif",
+                 "--model", str(model), *ARGS]) == 0
+    files = sorted(p.name for p in outdir.iterdir())
+    assert files == ["0000-a-green-square-s7.gif", "0000-a-green-square-s7.gif.json",
+                     "0001-a-blue-circle-s1.gif", "0001-a-blue-circle-s1.gif.json"]
+    assert iio.imread(outdir / files[2], index=None).shape[0] == 5
+    os.remove(outdir / files[0])  # as if interrupted: the rerun writes only the missing one
+    before = (outdir / files[2]).stat().st_mtime_ns
+    assert main(["generate", "--prompts-file", str(prompts), "-o", str(outdir), "--format", "gif",
+                 "--model", str(model), *ARGS]) == 0
+    assert (outdir / files[0]).exists() and (outdir / files[2]).stat().st_mtime_ns == before
+
+
+def _run(*argv):
+    return subprocess.run([sys.executable, "-m", "dit", *argv], capture_output=True, text=True)
+
+
+def _main_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--height", "30"], "height 30 must be divisible by 16"),
+    (["--frames", "8"], "num_frames 8 must be 1 + 4n"),
+])
+def test_bad_sizes_refused_before_loading(model, tmp_path, capsys, argv, match, monkeypatch):
+    import dit.pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were loaded before the size check")
+
+    monkeypatch.setattr(dit.pipeline.DiTPipeline, "from_pretrained", no_load)
+    code, line = _main_error(capsys, ["generate", "a cat", "-o", str(tmp_path / "x.mp4"), "--model", str(model),
+                                      *ARGS, *argv])
+    assert code == 2 and line.startswith("dit: error: ") and match in line
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_other_bad_input_one_line_exit_2(model, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "a", "colour": "red"}\n')
+    cases = [
+        (["generate", "a cat", "--model", str(tmp_path / "missing")], "does not exist"),
+        (["generate", "a cat", "--model", str(model), "-o", str(blocked / "sub" / "x.mp4")], "cannot write to output folder"),
+        (["generate", "--prompts-file", str(empty), "--model", str(model)], "is empty"),
+        (["generate", "--prompts-file", str(bad_jsonl), "--model", str(model)], "unknown keys ['colour']"),
+        (["generate", "", "--model", str(model)], "the prompt is empty"),
+        (["generate", "--model", str(model)], "give a PROMPT or --prompts-file"),
+    ]
+    for argv, match in cases:
+        code, line = _main_error(capsys, argv)
+        assert code == 2 and line.startswith("dit: error: ") and match in line, (argv, line)
+
+
+def test_error_from_a_real_process_is_one_line_without_traceback(tmp_path):
+    r = _run("generate", "a cat", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.strip() == f"dit: error: model folder {str(tmp_path / 'missing')!r} does not exist"
+
+
+def test_help_for_every_subcommand(capsys):
+    for argv in (["--help"], ["generate", "--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and "usage: dit" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--relay" in capsys.readouterr().out
