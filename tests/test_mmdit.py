@@ -1,0 +1,190 @@
+"""MMDiT (SD3 / SD3.5): parity with diffusers' SD3Transformer2DModel on copied weights, validation, presets."""
+
+import pytest
+import torch
+from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from diffusers import SD3Transformer2DModel as RefSD3
+
+from dit.models.mmdit import SD3_5_LARGE, SD3_5_MEDIUM, SD3_MEDIUM, SD3Transformer2DModel
+
+TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+            joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20, out_channels=4,
+            pos_embed_max_size=12)
+TINY_35 = dict(TINY, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+MEDIUM = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=8,
+              joint_attention_dim=256, caption_projection_dim=512, pooled_projection_dim=128, out_channels=16,
+              pos_embed_max_size=32)
+MEDIUM_35 = dict(MEDIUM, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+
+
+def inputs(cfg, b=2, h=16, w=12, text=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(b, cfg["in_channels"], h, w, generator=g),
+        encoder_hidden_states=torch.randn(b, text, cfg["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(b, cfg["pooled_projection_dim"], generator=g),
+        timestep=torch.tensor([3.0, 700.0][:b]),
+    )
+
+
+def cast(kw, dtype):
+    return {k: v.to(dtype) if k != "timestep" else v for k, v in kw.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    pairs = {}
+    for name, cfg in (("sd3", TINY), ("sd35", TINY_35)):
+        ref = randomize(RefSD3(**cfg)).eval()
+        pairs[name] = (ref, roundtrip(ref, tmp_path_factory.mktemp(name)))
+    return pairs
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+@pytest.mark.parametrize("skip_layers", [None, [1]])
+def test_tiny_parity_fp32(tiny_pair, variant, skip_layers):
+    ref, ours = tiny_pair[variant]
+    assert isinstance(ours, SD3Transformer2DModel)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        expected = ref(**kw, skip_layers=skip_layers).sample
+        got = ours(**kw, skip_layers=skip_layers).sample
+    assert got.shape == expected.shape == kw["hidden_states"].shape
+    assert rel_err(got, expected) <= 1e-5
+    # return_dict=False gives the same tensor in a tuple, like diffusers.
+    with torch.no_grad():
+        (again,) = ours(**kw, skip_layers=skip_layers, return_dict=False)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_tiny_parity_controlnet_residuals(tiny_pair):
+    ref, ours = tiny_pair["sd3"]
+    kw = inputs(TINY)
+    residuals = [torch.randn(2, 48, 32) * 0.1 for _ in range(2)]  # 48 = (16/2) * (12/2) tokens
+    with torch.no_grad():
+        expected = ref(**kw, block_controlnet_hidden_states=residuals).sample
+        got = ours(**kw, block_controlnet_hidden_states=residuals).sample
+    assert rel_err(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+def test_tiny_parity_bf16(tiny_pair, variant, tmp_path):
+    ref, _ = tiny_pair[variant]
+    ours = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    kw = inputs(TINY)
+    with torch.no_grad():
+        expected = ref(**kw).sample  # fp32 reference
+        ref16 = RefSD3.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+        expected16 = ref16(**cast(kw, torch.bfloat16)).sample
+        got = ours(**cast(kw, torch.bfloat16)).sample
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, expected16) <= 2e-2
+    assert rel_err(got, expected) <= 2e-2
+
+
+@pytest.mark.parametrize("cfg", [MEDIUM, MEDIUM_35], ids=["sd3", "sd35"])
+def test_medium_parity(cfg, tmp_path):
+    ref = randomize(RefSD3(**cfg)).eval()
+    ours = roundtrip(ref, tmp_path)
+    kw = inputs(cfg, h=32, w=24, text=16)
+    with torch.no_grad():
+        assert rel_err(ours(**kw, skip_layers=[2]).sample, ref(**kw, skip_layers=[2]).sample) <= 1e-5
+        expected = ref(**kw).sample
+        assert rel_err(ours(**kw).sample, expected) <= 1e-5
+        ours16, kw16 = ours.to(torch.bfloat16), cast(kw, torch.bfloat16)
+        assert rel_err(ours16(**kw16).sample, ref.to(torch.bfloat16)(**kw16).sample) <= 2e-2
+
+
+def test_validation_errors():
+    model = SD3Transformer2DModel(**TINY).eval()
+    kw = inputs(TINY)
+    bad = [
+        (dict(hidden_states=torch.randn(2, 3, 16, 12)), r"hidden_states must have shape \(B, 4, H, W\)"),
+        (dict(hidden_states=torch.randn(2, 4, 15, 12)), r"divisible by patch_size 2, got 15x12"),
+        (dict(hidden_states=torch.randn(2, 4, 26, 12)), r"must be <= 24"),
+        (dict(encoder_hidden_states=torch.randn(2, 7, 23)), r"encoder_hidden_states must have shape \(2, L, 24\)"),
+        (dict(pooled_projections=torch.randn(2, 19)), r"pooled_projections must have shape \(2, 20\)"),
+        (dict(timestep=torch.tensor([1.0, 2.0, 3.0])), r"timestep must be a scalar or have shape \(2,\)"),
+    ]
+    for override, message in bad:
+        with pytest.raises(ValueError, match=message):
+            model(**{**kw, **override})
+    with torch.no_grad():  # a scalar timestep is broadcast
+        model(**{**kw, "timestep": 5.0})
+
+
+@pytest.mark.parametrize("preset", [SD3_MEDIUM, SD3_5_MEDIUM, SD3_5_LARGE], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
+def test_full_size_presets_match_diffusers_parameter_counts(preset):
+    ours, ref = build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset)
+    assert count_params(ours) == count_params(ref)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
+    _, loaded = tiny_pair["sd35"]
+    model = SD3Transformer2DModel.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    kw = inputs(TINY)
+
+    def grads():
+        model.zero_grad()
+        model(**kw).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    ckpt = grads()
+    # Only the last block's text-query weights get no gradient: its text outputs are never used.
+    unused = {n for n, _ in model.named_parameters()} - plain.keys()
+    assert unused == {f"transformer_blocks.2.attn.{n}" for n in ("add_q_proj.weight", "add_q_proj.bias",
+                                                                  "norm_added_q.weight")}
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_attention_backend_is_selectable(tiny_pair):
+    _, ours = tiny_pair["sd3"]
+    kw = inputs(TINY)
+    calls = []
+
+    def spy(q, k, v, *, mask=None, scale=None):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    with torch.no_grad():
+        base = ours(**kw).sample
+        try:
+            ours.set_attention_backend("math")
+            torch.testing.assert_close(ours(**kw).sample, base, rtol=1e-5, atol=1e-5)
+            ours.set_attention_backend(spy)
+            ours(**kw)
+        finally:
+            ours.reset_attention_backend()
+    # 3 joint attentions; the last (context pre-only) block asks image queries only: 48 tokens, not 55.
+    assert [tuple(s) for s in calls] == [(2, 4, 55, 8), (2, 4, 55, 8), (2, 4, 48, 8)]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("flash9")
+
+
+def test_save_and_from_pretrained_roundtrip(tiny_pair, tmp_path):
+    _, ours = tiny_pair["sd35"]
+    ours.save_pretrained(tmp_path)
+    again = SD3Transformer2DModel.from_pretrained(tmp_path)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**kw).sample, ours(**kw).sample, rtol=0, atol=0)
+
+
+def test_block_compiles_fullgraph():
+    from dit.models.mmdit import JointTransformerBlock
+
+    torch.manual_seed(0)
+    block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
+    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
+            torch.testing.assert_close(got, expected)
