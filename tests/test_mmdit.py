@@ -188,3 +188,68 @@ def test_block_compiles_fullgraph():
     with torch.no_grad():
         for got, expected in zip(compiled(x, c, t), block(x, c, t)):
             torch.testing.assert_close(got, expected)
+
+
+# ------------------------------------------------------------------------------------ drop-in in a pipeline
+def _clip_vocab() -> dict:
+    """A byte-level CLIP vocabulary without merges (every byte is a token): a tokenizer built offline."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):  # GPT-2's bytes_to_unicode: unprintable bytes map above 255
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in cs]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in chars:
+            vocab[ch + suffix] = len(vocab)
+    return vocab
+
+
+def test_drop_in_replaces_pipe_transformer(tmp_path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    import dit
+
+    vocab = _clip_vocab()
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                             num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32,
+                             max_position_embeddings=77)
+        return CLIPTextModelWithProjection(cfg).eval()
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    transformer = randomize(RefSD3(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                   num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                   pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
+                                   dual_attention_layers=(0,))).eval()
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        text_encoder=clip(1), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_2=clip(2), tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def images(**kw):
+        return pipe(prompt="a photo of a cat", negative_prompt="blurry", height=32, width=32, num_inference_steps=3,
+                    guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+    # SD3.5's skip-layer guidance runs the transformer with skip_layers on steps 1 and 2 here.
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    expected, expected_slg = images(), images(**slg)
+    transformer.save_pretrained(tmp_path)
+    pipe.transformer = dit.load_transformer(tmp_path)
+    got, got_slg = images(), images(**slg)
+    assert got.shape == (1, 32, 32, 3) and got.std() > 0.01
+    assert abs(expected_slg - expected).max() > 1e-3  # skip-layer guidance changed the image
+    assert abs(got - expected).max() <= 1e-4
+    assert abs(got_slg - expected_slg).max() <= 1e-4
