@@ -123,7 +123,8 @@ def _packed(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
         )
 
     def pack(ts: list[Tensor]) -> None:
-        fused = torch.cat([t.detach() for t in ts])
+        with torch.inference_mode(False):  # a normal tensor even under inference_mode, so training can follow
+            fused = torch.cat([t.detach() for t in ts])
         offset = 0
         for t in ts:
             t.data = fused[offset: offset + t.shape[0]]

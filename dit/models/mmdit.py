@@ -14,6 +14,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -184,9 +185,9 @@ class SD3Transformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin, Peft
         self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
         if joint_attention_kwargs and "ip_adapter_image_embeds" in joint_attention_kwargs:
             raise NotImplementedError("IP-Adapter image embeddings are not supported by this SD3 implementation")
-        lora_scale = (joint_attention_kwargs or {}).get("scale", 1.0)
+        # diffusers' LoRA strength (`joint_attention_kwargs={"scale": s}`) for PEFT adapters loaded on us.
+        lora_scale = (joint_attention_kwargs or {}).get("scale", 1.0) if USE_PEFT_BACKEND else 1.0
         if lora_scale != 1.0:
-            from diffusers.utils import scale_lora_layers, unscale_lora_layers
             scale_lora_layers(self, lora_scale)
         try:
             out = self._forward(hidden_states, encoder_hidden_states, pooled_projections, timestep,
