@@ -75,18 +75,21 @@ def cogvideox_rope(
     return rope_3d(head_dim, gt, gh, gw)
 
 
-def apply_rope_(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """Rotate channel pairs of x (..., S, head_dim) in place: (a, b) -> (a cos - b sin, b cos + a sin).
+def rope_as_complex(cos: Tensor, sin: Tensor) -> Tensor:
+    """Pair-repeated cos/sin tables (S, D) -> unit complex rotations (S, D/2), complex64."""
+    return torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
 
-    `sin_signed` is sin with the even channels negated (see `signed_sin`), so the rotation is
-    x * cos + swap_pairs(x) * sin_signed: one pair swap and two fused passes, no complex numbers and no
-    fp32 round trip. cos/sin broadcast against x (e.g. (S, head_dim) for x of (B, S, H... ) laid out to match).
+
+def apply_rope_(x: Tensor, rot: Tensor) -> Tensor:
+    """Rotate channel pairs of x (..., head_dim) in place: (a, b) -> (a cos - b sin, b cos + a sin).
+
+    Each pair is a complex number, so the rotation is one complex multiply by `rot` (..., head_dim/2, complex64,
+    broadcast against x): one pass over x in fp32 instead of diffusers' unbind/stack/flatten copies. bf16/fp16
+    inputs are rotated in fp32 (as diffusers does) and written back.
     """
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., head_dim): (b, a) per pair; one copy
-    return x.mul_(cos).addcmul_(swapped, sin_signed)
-
-
-def signed_sin(sin: Tensor) -> Tensor:
-    """sin (S, D) with the first channel of every pair negated: [-s0, s0, -s1, s1, ...]."""
-    sign = torch.tensor([-1.0, 1.0], dtype=sin.dtype, device=sin.device).repeat(sin.shape[-1] // 2)
-    return sin * sign
+    pairs = x.unflatten(-1, (-1, 2))  # (..., head_dim/2, 2), a view
+    if x.dtype == torch.float32:
+        torch.view_as_complex(pairs).mul_(rot)
+        return x
+    z = torch.view_as_complex(pairs.float()).mul_(rot)
+    return x.copy_(torch.view_as_real(z).flatten(-2))

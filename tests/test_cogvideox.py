@@ -12,7 +12,7 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline, g
 
 from dit.models.cogvideox import (COGVIDEOX_1_5_5B, COGVIDEOX_2B, COGVIDEOX_5B, CogVideoXBlock,
                                   CogVideoXTransformer3DModel)
-from dit.rope import cogvideox_rope
+from dit.rope import cogvideox_rope, rope_as_complex
 from tests.helpers_dit import param_count, randomize_, rel_max_diff, save_and_load
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
@@ -240,8 +240,7 @@ def test_block_compiles_fullgraph():
     torch.manual_seed(0)
     block = randomize_(CogVideoXBlock(32, 2, 16, 8, 0.0, "gelu-approximate", True, True, 1e-5))
     x, temb = torch.randn(1, 5 + 12, 32), torch.randn(1, 8)
-    cos, sin = cogvideox_rope(16, 1, 3, 4, 3, 4, temporal_patch=False)
-    rope = (cos, sin * torch.tensor([-1.0, 1.0]).repeat(8))
+    rope = rope_as_complex(*cogvideox_rope(16, 1, 3, 4, 3, 4, temporal_patch=False))
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
         expected = block(x.clone(), temb, 5, rope)

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from dit.attention import Backend, attention, resolve_backend
 from dit.embeddings import TimestepEmbedder, patchify_3d, sincos_pos_embed_3d, unpatchify_3d
 from dit.layers import Modulation, ModulationOut, modulate
-from dit.rope import apply_rope_, cogvideox_rope, signed_sin
+from dit.rope import apply_rope_, cogvideox_rope, rope_as_complex
 
-Rope = tuple[Tensor, Tensor]  # (cos, sin with even channels negated), each (N, head_dim)
+Rope = Tensor  # unit complex rotations (N, head_dim / 2), complex64, one per video token and channel pair
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -149,10 +149,9 @@ class CogVideoXAttention(nn.Module):
         qkv = qkv.unflatten(-1, (3, self.heads, -1))  # (B, L, 3, H, Dh)
         q = self.norm_q(qkv[:, :, 0])  # (B, L, H, Dh), contiguous: LayerNorm writes a fresh tensor
         k = self.norm_k(qkv[:, :, 1])
-        if rope is not None:  # video tokens only; (N, Dh) tables broadcast over heads as (N, 1, Dh)
-            cos, sin = rope[0][:, None], rope[1][:, None]
-            apply_rope_(q[:, n_text:], cos, sin)
-            apply_rope_(k[:, n_text:], cos, sin)
+        if rope is not None:  # video tokens only; (N, Dh/2) rotations broadcast over heads as (N, 1, Dh/2)
+            apply_rope_(q[:, n_text:], rope[:, None])
+            apply_rope_(k[:, n_text:], rope[:, None])
         out = attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2), backend=backend)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, H, L, Dh) -> (B, L, H Dh) -> (B, L, D)
 
@@ -358,7 +357,7 @@ class CogVideoXTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
     # -- forward --------------------------------------------------------------------------------------
 
     def _check_inputs(self, x: Tensor, text: Tensor, ofs: Any, timestep_cond: Tensor | None,
-                      image_rotary_emb: Rope | None) -> None:
+                      image_rotary_emb: tuple[Tensor, Tensor] | None) -> None:
         """ValueError naming the expected shape, before any compute (diffusers may silently crop instead)."""
         cfg = self.config
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
@@ -442,7 +441,7 @@ class CogVideoXTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
         rope = None
         if cfg.use_rotary_positional_embeddings:
             cos, sin = image_rotary_emb if image_rotary_emb is not None else self._rope(*grid, device)
-            rope = (cos.to(device, dtype), signed_sin(sin.to(device, dtype)))  # (N, Dh) each
+            rope = rope_as_complex(cos.to(device), sin.to(device))  # (N, Dh/2)
 
         text_pos, video_pos = (None if t is None else t.to(dtype) for t in self._positions(n_text, *grid, device))
         x = self.patch_embed(encoder_hidden_states.to(dtype), hidden_states.to(dtype), text_pos, video_pos)  # (B, T + N, D)

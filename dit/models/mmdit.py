@@ -1,0 +1,234 @@
+"""MMDiT: Stable Diffusion 3 / 3.5 (Esser et al. 2024, "Scaling Rectified Flow Transformers").
+
+Image and text tokens keep separate weights (two streams) and meet in one joint attention. SD3.5 adds
+RMS qk-norm and, in its first layers, a second image-only self-attention (MMDiT-X "dual attention").
+Drop-in for diffusers' SD3Transformer2DModel: same config keys, parameter names, forward arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+from einops import rearrange
+from torch import Tensor, nn
+
+from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d
+from dit.layers import Modulation, modulate
+from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
+                                      TextProjection, broadcast_timestep, checkpointed, gated_add, layer_norm)
+
+EPS = 1e-6  # every LayerNorm / qk-norm in SD3
+
+
+# ----------------------------------------------------------------------------------------------- embedders
+class SD3PatchEmbed(nn.Module):
+    """Patchify + linear (a stride-p conv in the checkpoint) + the centre crop of a max-size sin-cos grid.
+
+    SD3 stores a (1, max*max, D) sin-cos table (a persistent buffer, so it is in the checkpoint) and adds
+    the centre h x w window of it, so every resolution up to max sees positions around the grid centre.
+    """
+
+    def __init__(self, sample_size: int, patch_size: int, in_channels: int, dim: int, max_size: int):
+        super().__init__()
+        self.patch_size, self.max_size = patch_size, max_size
+        self.base_size = sample_size // patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_embed", self.table(), persistent=True)
+
+    def table(self) -> Tensor:
+        dim = self.proj.out_channels
+        return sincos_pos_embed_2d(dim, self.max_size, self.max_size, base_size=self.base_size)[None]  # (1, M*M, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        # The conv weight (D, C, p, p) flattened matches patchify's (c, p1, p2) channel order.
+        tokens = nn.functional.linear(patchify_2d(x, self.patch_size), self.proj.weight.flatten(1), self.proj.bias)
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        pos = self.pos_embed.view(self.max_size, self.max_size, -1)[top: top + h, left: left + w]  # (h, w, D)
+        return tokens + pos.reshape(1, h * w, -1).to(tokens.dtype)  # (B, h*w, D)
+
+
+class TimestepTextEmbedder(nn.Module):
+    """Conditioning vector: timestep MLP + pooled-text MLP (diffusers' CombinedTimestepTextProjEmbeddings)."""
+
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(256, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.text_embedder = TextProjection(pooled_dim, dim)
+
+    def forward(self, timestep: Tensor, pooled: Tensor) -> Tensor:
+        return self.timestep_embedder(timestep, pooled.dtype) + self.text_embedder(pooled)  # (B, D)
+
+
+# ------------------------------------------------------------------------------------------------- block
+class JointTransformerBlock(nn.Module):
+    """MMDiT block: per-stream adaLN-Zero and MLP, one joint attention over [image, text].
+
+    `context_pre_only` (the last block): text only feeds keys/values, so it has no text MLP or output.
+    `use_dual_attention` (SD3.5 MMDiT-X): a second image-only attention on the same normalised input.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, context_pre_only: bool = False,
+                 qk_norm: str | None = None, use_dual_attention: bool = False):
+        super().__init__()
+        self.context_pre_only, self.use_dual_attention = context_pre_only, use_dual_attention
+        dual = ("shift_msa2", "scale_msa2", "gate_msa2") if use_dual_attention else ()
+        self.norm1 = Modulation(dim, dim, ADALN_ZERO + dual)
+        # The last block's context norm is an AdaLayerNormContinuous: (scale, shift) only, no gates.
+        self.norm1_context = Modulation(dim, dim, ("scale_msa", "shift_msa") if context_pre_only else ADALN_ZERO)
+        self.attn = Attention(dim, heads, head_dim, qk_norm=qk_norm, eps=EPS, context=True,
+                              context_out=not context_pre_only)
+        self.attn2 = Attention(dim, heads, head_dim, qk_norm=qk_norm, eps=EPS) if use_dual_attention else None
+        self.ff = FeedForward(dim)
+        self.ff_context = None if context_pre_only else FeedForward(dim)
+
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor) -> tuple[Tensor | None, Tensor]:
+        x, c = hidden_states, encoder_hidden_states  # (B, N, D), (B, M, D)
+        m, mc = self.norm1(temb), self.norm1_context(temb)  # named (B, D) chunks
+        x_norm, c_norm = layer_norm(x, EPS), layer_norm(c, EPS)
+        x_attn, c_attn = self.attn(modulate(x_norm, m.shift_msa, m.scale_msa), modulate(c_norm, mc.shift_msa, mc.scale_msa))
+        x = gated_add(x, m.gate_msa, x_attn)
+        if self.attn2 is not None:
+            x = gated_add(x, m.gate_msa2, self.attn2(modulate(x_norm, m.shift_msa2, m.scale_msa2)))
+        x = gated_add(x, m.gate_mlp, self.ff(modulate(layer_norm(x, EPS), m.shift_mlp, m.scale_mlp)))
+        if self.context_pre_only:
+            return None, x
+        c = gated_add(c, mc.gate_msa, c_attn)
+        c = gated_add(c, mc.gate_mlp, self.ff_context(modulate(layer_norm(c, EPS), mc.shift_mlp, mc.scale_mlp)))
+        return c, x
+
+
+# ------------------------------------------------------------------------------------------------- model
+class SD3Transformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """MMDiT denoiser of SD3 / SD3.5, a drop-in for diffusers' SD3Transformer2DModel (flow velocity out)."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["JointTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 128,
+        patch_size: int = 2,
+        in_channels: int = 16,
+        num_layers: int = 18,
+        attention_head_dim: int = 64,
+        num_attention_heads: int = 18,
+        joint_attention_dim: int = 4096,
+        caption_projection_dim: int = 1152,
+        pooled_projection_dim: int = 2048,
+        out_channels: int = 16,
+        pos_embed_max_size: int = 96,
+        dual_attention_layers: tuple[int, ...] = (),
+        qk_norm: str | None = None,
+    ):
+        super().__init__()
+        self.out_channels = out_channels if out_channels is not None else in_channels
+        self.inner_dim = dim = num_attention_heads * attention_head_dim
+        self.pos_embed = SD3PatchEmbed(sample_size, patch_size, in_channels, dim, pos_embed_max_size)
+        self.time_text_embed = TimestepTextEmbedder(dim, pooled_projection_dim)
+        self.context_embedder = nn.Linear(joint_attention_dim, caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList(
+            JointTransformerBlock(dim, num_attention_heads, attention_head_dim, context_pre_only=i == num_layers - 1,
+                                  qk_norm=qk_norm, use_dual_attention=i in dual_attention_layers)
+            for i in range(num_layers)
+        )
+        self.norm_out = Modulation(dim, dim, ADALN_CONTINUOUS)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+        self.gradient_checkpointing = False
+
+    def init_buffers(self) -> None:
+        """Rebuild the sin-cos table when it is on meta (built without weights, or a checkpoint lacks it)."""
+        if self.pos_embed.pos_embed.is_meta:
+            self.pos_embed.pos_embed = self.pos_embed.table().to(self.pos_embed.proj.weight.device)
+
+    def _check_inputs(self, x: Tensor, c: Tensor | None, pooled: Tensor | None, timestep) -> None:
+        cfg, p = self.config, self.config.patch_size
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"hidden_states must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if h % p or w % p:
+            raise ValueError(f"latent height and width must be divisible by patch_size {p}, got {h}x{w}; "
+                             f"expected e.g. {h - h % p}x{w - w % p}")
+        limit = cfg.pos_embed_max_size * p
+        if h > limit or w > limit:
+            raise ValueError(f"latent {h}x{w} exceeds the positional table: height and width must be <= {limit} "
+                             f"(pos_embed_max_size {cfg.pos_embed_max_size} x patch_size {p})")
+        if c is None or c.ndim != 3 or c.shape[0] != b or c.shape[2] != cfg.joint_attention_dim:
+            got = None if c is None else tuple(c.shape)
+            raise ValueError(f"encoder_hidden_states must have shape ({b}, L, {cfg.joint_attention_dim}), got {got}")
+        if pooled is None or tuple(pooled.shape) != (b, cfg.pooled_projection_dim):
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"pooled_projections must have shape ({b}, {cfg.pooled_projection_dim}), got {got}")
+        if timestep is None:
+            raise ValueError(f"timestep is required: a scalar or shape ({b},)")
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor = None,
+        pooled_projections: Tensor = None,
+        timestep: Tensor = None,
+        block_controlnet_hidden_states: list | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        skip_layers: list[int] | None = None,
+    ) -> Transformer2DModelOutput | tuple[Tensor]:
+        """Velocity for latents (B, C, H, W) given text tokens (B, L, joint_dim) and pooled text (B, pooled_dim)."""
+        self._check_inputs(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        if joint_attention_kwargs and "ip_adapter_image_embeds" in joint_attention_kwargs:
+            raise NotImplementedError("IP-Adapter image embeddings are not supported by this SD3 implementation")
+        # diffusers' LoRA strength (`joint_attention_kwargs={"scale": s}`) for PEFT adapters loaded on us.
+        lora_scale = (joint_attention_kwargs or {}).get("scale", 1.0) if USE_PEFT_BACKEND else 1.0
+        if lora_scale != 1.0:
+            scale_lora_layers(self, lora_scale)
+        try:
+            out = self._forward(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                block_controlnet_hidden_states, set(skip_layers or ()))
+        finally:
+            if lora_scale != 1.0:
+                unscale_lora_layers(self, lora_scale)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def _forward(self, latents: Tensor, text: Tensor, pooled: Tensor, timestep, controlnet, skip: set[int]) -> Tensor:
+        b, _, h, w = latents.shape
+        p = self.config.patch_size
+        x = self.pos_embed(latents)  # (B, N, D), N = (H/p)(W/p)
+        temb = self.time_text_embed(broadcast_timestep(timestep, b, latents.device), pooled)  # (B, D)
+        c = self.context_embedder(text)  # (B, M, D)
+        for i, block in enumerate(self.transformer_blocks):
+            if i not in skip:
+                c, x = checkpointed(self, block, x, c, temb)
+            if controlnet is not None and not block.context_pre_only:
+                # ControlNet residuals: evenly spread over the blocks (diffusers' interval rule).
+                x = x + controlnet[int(i / (len(self.transformer_blocks) / len(controlnet)))]
+        m = self.norm_out(temb)
+        x = self.proj_out(modulate(layer_norm(x, EPS), m.shift, m.scale))  # (B, N, p*p*C)
+        # SD3 orders each token's outputs as (p1, p2, c).
+        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h // p, w=w // p, p1=p, p2=p)
+
+
+# ------------------------------------------------------------------------------------------------ presets
+# Released transformer configs (config.json of the diffusers-format checkpoints).
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_5_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD3_5_LARGE = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)

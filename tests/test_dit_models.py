@@ -1,0 +1,116 @@
+"""DiT (adaLN-Zero, class-conditional): parity with diffusers' DiTTransformer2DModel on copied weights."""
+
+import pytest
+import torch
+from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from diffusers import DiTTransformer2DModel as RefDiT
+
+from dit.models.dit import DIT_XL_2_256, DIT_XL_2_512, DiTBlock, DiTTransformer2DModel
+
+TINY = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+            patch_size=2, num_embeds_ada_norm=10)
+MEDIUM = dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
+              patch_size=2, num_embeds_ada_norm=100)
+
+
+def inputs(cfg, b=2, size=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = size or cfg["sample_size"]
+    return dict(hidden_states=torch.randn(b, cfg["in_channels"], size, size, generator=g),
+                timestep=torch.tensor([3, 700][:b]), class_labels=torch.tensor([1, cfg["num_embeds_ada_norm"] - 1][:b]))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    ref = randomize(RefDiT(**TINY)).eval()
+    return ref, roundtrip(ref, tmp_path_factory.mktemp("dit"))
+
+
+def test_tiny_parity_fp32_and_bf16(tiny_pair, tmp_path):
+    ref, ours = tiny_pair
+    assert isinstance(ours, DiTTransformer2DModel)
+    # The training-size table and another size (diffusers recomputes positions for it) both match.
+    for size in (8, 12):
+        kw = inputs(TINY, size=size)
+        with torch.no_grad():
+            expected, got = ref(**kw).sample, ours(**kw).sample
+        assert got.shape == expected.shape == (2, 8, size, size)
+        assert rel_err(got, expected) <= 1e-5
+    kw = inputs(TINY)
+    ours16 = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
+    ref16 = RefDiT.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    kw16 = dict(kw, hidden_states=kw["hidden_states"].bfloat16())
+    with torch.no_grad():
+        got = ours16(**kw16).sample
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, ref16(**kw16).sample) <= 2e-2
+        assert rel_err(got, ref(**kw).sample) <= 2e-2
+        (tup,) = ours(**kw, return_dict=False)
+    assert tup.shape == (2, 8, 8, 8)
+
+
+def test_medium_parity(tmp_path):
+    ref = randomize(RefDiT(**MEDIUM)).eval()
+    ours = roundtrip(ref, tmp_path)
+    kw = inputs(MEDIUM)
+    with torch.no_grad():
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+        kw16 = dict(kw, hidden_states=kw["hidden_states"].bfloat16())
+        assert rel_err(ours.to(torch.bfloat16)(**kw16).sample, ref.to(torch.bfloat16)(**kw16).sample) <= 2e-2
+
+
+def test_non_square_latents_work():
+    # diffusers' unpatchify assumes a square grid; ours keeps H and W apart.
+    model = DiTTransformer2DModel(**TINY).eval()
+    kw = inputs(TINY)
+    kw["hidden_states"] = torch.randn(2, 4, 8, 12)
+    with torch.no_grad():
+        assert model(**kw).sample.shape == (2, 8, 8, 12)
+
+
+def test_validation_errors():
+    model = DiTTransformer2DModel(**TINY).eval()
+    kw = inputs(TINY)
+    bad = [
+        (dict(hidden_states=torch.randn(2, 3, 8, 8)), r"hidden_states must have shape \(B, 4, H, W\)"),
+        (dict(hidden_states=torch.randn(2, 4, 9, 8)), r"divisible by patch_size 2, got 9x8"),
+        (dict(class_labels=torch.tensor([1])), r"class_labels must be integer class ids of shape \(2,\)"),
+        (dict(timestep=torch.tensor([1, 2, 3])), r"timestep must be a scalar or have shape \(2,\)"),
+    ]
+    for override, message in bad:
+        with pytest.raises(ValueError, match=message):
+            model(**{**kw, **override})
+
+
+@pytest.mark.parametrize("preset", [DIT_XL_2_256, DIT_XL_2_512], ids=["xl-2-256", "xl-2-512"])
+def test_full_size_presets_match_diffusers_parameter_counts(preset):
+    ours, ref = build_on_meta(DiTTransformer2DModel, preset), build_on_meta(RefDiT, preset)
+    assert count_params(ours) == count_params(ref) > 600e6
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
+    model = DiTTransformer2DModel.from_config(tiny_pair[1].config)
+    model.load_state_dict(tiny_pair[1].state_dict())
+    model.eval()  # no label dropout, so both passes see the same labels
+    kw = inputs(TINY)
+
+    def grads():
+        model.zero_grad()
+        model(**kw).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_block_compiles_fullgraph():
+    block = randomize(DiTBlock(32, 4, 8, num_classes=10)).eval()
+    x, t, y = torch.randn(2, 6, 32), torch.tensor([1.0, 5.0]), torch.tensor([2, 3])
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), block(x, t, y))

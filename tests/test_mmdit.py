@@ -1,0 +1,302 @@
+"""MMDiT (SD3 / SD3.5): parity with diffusers' SD3Transformer2DModel on copied weights, validation, presets."""
+
+import pytest
+import torch
+from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from diffusers import SD3Transformer2DModel as RefSD3
+
+from dit.models.mmdit import SD3_5_LARGE, SD3_5_MEDIUM, SD3_MEDIUM, SD3Transformer2DModel
+
+TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+            joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=20, out_channels=4,
+            pos_embed_max_size=12)
+TINY_35 = dict(TINY, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+MEDIUM = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=8,
+              joint_attention_dim=256, caption_projection_dim=512, pooled_projection_dim=128, out_channels=16,
+              pos_embed_max_size=32)
+MEDIUM_35 = dict(MEDIUM, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+
+
+def inputs(cfg, b=2, h=16, w=12, text=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(b, cfg["in_channels"], h, w, generator=g),
+        encoder_hidden_states=torch.randn(b, text, cfg["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(b, cfg["pooled_projection_dim"], generator=g),
+        timestep=torch.tensor([3.0, 700.0][:b]),
+    )
+
+
+def cast(kw, dtype):
+    return {k: v.to(dtype) if k != "timestep" else v for k, v in kw.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    pairs = {}
+    for name, cfg in (("sd3", TINY), ("sd35", TINY_35)):
+        ref = randomize(RefSD3(**cfg)).eval()
+        pairs[name] = (ref, roundtrip(ref, tmp_path_factory.mktemp(name)))
+    return pairs
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+@pytest.mark.parametrize("skip_layers", [None, [1]])
+def test_tiny_parity_fp32(tiny_pair, variant, skip_layers):
+    ref, ours = tiny_pair[variant]
+    assert isinstance(ours, SD3Transformer2DModel)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        expected = ref(**kw, skip_layers=skip_layers).sample
+        got = ours(**kw, skip_layers=skip_layers).sample
+    assert got.shape == expected.shape == kw["hidden_states"].shape
+    assert rel_err(got, expected) <= 1e-5
+    # return_dict=False gives the same tensor in a tuple, like diffusers.
+    with torch.no_grad():
+        (again,) = ours(**kw, skip_layers=skip_layers, return_dict=False)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_tiny_parity_controlnet_residuals(tiny_pair):
+    ref, ours = tiny_pair["sd3"]
+    kw = inputs(TINY)
+    residuals = [torch.randn(2, 48, 32) * 0.1 for _ in range(2)]  # 48 = (16/2) * (12/2) tokens
+    with torch.no_grad():
+        expected = ref(**kw, block_controlnet_hidden_states=residuals).sample
+        got = ours(**kw, block_controlnet_hidden_states=residuals).sample
+    assert rel_err(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+def test_tiny_parity_bf16(tiny_pair, variant, tmp_path):
+    ref, _ = tiny_pair[variant]
+    ours = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    kw = inputs(TINY)
+    with torch.no_grad():
+        expected = ref(**kw).sample  # fp32 reference
+        ref16 = RefSD3.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+        expected16 = ref16(**cast(kw, torch.bfloat16)).sample
+        got = ours(**cast(kw, torch.bfloat16)).sample
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, expected16) <= 2e-2
+    assert rel_err(got, expected) <= 2e-2
+
+
+@pytest.mark.parametrize("cfg", [MEDIUM, MEDIUM_35], ids=["sd3", "sd35"])
+def test_medium_parity(cfg, tmp_path):
+    ref = randomize(RefSD3(**cfg)).eval()
+    ours = roundtrip(ref, tmp_path)
+    kw = inputs(cfg, h=32, w=24, text=16)
+    with torch.no_grad():
+        assert rel_err(ours(**kw, skip_layers=[2]).sample, ref(**kw, skip_layers=[2]).sample) <= 1e-5
+        expected = ref(**kw).sample
+        assert rel_err(ours(**kw).sample, expected) <= 1e-5
+        ours16, kw16 = ours.to(torch.bfloat16), cast(kw, torch.bfloat16)
+        assert rel_err(ours16(**kw16).sample, ref.to(torch.bfloat16)(**kw16).sample) <= 2e-2
+
+
+def test_validation_errors():
+    model = SD3Transformer2DModel(**TINY).eval()
+    kw = inputs(TINY)
+    bad = [
+        (dict(hidden_states=torch.randn(2, 3, 16, 12)), r"hidden_states must have shape \(B, 4, H, W\)"),
+        (dict(hidden_states=torch.randn(2, 4, 15, 12)), r"divisible by patch_size 2, got 15x12"),
+        (dict(hidden_states=torch.randn(2, 4, 26, 12)), r"must be <= 24"),
+        (dict(encoder_hidden_states=torch.randn(2, 7, 23)), r"encoder_hidden_states must have shape \(2, L, 24\)"),
+        (dict(pooled_projections=torch.randn(2, 19)), r"pooled_projections must have shape \(2, 20\)"),
+        (dict(timestep=torch.tensor([1.0, 2.0, 3.0])), r"timestep must be a scalar or have shape \(2,\)"),
+    ]
+    for override, message in bad:
+        with pytest.raises(ValueError, match=message):
+            model(**{**kw, **override})
+    with torch.no_grad():  # a scalar timestep is broadcast
+        model(**{**kw, "timestep": 5.0})
+
+
+@pytest.mark.parametrize("preset", [SD3_MEDIUM, SD3_5_MEDIUM, SD3_5_LARGE], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
+def test_full_size_presets_match_diffusers_parameter_counts(preset):
+    ours, ref = build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset)
+    assert count_params(ours) == count_params(ref)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
+    _, loaded = tiny_pair["sd35"]
+    model = SD3Transformer2DModel.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    kw = inputs(TINY)
+
+    def grads():
+        model.zero_grad()
+        model(**kw).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    ckpt = grads()
+    # Only the last block's text-query weights get no gradient: its text outputs are never used.
+    unused = {n for n, _ in model.named_parameters()} - plain.keys()
+    assert unused == {f"transformer_blocks.2.attn.{n}" for n in ("add_q_proj.weight", "add_q_proj.bias",
+                                                                  "norm_added_q.weight")}
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_attention_backend_is_selectable(tiny_pair):
+    _, ours = tiny_pair["sd3"]
+    kw = inputs(TINY)
+    calls = []
+
+    def spy(q, k, v, *, mask=None, scale=None):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    with torch.no_grad():
+        base = ours(**kw).sample
+        try:
+            ours.set_attention_backend("math")
+            torch.testing.assert_close(ours(**kw).sample, base, rtol=1e-5, atol=1e-5)
+            ours.set_attention_backend(spy)
+            ours(**kw)
+        finally:
+            ours.reset_attention_backend()
+    # 3 joint attentions; the last (context pre-only) block asks image queries only: 48 tokens, not 55.
+    assert [tuple(s) for s in calls] == [(2, 4, 55, 8), (2, 4, 55, 8), (2, 4, 48, 8)]
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ours.set_attention_backend("flash9")
+
+
+def test_save_and_from_pretrained_roundtrip(tiny_pair, tmp_path):
+    _, ours = tiny_pair["sd35"]
+    ours.save_pretrained(tmp_path)
+    again = SD3Transformer2DModel.from_pretrained(tmp_path)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**kw).sample, ours(**kw).sample, rtol=0, atol=0)
+
+
+def test_block_compiles_fullgraph():
+    from dit.models.mmdit import JointTransformerBlock
+
+    torch.manual_seed(0)
+    block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
+    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
+            torch.testing.assert_close(got, expected)
+
+
+def test_fused_qkv_keeps_names_and_follows_weight_changes(tmp_path):
+    ref = randomize(RefSD3(**TINY)).eval()
+    ours = roundtrip(ref, tmp_path)
+    kw = inputs(TINY)
+    attn, ref_attn = ours.transformer_blocks[0].attn, ref.transformer_blocks[0].attn
+    with torch.no_grad():
+        ours(**kw)
+    # Inference packed q, k, v into one buffer (one matmul, no copy per call); names are unchanged.
+    q, k, v = attn.to_q.weight, attn.to_k.weight, attn.to_v.weight
+    assert k.data_ptr() == q.data_ptr() + q.numel() * 4 and v.data_ptr() == k.data_ptr() + k.numel() * 4
+    assert sorted(ours.state_dict()) == sorted(ref.state_dict())
+    with torch.no_grad():
+        # An in-place change of one packed weight is seen by the fused matmul.
+        attn.to_v.weight.mul_(0.5)
+        ref_attn.to_v.weight.mul_(0.5)
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+        # Tensors replaced by an assigning load are detected and repacked.
+        ref_attn.add_k_proj.bias.add_(1.0)
+        ours.load_state_dict({n: t.clone() for n, t in ref.state_dict().items()}, assign=True)
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+    # Training after packed inference: gradients reach every projection.
+    ours(**kw).sample.sum().backward()
+    assert all(p.grad is not None for p in (attn.to_q.weight, attn.to_k.weight, attn.add_v_proj.bias))
+
+
+def test_fp16_inference(tmp_path):
+    ref = randomize(RefSD3(**TINY_35)).eval()
+    ours = roundtrip(ref, tmp_path, torch_dtype=torch.float16)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        got = ours(**cast(kw, torch.float16)).sample
+        assert got.dtype == torch.float16
+        assert rel_err(got, ref(**kw).sample) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------ drop-in in a pipeline
+def _clip_vocab() -> dict:
+    """A byte-level CLIP vocabulary without merges (every byte is a token): a tokenizer built offline."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):  # GPT-2's bytes_to_unicode: unprintable bytes map above 255
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in cs]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in chars:
+            vocab[ch + suffix] = len(vocab)
+    return vocab
+
+
+def test_drop_in_replaces_pipe_transformer(tmp_path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    import dit
+
+    vocab = _clip_vocab()
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                             num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32,
+                             max_position_embeddings=77)
+        return CLIPTextModelWithProjection(cfg).eval()
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    transformer = randomize(RefSD3(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                   num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                   pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
+                                   dual_attention_layers=(0,))).eval()
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        text_encoder=clip(1), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_2=clip(2), tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def images(**kw):
+        return pipe(prompt="a photo of a cat", negative_prompt="blurry", height=32, width=32, num_inference_steps=3,
+                    guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+    # SD3.5's skip-layer guidance runs the transformer with skip_layers on steps 1 and 2 here.
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    expected, expected_slg = images(), images(**slg)
+    transformer.save_pretrained(tmp_path)
+    pipe.transformer = dit.load_transformer(tmp_path)
+    got, got_slg = images(), images(**slg)
+    assert got.shape == (1, 32, 32, 3) and got.std() > 0.01
+    assert abs(expected_slg - expected).max() > 1e-3  # skip-layer guidance changed the image
+    assert abs(got - expected).max() <= 1e-4
+    assert abs(got_slg - expected_slg).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_block_compiles_fullgraph_with_inductor():
+    from dit.models.mmdit import JointTransformerBlock
+
+    block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
+    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
