@@ -211,13 +211,15 @@ class Attention(nn.Module):
             return self.to_out[1](self.to_out[0](self.attend(q, k, v)))
         # Without to_add_out (SD3's last block) the text outputs would be discarded: skip the text queries
         # and attend with image queries only (diffusers computes those rows and drops them).
-        cq, ck, cv = self.project(c, "context", with_q=self.to_add_out is not None)  # (B, M, H, Dh)
+        with_cq = self.to_add_out is not None or getattr(self.attn_backend, "aligned_queries", False)
+        cq, ck, cv = self.project(c, "context", with_q=with_cq)  # (B, M, H, Dh)
         n = x.shape[1]
         k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)  # (B, N + M, H, Dh)
         if cq is None:
             return self.to_out[1](self.to_out[0](self.attend(q, k, v))), None
         out = self.attend(torch.cat([q, cq], dim=1), k, v)  # (B, N + M, D)
-        return self.to_out[1](self.to_out[0](out[:, :n])), self.to_add_out(out[:, n:])
+        c_out = self.to_add_out(out[:, n:]) if self.to_add_out is not None else None
+        return self.to_out[1](self.to_out[0](out[:, :n])), c_out
 
 
 class AttentionBackendMixin:

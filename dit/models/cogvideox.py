@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from dit.attention import Backend, attention, resolve_backend
 from dit.embeddings import TimestepEmbedder, patchify_3d, sincos_pos_embed_3d, unpatchify_3d
 from dit.layers import Modulation, ModulationOut, modulate
+from dit.parallel.model import ContextParallelMixin
 from dit.rope import apply_rope_, cogvideox_rope, rope_as_complex
 
 Rope = Tensor  # unit complex rotations (N, head_dim / 2), complex64, one per video token and channel pair
@@ -215,7 +216,7 @@ class CogVideoXBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------- model
 
 
-class CogVideoXTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
+class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     """CogVideoX denoiser: patch embed -> N expert-adaLN blocks over [text, video] -> adaLN out -> unpatchify.
 
     Config keys and defaults are exactly diffusers', so its config.json and safetensors load unchanged.
@@ -446,6 +447,10 @@ class CogVideoXTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
         text_pos, video_pos = (None if t is None else t.to(dtype) for t in self._positions(n_text, *grid, device))
         x = self.patch_embed(encoder_hidden_states.to(dtype), hidden_states.to(dtype), text_pos, video_pos)  # (B, T + N, D)
         x = self.embedding_dropout(x)
+        if self.is_parallel:  # context parallel: this rank's text and video tokens, and their rotations
+            text, video = self._cp_shard(x[:, :n_text], x[:, n_text:])
+            x, n_text = torch.cat([text, video], dim=1), text.shape[1]
+            rope = None if rope is None else self._cp_shard_rows(rope)
 
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -457,6 +462,8 @@ class CogVideoXTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
         m = self.norm_out(temb)
         video = modulate(self.norm_out.norm(video), m.shift, m.scale)
         video = self.proj_out(video)  # (B, N, C_out pt p p)
+        if self.is_parallel:
+            video = self._cp_gather(video, grid[0] * grid[1] * grid[2])  # (B, N_r, ..) shards -> (B, N, ..)
         out = unpatchify_3d(video, p, pt, f, h, w)  # (B, F, C_out, H, W)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 

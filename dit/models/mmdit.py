@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d
 from dit.layers import Modulation, modulate
+from dit.parallel.model import ContextParallelMixin
 from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
                                       TextProjection, broadcast_timestep, checkpointed, gated_add, layer_norm)
 
@@ -105,7 +106,7 @@ class JointTransformerBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- model
-class SD3Transformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """MMDiT denoiser of SD3 / SD3.5, a drop-in for diffusers' SD3Transformer2DModel (flow velocity out)."""
 
     _supports_gradient_checkpointing = True
@@ -197,20 +198,34 @@ class SD3Transformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin, Peft
                 unscale_lora_layers(self, lora_scale)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
+    def enable_parallelism(self, config, **kwargs) -> None:
+        """Context parallelism (see dit.parallel.model); SD3.5's second attention sees image tokens only."""
+        super().enable_parallelism(config, **kwargs)
+        image_only = self._cp_stream_attention(0)
+        for block in self.transformer_blocks:
+            if block.attn2 is not None:
+                block.attn2.attn_backend = image_only
+
     def _forward(self, latents: Tensor, text: Tensor, pooled: Tensor, timestep, controlnet, skip: set[int]) -> Tensor:
         b, _, h, w = latents.shape
         p = self.config.patch_size
         x = self.pos_embed(latents)  # (B, N, D), N = (H/p)(W/p)
         temb = self.time_text_embed(broadcast_timestep(timestep, b, latents.device), pooled)  # (B, D)
         c = self.context_embedder(text)  # (B, M, D)
+        n_img = x.shape[1]
+        if self.is_parallel:  # context parallel: this rank's image and text tokens
+            x, c = self._cp_shard(x, c)
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip:
                 c, x = checkpointed(self, block, x, c, temb)
             if controlnet is not None and not block.context_pre_only:
                 # ControlNet residuals: evenly spread over the blocks (diffusers' interval rule).
-                x = x + controlnet[int(i / (len(self.transformer_blocks) / len(controlnet)))]
+                residual = controlnet[int(i / (len(self.transformer_blocks) / len(controlnet)))]
+                x = x + (self._cp_shard_rows(residual, 1) if self.is_parallel else residual)
         m = self.norm_out(temb)
         x = self.proj_out(modulate(layer_norm(x, EPS), m.shift, m.scale))  # (B, N, p*p*C)
+        if self.is_parallel:
+            x = self._cp_gather(x, n_img)  # (B, N_r, ..) shards -> (B, N, ..)
         # SD3 orders each token's outputs as (p1, p2, c).
         return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h // p, w=w // p, p1=p, p2=p)
 

@@ -172,6 +172,10 @@ class ContextParallelAttention:
     gathered with a tiny collective.
     """
 
+    # Queries must be sharded like keys/values (Ulysses moves them with the same all-to-all); a model that
+    # would attend with a subset of queries computes them all when it sees this flag.
+    aligned_queries = True
+
     def __init__(self, context: ParallelContext):
         self.context = context
         self._sizes: list[int] | None = None
@@ -186,6 +190,13 @@ class ContextParallelAttention:
         def __exit__(self, *exc):
             self.owner._sizes = self.prev
 
+    def set_sizes(self, sizes: list[int] | None) -> None:
+        """Declare every rank's shard length until changed; it must outlive the forward pass, because gradient
+        checkpointing runs the attention again during backward."""
+        if sizes is not None and len(sizes) != self.context.world_size:
+            raise ValueError(f"need {self.context.world_size} shard sizes, got {len(sizes)}")
+        self._sizes = None if sizes is None else list(sizes)
+
     def sequence(self, sizes: list[int]) -> "_Sizes":
         """Declare every rank's shard length (indexed by shard index) for the calls inside the block."""
         if len(sizes) != self.context.world_size:
@@ -198,6 +209,9 @@ class ContextParallelAttention:
             raise ValueError("context-parallel attention does not take an attention mask (joint DiT attention has none)")
         ctx, cfg = self.context, self.context.config
         sizes = self._sizes or gather_sizes(q.shape[2], ctx.world_group)
+        if not q.shape[2] == k.shape[2] == sizes[ctx.shard_index]:
+            raise ValueError(f"queries ({q.shape[2]}) and keys ({k.shape[2]}) must both be this rank's shard "
+                             f"of {sizes[ctx.shard_index]} tokens")
         u = cfg.ulysses_degree
         if q.shape[1] % u:
             raise ValueError(

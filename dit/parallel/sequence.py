@@ -36,7 +36,8 @@ def gather(x: Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup) -> T
     x = x.movedim(dim, 0)  # (L_r, ...)
     if x.shape[0] < largest:
         x = torch.cat([x, x.new_zeros((largest - x.shape[0], *x.shape[1:]))])
-    full = fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)  # (P * L_max, ...)
+    full = fc.all_gather_single_autograd(x.contiguous(), 0, group) if hasattr(fc, "all_gather_single_autograd") \
+        else fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)  # (P * L_max, ...)
     full = fc.wait_tensor(full) if hasattr(fc, "wait_tensor") else full
     pieces = [full[i * largest: i * largest + n] for i, n in enumerate(sizes)]
     return torch.cat(pieces).movedim(0, dim)

@@ -1,0 +1,88 @@
+"""`enable_parallelism` for our transformers: shard the token streams, run context-parallel attention, gather.
+
+Every rank passes the full inputs and gets the full output. After the patch embedding each token stream
+(CogVideoX: text, video; MMDiT: image, text) is split into this rank's shard, positional rotations are sliced
+to match, the blocks run on the local shards with `ContextParallelAttention` as their attention backend (every
+op but attention is token-local), and the output tokens are gathered back in order.
+
+Gradients: the gather's backward is a reduce-scatter, so when all ranks of a context-parallel group compute the
+same loss the local gradients are P times the true contribution; averaging over the group (what DDP's
+all-reduce does across all ranks) gives exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from dit.parallel.attention import ContextParallelAttention
+from dit.parallel.config import ContextParallelConfig, ParallelContext
+from dit.parallel.sequence import gather, shard, split_sizes
+
+
+@dataclass
+class _CPState:
+    context: ParallelContext
+    attention: ContextParallelAttention  # over all streams jointly
+    previous_backend: object
+    streams: dict[int, ContextParallelAttention] = field(default_factory=dict)  # over one stream alone
+
+
+class ContextParallelMixin:
+    """Adds enable_parallelism / disable_parallelism and the shard/gather helpers a model's forward calls."""
+
+    _cp: _CPState | None = None
+
+    def enable_parallelism(self, config: ContextParallelConfig, *, device_type: str | None = None) -> None:
+        """Run this model context-parallel over the initialised process group (ring x ulysses = world size)."""
+        if not isinstance(config, ContextParallelConfig):
+            raise ValueError(f"enable_parallelism takes a ContextParallelConfig, got {type(config).__name__}")
+        heads = self.config.num_attention_heads
+        if heads % config.ulysses_degree:
+            raise ValueError(
+                f"the model's {heads} attention heads are not divisible by ulysses_degree {config.ulysses_degree}; "
+                f"choose a divisor of {heads} for ulysses_degree and put the rest in ring_degree"
+            )
+        if device_type is None:
+            device_type = next(self.parameters()).device.type
+        context = ParallelContext(config, device_type=device_type)
+        attention = ContextParallelAttention(context)
+        self._cp = _CPState(context, attention, getattr(self, "attn_backend", None))
+        self.set_attention_backend(attention)
+
+    def disable_parallelism(self) -> None:
+        if self._cp is not None:
+            self.set_attention_backend(self._cp.previous_backend)
+            self._cp = None
+
+    @property
+    def is_parallel(self) -> bool:
+        return self._cp is not None
+
+    def _cp_stream_attention(self, stream: int) -> ContextParallelAttention:
+        """An attention backend over stream `stream` alone (e.g. SD3.5's image-only second attention)."""
+        if stream not in self._cp.streams:
+            self._cp.streams[stream] = ContextParallelAttention(self._cp.context)
+        return self._cp.streams[stream]
+
+    def _cp_shard(self, *streams: Tensor) -> list[Tensor]:
+        """This rank's shard of each (B, L_i, ...) token stream; declares the shard sizes to the attention
+        backends (joint: every stream's shard on each rank; per stream: that stream's)."""
+        ctx = self._cp.context
+        world, index = ctx.world_size, ctx.shard_index
+        per_stream = [split_sizes(s.shape[1], world) for s in streams]
+        self._cp.attention.set_sizes([sum(sizes[r] for sizes in per_stream) for r in range(world)])
+        for i, attention in self._cp.streams.items():
+            attention.set_sizes(per_stream[i])
+        return [shard(s, 1, index, world) for s in streams]
+
+    def _cp_shard_rows(self, table: Tensor, dim: int = 0) -> Tensor:
+        """This rank's rows of a per-token table (positions, rotations) of the full stream."""
+        ctx = self._cp.context
+        return shard(table, dim, ctx.shard_index, ctx.world_size)
+
+    def _cp_gather(self, x: Tensor, full_length: int) -> Tensor:
+        """The full (B, L, ...) stream from every rank's (B, L_r, ...) shard, in order."""
+        ctx = self._cp.context
+        return gather(x, 1, split_sizes(full_length, ctx.world_size), ctx.world_group)
