@@ -227,12 +227,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generator = torch.Generator(device="cpu").manual_seed(r.seed)
         out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                    num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                   output_type="np", **({"solver": args.solver} if args.solver else {}))
+                   output_type="np", **({"solver": args.solver} if args.solver else {}),
+                   **({"relay": args.relay} if args.relay else {}))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(out.frames[0], path, fps)
         write_sidecar(path, {
             **asdict(r), "model": str(folder), "steps": steps, "guidance": guidance, "fps": fps,
-            "dtype": args.dtype, "solver": args.solver, "seconds": round(time.perf_counter() - start, 3),
+            "dtype": args.dtype, "solver": args.solver, "relay": args.relay, "seconds": round(time.perf_counter() - start, 3),
             "output": path.name, "version": _version(),
         })
         print(str(path))

@@ -24,6 +24,8 @@ from diffusers.video_processor import VideoProcessor
 import samplers
 from dit.convert import load_transformer
 
+RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
+
 PIPELINE_FAMILIES: dict[str, str] = {
     "CogVideoXPipeline": "dit.pipeline:CogVideoXDiTPipeline",
 }
@@ -57,7 +59,7 @@ def _load_component(folder: Path, name: str, spec: list, torch_dtype: torch.dtyp
     if library is None or class_name is None:
         return None
     sub = folder / name
-    if name == "transformer":
+    if name in ("transformer", "relay_transformer"):
         return load_transformer(sub, torch_dtype=torch_dtype)
     if name == "vae" and class_name in ("AutoencoderKLCogVideoX", "CausalVAE3D"):
         from vae3d import load_vae
@@ -168,10 +170,14 @@ class CogVideoXDiTPipeline(DiTPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler):
+    _optional_components = ["relay_transformer"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, relay_transformer=None):
         super().__init__()
+        # relay_transformer: an optional super-resolution stage trained with the relay loss (ours; diffusers'
+        # CogVideoXPipeline ignores it when it loads our folder).
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                              scheduler=scheduler)
+                              scheduler=scheduler, relay_transformer=relay_transformer)
         cfg = self.vae.config
         self.vae_scale_factor_spatial = 2 ** (len(cfg.block_out_channels) - 1)
         self.vae_scale_factor_temporal = cfg.temporal_compression_ratio
@@ -243,6 +249,16 @@ class CogVideoXDiTPipeline(DiTPipeline):
                                        temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
                                        max_size=(base_h, base_w), device=device)
 
+    def _relay_upsample(self, latents: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
+        """The relay stage's z_L: the base latents (B, F, C, H, W) upsampled k times in space."""
+        if mode != "pixel":
+            return samplers.upsample(latents, factor, mode=mode.removeprefix("latent-")).to(latents.dtype)
+        # CogView3's choice: decode, upsample the frames bilinearly, encode again (the VAE's posterior mode).
+        video = self.vae.decode(latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image).sample  # (B, C, F, H, W)
+        video = samplers.upsample(video, factor, mode="bilinear").clamp(-1, 1)
+        z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode() * self.vae_scaling_factor_image
+        return z.permute(0, 2, 1, 3, 4).to(latents.dtype)  # (B, F, C, kH, kW)
+
     # -- the call ----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -267,9 +283,21 @@ class CogVideoXDiTPipeline(DiTPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int | None = None,
         solver: str | None = None,
+        relay: int | None = None,
+        relay_steps: int = 10,
+        relay_start: int = 500,
+        relay_upsample: str = "latent-nearest",
+        relay_noise_alpha: float = 0.15,
+        relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
         """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); by default the folder's
-        scheduler decides, as in diffusers."""
+        scheduler decides, as in diffusers.
+
+        relay=k adds a relay super-resolution stage (CogView3; samplers.relay): the base result at H x W is
+        upsampled to kH x kW (in latent space, nearest or bilinear, or in pixel space with a VAE re-encode),
+        then `relay_steps` steps run from training step T_r = relay_start with block noise of block size k. The
+        stage uses the folder's `relay_transformer` if it has one (trained with the relay loss), else the base
+        transformer."""
         cfg = self.transformer.config
         max_sequence_length = max_sequence_length or cfg.max_text_seq_length  # 226 for released CogVideoX
         height = height or cfg.sample_height * self.vae_scale_factor_spatial
@@ -283,7 +311,17 @@ class CogVideoXDiTPipeline(DiTPipeline):
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+        if relay is not None:
+            _check_positive_int("relay", relay)
+            _check_positive_int("relay_steps", relay_steps)
+            if relay_upsample not in RELAY_UPSAMPLE:
+                raise ValueError(f"relay_upsample {relay_upsample!r} is not one of {', '.join(RELAY_UPSAMPLE)}")
         spec = self._sampler(num_inference_steps)
+        relay_path = None
+        if relay is not None:  # schedule errors (T_r outside the schedule, ...) before any model runs
+            relay_path = samplers.train_path_from_config(dict(self.scheduler.config,
+                                                              _class_name=type(self.scheduler).__name__))
+            relay_schedule = samplers.relay_schedule(relay_path, relay_start, relay_steps)
         solve = samplers.get_solver(solver or spec.solver)
         options = dict(spec.options) if solver in (None, spec.solver) else {}
 
@@ -316,21 +354,21 @@ class CogVideoXDiTPipeline(DiTPipeline):
         state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": prompt_embeds,
                  "negative_prompt_embeds": negative_embeds}
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            context = prompt_embeds if not do_cfg else torch.cat([state["negative_prompt_embeds"],
-                                                                  state["prompt_embeds"]])
-            timestep = t.to(device).expand(x.shape[0])
-            return self.transformer(hidden_states=x, encoder_hidden_states=context, timestep=timestep,
-                                    image_rotary_emb=rope, attention_kwargs=attention_kwargs,
-                                    return_dict=False)[0].float()
+        def denoiser_for(transformer, rope, steps: int) -> samplers.Denoiser:
+            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                context = state["prompt_embeds"] if not do_cfg else torch.cat([state["negative_prompt_embeds"],
+                                                                               state["prompt_embeds"]])
+                timestep = t.to(device).expand(x.shape[0])
+                return transformer(hidden_states=x, encoder_hidden_states=context, timestep=timestep,
+                                   image_rotary_emb=rope, attention_kwargs=attention_kwargs,
+                                   return_dict=False)[0].float()
 
-        if do_cfg:
-            scale = samplers.cogvideox_dynamic_scale(guidance_scale, num_inference_steps) if use_dynamic_cfg \
-                else guidance_scale
-            model = samplers.classifier_free_guidance(model_fn, scale)
-        else:
-            model = model_fn
-        denoiser = samplers.Denoiser(model, spec.prediction)
+            if not do_cfg:
+                return samplers.Denoiser(model_fn, spec.prediction)
+            scale = samplers.cogvideox_dynamic_scale(guidance_scale, steps) if use_dynamic_cfg else guidance_scale
+            return samplers.Denoiser(samplers.classifier_free_guidance(model_fn, scale), spec.prediction)
+
+        denoiser = denoiser_for(self.transformer, rope, num_inference_steps)
         if solve is samplers.sample_ddim and eta:
             options["eta"] = eta
         if solve in (samplers.sample_cogvideox_dpm,) or options.get("eta"):
@@ -339,6 +377,20 @@ class CogVideoXDiTPipeline(DiTPipeline):
             callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
                                            progress)
             latents = solve(denoiser, latents, spec.schedule, callback=callback, **options)
+
+        if relay is not None:
+            latents = latents[:, extra:]
+            z_low = self._relay_upsample(latents, relay, relay_upsample)  # (B, F', C, kH', kW')
+            stage = getattr(self, "relay_transformer", None) or self.transformer
+            rope = self._rotary(height * relay, width * relay, z_low.shape[1], device)
+            state["timesteps"] = relay_schedule.schedule.timesteps.to(device)
+            with self.progress_bar(total=relay_steps) as progress:
+                callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
+                                               state, progress)
+                latents = samplers.sample_relay(
+                    denoiser_for(stage, rope, relay_steps), z_low, relay_schedule, eta=relay_eta, block_size=relay,
+                    noise_alpha=relay_noise_alpha, generator=generator, callback=callback)
+            extra = 0
 
         if output_type == "latent":
             video = latents

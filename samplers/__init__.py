@@ -3,7 +3,7 @@
 This package is a leaf: it imports torch and numpy only, never `dit` or `vae3d`.
 """
 
-from samplers.from_diffusers import SamplerSpec, from_diffusers_config, load_scheduler_config
+from samplers.from_diffusers import SamplerSpec, from_diffusers_config, load_scheduler_config, train_path_from_config
 from samplers.guidance import check_guidance_scale, classifier_free_guidance, cogvideox_dynamic_scale
 from samplers.paths import (Denoiser, add_noise, check_prediction, diffusion_loss, eps_from_x0, to_x0,
                             training_target)

@@ -65,6 +65,34 @@ def _ddpm_alphas_cumprod(cfg: dict, cls: str, beta_dtype: torch.dtype) -> torch.
     return S.alphas_cumprod_from_betas(betas, dtype=beta_dtype)
 
 
+def _cogvideox_alphas_cumprod(cfg: dict, cls: str) -> torch.Tensor:
+    """CogVideoX computes scaled-linear betas in float64, shifts the SNR, and rescales alpha_bar (not betas)."""
+    cfg = dict(cfg)
+    beta_dtype = torch.float64 if cfg.get("beta_schedule", "scaled_linear") == "scaled_linear" else torch.float32
+    cfg.setdefault("beta_schedule", "scaled_linear")
+    cfg.setdefault("beta_start", 0.00085)
+    cfg.setdefault("beta_end", 0.012)
+    acp = _ddpm_alphas_cumprod(cfg, cls, beta_dtype)
+    acp = S.snr_shift(acp, cfg.get("snr_shift_scale", 3.0))
+    if cfg.get("rescale_betas_zero_snr", False):
+        acp = S.rescale_zero_terminal_snr(acp)
+    return acp
+
+
+def train_path_from_config(config: str | os.PathLike | dict) -> S.TrainPath:
+    """The training discretisation of a scheduler config's path (what relay schedules and training losses use)."""
+    cfg = load_scheduler_config(config)
+    cls = cfg.get("_class_name")
+    if cls in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
+        return S.TrainPath.vp(_cogvideox_alphas_cumprod(cfg, cls))
+    if cls in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
+        acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
+        return S.TrainPath.vp(S.rescale_zero_terminal_snr(acp) if cfg.get("rescale_betas_zero_snr") else acp)
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        return S.TrainPath.flow(cfg.get("num_train_timesteps", 1000))
+    raise ValueError(f"unsupported scheduler class {cls!r}; accepted: {', '.join(SCHEDULER_CLASSES)}")
+
+
 def from_diffusers_config(
     config: str | os.PathLike | dict, num_steps: int, *, mu: float | None = None
 ) -> SamplerSpec:
@@ -77,15 +105,7 @@ def from_diffusers_config(
     S.check_num_steps(num_steps, T)
 
     if cls in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
-        # CogVideoX computes scaled-linear betas in float64 and rescales alpha_bar (not betas) to zero SNR.
-        beta_dtype = torch.float64 if cfg.get("beta_schedule", "scaled_linear") == "scaled_linear" else torch.float32
-        cfg.setdefault("beta_schedule", "scaled_linear")
-        cfg.setdefault("beta_start", 0.00085)
-        cfg.setdefault("beta_end", 0.012)
-        acp = _ddpm_alphas_cumprod(cfg, cls, beta_dtype)
-        acp = S.snr_shift(acp, cfg.get("snr_shift_scale", 3.0))
-        if cfg.get("rescale_betas_zero_snr", False):
-            acp = S.rescale_zero_terminal_snr(acp)
+        acp = _cogvideox_alphas_cumprod(cfg, cls)
         ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "leading"),
                                 steps_offset=cfg.get("steps_offset", 0))
         final = 1.0 if cfg.get("set_alpha_to_one", True) else float(acp[0])

@@ -37,6 +37,13 @@ def test_mp4_has_requested_frames_and_size_and_sidecar(model, tmp_path, capsys):
     assert out.stat().st_mtime_ns != mtime
 
 
+def test_relay_doubles_the_written_size(model, tmp_path):
+    out = tmp_path / "relay.webp"
+    assert main(["generate", "a red circle", "-o", str(out), "--model", str(model), "--relay", "2", *ARGS]) == 0
+    assert iio.imread(out, index=None).shape == (9, 64, 64, 3)
+    assert json.loads((tmp_path / "relay.webp.json").read_text())["relay"] == 2
+
+
 def test_batch_from_jsonl_with_formats_and_resume(model, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a green square", "seed": 7}\n{"prompt": "a blue circle", "frames": 5}\n')

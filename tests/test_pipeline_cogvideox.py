@@ -88,3 +88,29 @@ def test_saved_folder_loads_in_diffusers_and_generates(folders, tmp_path):
     assert abs(a - b).max() <= 1e-4
     again = DiTPipeline.from_pretrained(tmp_path / "saved")  # and ours reads it back
     assert abs(again(generator=torch.Generator().manual_seed(0), **kwargs).frames - b).max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["latent-nearest", "pixel"])
+def test_relay_doubles_the_resolution(folders, mode):
+    folder, _ = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    call = dict(CALL, prompt="a red circle", guidance_scale=1.0, num_inference_steps=2)
+    base = ours(generator=torch.Generator().manual_seed(0), output_type="latent", **{k: v for k, v in call.items()
+                                                                                     if k != "output_type"}).frames
+    out = ours(generator=torch.Generator().manual_seed(0), relay=2, relay_steps=2, relay_upsample=mode, **call).frames
+    assert out.shape == (1, 9, 64, 64, 3) and base.shape[-2:] == (4, 4)
+    again = ours(generator=torch.Generator().manual_seed(0), relay=2, relay_steps=2, relay_upsample=mode, **call).frames
+    assert (out == again).all()  # seeded, block noise included
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(relay=0), r"relay must be a positive integer, got 0"),
+    (dict(relay=2, relay_start=1000), r"relay start T_r = 1000 is outside the schedule's training steps \[1, 999\]"),
+    (dict(relay=2, relay_steps=20, relay_start=10), r"number of relay steps 20 must be an integer in \[1, T_r = 10\]"),
+    (dict(relay=2, relay_upsample="bicubic"), r"relay_upsample 'bicubic' is not one of"),
+])
+def test_relay_bad_input(folders, kwargs, match):
+    folder, _ = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match=match):
+        ours(**dict(CALL, prompt="a cat", guidance_scale=1.0, num_inference_steps=1), **kwargs)
