@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit.data.shapes import ShapeAttributes, ShapesConfig, ShapesDataset, all_combinations, render_clip
-from dit.demo.evaluate import evaluate_clip, summarize_scores
+from dit.demo.evaluate import evaluate_clip, prompt_grid, summarize_scores
 
 GRID = all_combinations(ShapesConfig(split="all"))  # every colour x shape x motion x background (550)
 
@@ -89,3 +89,13 @@ def test_layouts_ranges_and_centroids():
         evaluate_clip(clip, still_threshold=0)
     with pytest.raises(ValueError, match="expected attributes lack"):
         first.score({"colour": "yellow"})
+
+
+def test_prompt_grid_marks_heldout_combinations():
+    grid = prompt_grid()
+    assert len(grid) == 550 and sum(g.heldout for g in grid) == 55
+    first = grid[0]
+    assert first.prompt == f"a {first.attributes.colour} {first.attributes.shape} moving left on a " \
+                           f"{first.attributes.background} background"
+    images = prompt_grid(ShapesConfig(num_frames=1))
+    assert all(g.attributes.motion == "still" and "moving" not in g.prompt for g in images)

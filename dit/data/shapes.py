@@ -87,6 +87,10 @@ class ShapeAttributes:
         return (self.colour, self.shape, self.motion, self.background)
 
 
+# The prompt of `make demo` and the README: it must show a combination the model was trained on.
+_ALWAYS_TRAIN = frozenset({ShapeAttributes("red", "circle", "right", "blue")})
+
+
 def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> None:
     if value not in accepted:
         raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
@@ -142,6 +146,8 @@ class ShapesConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be a number")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
         if self.length < 1:
             raise ValueError(f"length={self.length} must be >= 1")
         if self.num_frames < 1 or (self.num_frames - 1) % 4 != 0:
@@ -209,24 +215,31 @@ def heldout_combinations(config: ShapesConfig) -> frozenset[ShapeAttributes]:
     """Deterministic ~heldout_fraction of the combinations, excluded from training.
 
     Chosen greedily in hash order, skipping any combination whose removal would leave some attribute value
-    (a colour, shape, motion or background) or some (colour, background) pair without training examples:
-    the held-out set tests composition of things the model has seen, never an unseen word.
+    (a colour, shape, motion or background) or some (colour, background) pair without training examples
+    (the held-out set tests composition of things the model has seen, never an unseen word), or would hold
+    out more than its share (fraction, rounded up, + 1) of one value's combinations, which keeps the
+    held-out set spread over all values. The demo's default prompt is never held out.
     """
     combos = all_combinations(config)
     target = int(round(config.heldout_fraction * len(combos)))
-    remaining: dict[tuple[int, Any], int] = {}
     keys = lambda a: [(0, a.colour), (1, a.shape), (2, a.motion), (3, a.background), (4, (a.colour, a.background))]
+    remaining: dict[tuple[int, Any], int] = {}
     for a in combos:
         for k in keys(a):
             remaining[k] = remaining.get(k, 0) + 1
+    cap = {k: math.ceil(config.heldout_fraction * n - 1e-9) + 1 for k, n in remaining.items() if k[0] < 4}
     held: set[ShapeAttributes] = set()
     for a in sorted(combos, key=_combo_rank):
         if len(held) >= target:
             break
-        if all(remaining[k] > 1 for k in keys(a)):
-            held.add(a)
-            for k in keys(a):
-                remaining[k] -= 1
+        if a in _ALWAYS_TRAIN or any(remaining[k] <= 1 for k in keys(a)) or \
+                any(cap[k] <= 0 for k in keys(a)[:4]):
+            continue
+        held.add(a)
+        for k in keys(a):
+            remaining[k] -= 1
+        for k in keys(a)[:4]:
+            cap[k] -= 1
     return frozenset(held)
 
 

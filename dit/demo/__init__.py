@@ -1,5 +1,5 @@
 """The embedded demo model's support code: the evaluator that checks generated clips against prompts."""
 
-from dit.demo.evaluate import ClipEstimate, evaluate_clip, summarize_scores
+from dit.demo.evaluate import ClipEstimate, GridPrompt, evaluate_clip, prompt_grid, summarize_scores
 
-__all__ = ["ClipEstimate", "evaluate_clip", "summarize_scores"]
+__all__ = ["ClipEstimate", "GridPrompt", "evaluate_clip", "prompt_grid", "summarize_scores"]

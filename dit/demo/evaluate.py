@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dit.data.shapes import BACKGROUND_COLOURS, COLOURS, FOREGROUND_COLOURS, ShapeAttributes
+from dit.data.shapes import (BACKGROUND_COLOURS, COLOURS, FOREGROUND_COLOURS, ShapeAttributes, ShapesConfig,
+                             all_combinations, heldout_combinations, make_caption)
 
 SCORED_ATTRIBUTES: tuple[str, ...] = ("colour", "background", "motion")
 # Below this colour distance (RGB in [0, 1], Euclidean) nothing in the clip counts as an object.
@@ -50,6 +51,26 @@ class ClipEstimate:
         if missing:
             raise ValueError(f"expected attributes lack {missing}; give {', '.join(SCORED_ATTRIBUTES)}")
         return {k: getattr(self, k) == expected[k] for k in SCORED_ATTRIBUTES}
+
+
+@dataclass(frozen=True)
+class GridPrompt:
+    """One prompt of the evaluation grid: its attributes, its text, and whether training never saw it."""
+
+    attributes: ShapeAttributes
+    prompt: str
+    heldout: bool
+
+
+def prompt_grid(config: ShapesConfig | None = None, *, template: int = 0, phrase: int = 0) -> list[GridPrompt]:
+    """Every colour x shape x motion x background combination of `config` (default: the full vocabulary)
+    with its caption (template 0 / phrase 0: "a red circle moving right on a blue background") and its
+    held-out flag; the held-out set is the one `config` excludes from its train split."""
+    config = ShapesConfig() if config is None else config
+    held = heldout_combinations(config)
+    image = config.num_frames == 1
+    return [GridPrompt(a, make_caption(a, template=template, phrase=phrase, image=image), a in held)
+            for a in all_combinations(config)]
 
 
 def summarize_scores(scores: Iterable[Mapping[str, bool]]) -> dict[str, float]:
