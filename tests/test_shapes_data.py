@@ -135,6 +135,8 @@ def test_config_validation_names_value_and_accepted():
         ShapesConfig(colours=("red", "orange"))
     with pytest.raises(ValueError, match="split='test'.*accepted: 'train', 'heldout', 'all'"):
         ShapesConfig(split="test")
+    with pytest.raises(ValueError, match="leave no combination"):
+        ShapesConfig(colours=("blue",), backgrounds=("blue",))
     with pytest.raises(ValueError, match="travel=0.7"):
         ShapesConfig(travel=0.7)
     with pytest.raises(ValueError, match=r"unknown shapes config key\(s\) \['frames'\]; accepted: seed"):

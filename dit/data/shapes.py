@@ -173,6 +173,9 @@ class ShapesConfig:
         _check_choice("split", self.split, SPLITS)
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in [0, 0.5]")
+        if not all_combinations(self):
+            raise ValueError(f"colours={list(self.colours)} and backgrounds={list(self.backgrounds)} leave no "
+                             "combination: an object never has its background's colour")
         if self.split == "heldout" and not heldout_combinations(self):
             raise ValueError(f"split='heldout' but heldout_fraction={self.heldout_fraction} holds nothing out")
 
