@@ -106,11 +106,12 @@ def test_diffusers_cogvideox_prompt_encoding(tok, enc):
 
 
 @pytest.mark.slow
-def test_full_cogvideox_pipeline_with_our_text_encoder_feeds_the_evaluator(tok, enc):
-    """A tiny random CogVideoXPipeline runs end to end with our tokenizer/encoder; its np frames
-    (B, F, H, W, 3) in [0, 1] are what dit.demo.evaluate_clip reads (the random model's answer is noise)."""
+def test_full_cogvideox_pipeline_with_our_text_encoder_feeds_the_evaluator(tok, enc, tmp_path):
+    """A tiny random CogVideoXPipeline runs end to end with our tokenizer/encoder, survives
+    save_pretrained + DiffusionPipeline.from_pretrained, and its np frames (B, F, H, W, 3) in [0, 1] are what
+    dit.demo.evaluate_clip reads (the random model's answer is noise)."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
+                           CogVideoXTransformer3DModel, DiffusionPipeline)
 
     from dit.demo import evaluate_clip
 
@@ -124,6 +125,9 @@ def test_full_cogvideox_pipeline_with_our_text_encoder_feeds_the_evaluator(tok, 
                                  latent_channels=4, layers_per_block=1, norm_num_groups=2)
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=enc, vae=vae, transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler())
+    pipe.save_pretrained(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert pipe.tokenizer.get_vocab() == tok.get_vocab()
     frames = pipe(prompt=PROMPT, height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=2.0,
                   max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == (1, 9, 32, 32, 3)
