@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit.data.shapes import ShapeAttributes, ShapesConfig, ShapesDataset, all_combinations, render_clip
-from dit.demo.evaluate import evaluate_clip, prompt_grid, summarize_scores
+from dit.demo.evaluate import ALL_ATTRIBUTES, evaluate_clip, prompt_grid, summarize_scores
 
 GRID = all_combinations(ShapesConfig(split="all"))  # every colour x shape x motion x background (550)
 
@@ -27,9 +27,10 @@ def _degrade(clip: np.ndarray, rng: np.random.Generator, std: float = 0.1) -> np
 
 
 def test_clean_grid_of_all_combinations_is_read_exactly():
-    scores = [evaluate_clip(_unit(render_clip(a, num_frames=9, height=32, width=32))).score(a) for a in GRID]
+    scores = [evaluate_clip(_unit(render_clip(a, num_frames=9, height=32, width=32))).score(a, attributes=ALL_ATTRIBUTES)
+              for a in GRID]
     rates = summarize_scores(scores)
-    assert rates == {"colour": 1.0, "background": 1.0, "motion": 1.0, "all": 1.0, "count": 550.0}
+    assert rates == {"colour": 1.0, "shape": 1.0, "background": 1.0, "motion": 1.0, "all": 1.0, "count": 550.0}
 
 
 def test_clean_dataset_samples_with_random_positions_and_sizes():
@@ -39,16 +40,19 @@ def test_clean_dataset_samples_with_random_positions_and_sizes():
     for i in range(len(ds)):
         item = ds[i]
         est = evaluate_clip(_unit(item["video"]))
-        assert all(est.score(item["attributes"]).values()), (item["caption"], est)
+        assert all(est.score(item["attributes"], attributes=ALL_ATTRIBUTES).values()), (item["caption"], est)
 
 
 def test_noisy_blurred_grid_is_read_at_least_95_percent():
     rng = np.random.default_rng(0)
-    scores = [evaluate_clip(_degrade(_unit(render_clip(a, num_frames=9, height=32, width=32)), rng)).score(a)
-              for a in GRID]
+    scores = [evaluate_clip(_degrade(_unit(render_clip(a, num_frames=9, height=32, width=32)), rng))
+              .score(a, attributes=ALL_ATTRIBUTES) for a in GRID]
     rates = summarize_scores(scores)
     for k in ("colour", "background", "motion"):
         assert rates[k] >= 0.95, rates
+    # The shape of a ~10-pixel object is the weakest reading (blur turns a thin cross into a diamond):
+    # measured 0.87 here, 0.99-1.0 for 13-pixel objects at 64x64; it is not judged by default.
+    assert rates["shape"] >= 0.8, rates
 
 
 def test_wrong_attributes_are_scored_wrong():
@@ -56,6 +60,9 @@ def test_wrong_attributes_are_scored_wrong():
     clip = _unit(render_clip(a))
     est = evaluate_clip(clip)
     assert est.score(a) == {"colour": True, "background": True, "motion": True}
+    assert est.score(dataclasses.replace(a, shape="square"), attributes=("shape",)) == {"shape": False}
+    with pytest.raises(ValueError, match="attributes=\\['size'\\]; accepted"):
+        est.score(a, attributes=["size"])
     assert est.score(dataclasses.replace(a, colour="green"))["colour"] is False
     assert est.score(dataclasses.replace(a, background="black"))["background"] is False
     assert est.score(dataclasses.replace(a, motion="left"))["motion"] is False
@@ -64,7 +71,7 @@ def test_wrong_attributes_are_scored_wrong():
     assert other.score(a) == {"colour": False, "background": True, "motion": False}
     # Nothing but background: no colour, no motion, both wrong.
     blank = evaluate_clip(np.full((9, 32, 32, 3), 40 / 255, np.float32) * np.array([1, 2, 5.5], np.float32))
-    assert blank.colour is None and blank.motion is None and blank.background == "blue"
+    assert blank.colour is None and blank.motion is None and blank.shape is None and blank.background == "blue"
     assert blank.score(a) == {"colour": False, "background": True, "motion": False}
 
 
