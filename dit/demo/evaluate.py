@@ -7,15 +7,16 @@ Algorithm (no learned parts, so it cannot share a failure with the model it grad
    the clip); its colour is the median of the core (more than 3/4 of it) -> nearest foreground palette colour.
 4. Motion: the object's centroid per frame; a least-squares line through the centroids gives the displacement
    over the clip; below `still_threshold` (fraction of the frame) it is "still", else the dominant axis.
-5. Shape (optional in scoring): each candidate shape is drawn with the object's area and centroid, and the one
-   with the best mean IoU against the object mask over the frames wins.
+5. Shape (judged only on request): each candidate shape is drawn with the object's area and centroid and
+   compared by least squares with the object's coverage (unsmoothed colours projected on the background ->
+   object colour line); the smallest error over up to 5 frames wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
 import functools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,9 +35,9 @@ MIN_CONTRAST = 0.15
 
 @dataclass(frozen=True)
 class ClipEstimate:
-    """What the evaluator read from a clip. `colour` / `motion` are None when no object was found.
+    """What the evaluator read from a clip. `colour` / `motion` / `shape` are None when no object was found.
 
-    centroids: per frame (x, y) in pixels, None where the frame shows no object.
+    centroids: per frame (x, y) as (column, row) pixel indices, None where the frame shows no object.
     displacement: (dx, dy) over the whole clip as fractions of width / height (y grows downwards).
     """
 
@@ -155,6 +156,8 @@ def _estimate_shape(raw: np.ndarray, mask: np.ndarray, bg_rgb: np.ndarray, fg_rg
     """
     f, h, w = mask.shape
     axis = fg_rgb - bg_rgb
+    if float(axis @ axis) < 1e-4:
+        return None
     cover = ((raw - bg_rgb) @ axis) / float(axis @ axis)  # (F, H, W), 0 = background, 1 = object
     frames = [i for i in range(f) if mask[i].sum() >= 3]
     if not frames:
@@ -205,7 +208,8 @@ def evaluate_clip(clip: np.ndarray | torch.Tensor, *, colours: Sequence[str] = F
             raise ValueError(f"{name}={list(names)!r} must be a non-empty list of {', '.join(accepted)}")
     if not 0 < still_threshold < 1:
         raise ValueError(f"still_threshold={still_threshold} must be in (0, 1) (a fraction of the frame)")
-    x = _box3(_to_fhw3(clip))  # (F, H, W, 3)
+    raw = _to_fhw3(clip)  # (F, H, W, 3)
+    x = _box3(raw)
     f, h, w, _ = x.shape
     b = max(1, min(h, w) // 16)  # border ring width
     border = np.concatenate([x[:, :b].reshape(-1, 3), x[:, -b:].reshape(-1, 3),
@@ -239,6 +243,6 @@ def evaluate_clip(clip: np.ndarray | torch.Tensor, *, colours: Sequence[str] = F
         slope = np.polyfit(t, cxy, 1)[0]  # (2,) pixels per frame, least squares
         dx, dy = float(slope[0] * (f - 1) / w), float(slope[1] * (f - 1) / h)
         motion = _direction(dx, dy, still_threshold)
-    shape = _estimate_shape(_to_fhw3(clip), mask, bg_rgb, colour_rgb, shapes)
+    shape = _estimate_shape(raw, mask, bg_rgb, colour_rgb, shapes)
     return ClipEstimate(background, colour, motion, shape, tuple(centroids), (dx, dy), tuple(map(float, bg_rgb)),
                         tuple(map(float, colour_rgb)), float(mask.mean()))
