@@ -101,6 +101,12 @@ def test_heldout_split_is_disjoint_covering_and_stable():
     assert seen.isdisjoint(held) and len(seen) > 0.9 * len(train)
     hds = dataclasses.replace(cfg, split="heldout", length=300)
     assert {sample_attributes(hds, i)[0] for i in range(300)} <= held
+    # Spread over the values (no value loses more than its share + 1), and the demo prompt is always seen.
+    for field in ("colour", "shape", "motion", "background"):
+        for value in {getattr(a, field) for a in combos}:
+            n = sum(getattr(a, field) == value for a in combos)
+            assert sum(getattr(a, field) == value for a in held) <= -(-n // 10) + 1, (field, value)
+    assert ShapeAttributes("red", "circle", "right", "blue") not in held
     # Independent of the data seed (every run and every evaluation holds out the same combinations).
     assert heldout_combinations(dataclasses.replace(cfg, seed=123)) == held
 
@@ -129,6 +135,8 @@ def test_config_validation_names_value_and_accepted():
         ShapesConfig(colours=("red", "orange"))
     with pytest.raises(ValueError, match="split='test'.*accepted: 'train', 'heldout', 'all'"):
         ShapesConfig(split="test")
+    with pytest.raises(ValueError, match="leave no combination"):
+        ShapesConfig(colours=("blue",), backgrounds=("blue",))
     with pytest.raises(ValueError, match="travel=0.7"):
         ShapesConfig(travel=0.7)
     with pytest.raises(ValueError, match=r"unknown shapes config key\(s\) \['frames'\]; accepted: seed"):

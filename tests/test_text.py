@@ -103,3 +103,34 @@ def test_diffusers_cogvideox_prompt_encoding(tok, enc):
     assert pos.shape == neg.shape == (2, 16, 32)
     torch.testing.assert_close(pos, ours, rtol=0, atol=1e-6)
     assert not torch.allclose(pos[0], pos[1])
+
+
+@pytest.mark.slow
+def test_full_cogvideox_pipeline_with_our_text_encoder_feeds_the_evaluator(tok, enc, tmp_path):
+    """A tiny random CogVideoXPipeline runs end to end with our tokenizer/encoder, survives
+    save_pretrained + DiffusionPipeline.from_pretrained, and its np frames (B, F, H, W, 3) in [0, 1] are what
+    dit.demo.evaluate_clip reads (the random model's answer is noise)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel, DiffusionPipeline)
+
+    from dit.demo import evaluate_clip
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=enc.config.d_model, num_layers=1, sample_width=4, sample_height=4, sample_frames=9,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8,) * 4,
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2)
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=enc, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.save_pretrained(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert pipe.tokenizer.get_vocab() == tok.get_vocab()
+    frames = pipe(prompt=PROMPT, height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=2.0,
+                  max_sequence_length=16, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 9, 32, 32, 3)
+    est = evaluate_clip(frames[0])
+    assert len(est.centroids) == 9 and set(est.score({"colour": "red", "background": "blue", "motion": "right"})) \
+        == {"colour", "background", "motion"}

@@ -87,6 +87,10 @@ class ShapeAttributes:
         return (self.colour, self.shape, self.motion, self.background)
 
 
+# The prompt of `make demo` and the README: it must show a combination the model was trained on.
+_ALWAYS_TRAIN = frozenset({ShapeAttributes("red", "circle", "right", "blue")})
+
+
 def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> None:
     if value not in accepted:
         raise ValueError(f"{name}={value!r} is not supported; accepted: {', '.join(map(repr, accepted))}")
@@ -142,6 +146,8 @@ class ShapesConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be a number")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
         if self.length < 1:
             raise ValueError(f"length={self.length} must be >= 1")
         if self.num_frames < 1 or (self.num_frames - 1) % 4 != 0:
@@ -167,6 +173,9 @@ class ShapesConfig:
         _check_choice("split", self.split, SPLITS)
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in [0, 0.5]")
+        if not all_combinations(self):
+            raise ValueError(f"colours={list(self.colours)} and backgrounds={list(self.backgrounds)} leave no "
+                             "combination: an object never has its background's colour")
         if self.split == "heldout" and not heldout_combinations(self):
             raise ValueError(f"split='heldout' but heldout_fraction={self.heldout_fraction} holds nothing out")
 
@@ -209,24 +218,31 @@ def heldout_combinations(config: ShapesConfig) -> frozenset[ShapeAttributes]:
     """Deterministic ~heldout_fraction of the combinations, excluded from training.
 
     Chosen greedily in hash order, skipping any combination whose removal would leave some attribute value
-    (a colour, shape, motion or background) or some (colour, background) pair without training examples:
-    the held-out set tests composition of things the model has seen, never an unseen word.
+    (a colour, shape, motion or background) or some (colour, background) pair without training examples
+    (the held-out set tests composition of things the model has seen, never an unseen word), or would hold
+    out more than its share (fraction, rounded up, + 1) of one value's combinations, which keeps the
+    held-out set spread over all values. The demo's default prompt is never held out.
     """
     combos = all_combinations(config)
     target = int(round(config.heldout_fraction * len(combos)))
-    remaining: dict[tuple[int, Any], int] = {}
     keys = lambda a: [(0, a.colour), (1, a.shape), (2, a.motion), (3, a.background), (4, (a.colour, a.background))]
+    remaining: dict[tuple[int, Any], int] = {}
     for a in combos:
         for k in keys(a):
             remaining[k] = remaining.get(k, 0) + 1
+    cap = {k: math.ceil(config.heldout_fraction * n - 1e-9) + 1 for k, n in remaining.items() if k[0] < 4}
     held: set[ShapeAttributes] = set()
     for a in sorted(combos, key=_combo_rank):
         if len(held) >= target:
             break
-        if all(remaining[k] > 1 for k in keys(a)):
-            held.add(a)
-            for k in keys(a):
-                remaining[k] -= 1
+        if a in _ALWAYS_TRAIN or any(remaining[k] <= 1 for k in keys(a)) or \
+                any(cap[k] <= 0 for k in keys(a)[:4]):
+            continue
+        held.add(a)
+        for k in keys(a):
+            remaining[k] -= 1
+        for k in keys(a)[:4]:
+            cap[k] -= 1
     return frozenset(held)
 
 
@@ -294,6 +310,26 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"shape={shape!r} is not supported; accepted: {', '.join(map(repr, SHAPES))}")
 
 
+def shape_coverage(shape: str, cx: np.ndarray, cy: np.ndarray, radius: float, *, height: int, width: int,
+                   antialias: int = 4) -> np.ndarray:
+    """Fraction of each pixel covered by the shape centred at (cx[f], cy[f]) (pixels) with half-size `radius`:
+    float32 (F, H, W), by supersampling `antialias`^2 points per pixel."""
+    cx, cy = np.atleast_1d(np.asarray(cx, dtype=np.float64)), np.atleast_1d(np.asarray(cy, dtype=np.float64))
+    s = antialias
+    out = np.zeros((len(cx), height, width), dtype=np.float32)
+    for f, (x, y) in enumerate(zip(cx.tolist(), cy.tolist())):
+        # Only the pixels of the shape's bounding box [c - r, c + r] can be covered.
+        x0, x1 = max(0, int(np.floor(x - radius))), min(width, int(np.ceil(x + radius)))
+        y0, y1 = max(0, int(np.floor(y - radius))), min(height, int(np.ceil(y + radius)))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        u = ((x0 + (np.arange((x1 - x0) * s) + 0.5) / s) - x) / radius  # (w'*s,) object units
+        v = ((y0 + (np.arange((y1 - y0) * s) + 0.5) / s) - y) / radius  # (h'*s,)
+        inside = _shape_mask(shape, u[None, :], v[:, None])  # (h'*s, w'*s)
+        out[f, y0:y1, x0:x1] = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3), dtype=np.float32)
+    return out  # (F, H, W)
+
+
 def _unit_vector(motion: str) -> tuple[float, float]:
     return {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
             "still": (0.0, 0.0)}[motion]
@@ -331,14 +367,7 @@ def render_clip(attrs: ShapeAttributes, *, num_frames: int = 9, height: int = 32
             (cy - radius < -1e-6).any() or (cy + radius > height + 1e-6).any():
         raise ValueError(f"start={start}, object_size={object_size}, travel={travel}: the object leaves the "
                          f"{width}x{height} frame")
-    # Coverage by supersampling: `antialias`^2 sample points per pixel, averaged.
-    s = antialias
-    xs = (np.arange(width * s) + 0.5) / s  # (W*s,) pixel units
-    ys = (np.arange(height * s) + 0.5) / s
-    u = (xs[None, None, :] - cx[:, None, None]) / radius  # (F, 1, W*s)
-    v = (ys[None, :, None] - cy[:, None, None]) / radius  # (F, H*s, 1)
-    inside = _shape_mask(attrs.shape, u, v)  # (F, H*s, W*s)
-    cover = inside.reshape(num_frames, height, s, width, s).mean(axis=(2, 4), dtype=np.float32)  # (F, H, W)
+    cover = shape_coverage(attrs.shape, cx, cy, radius, height=height, width=width, antialias=antialias)
     fg = np.asarray(COLOURS[attrs.colour], dtype=np.float32).reshape(1, 3, 1, 1) / 255
     bg = np.asarray(COLOURS[attrs.background], dtype=np.float32).reshape(1, 3, 1, 1) / 255
     video = torch.from_numpy(bg + (fg - bg) * cover[:, None])  # (F, 3, H, W) in [0, 1]
