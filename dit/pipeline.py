@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 
@@ -28,6 +28,7 @@ RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
 
 PIPELINE_FAMILIES: dict[str, str] = {
     "CogVideoXPipeline": "dit.pipeline:CogVideoXDiTPipeline",
+    "StableDiffusion3Pipeline": "dit.pipeline:SD3DiTPipeline",
 }
 
 
@@ -402,3 +403,93 @@ class CogVideoXDiTPipeline(DiTPipeline):
         if not return_dict:
             return (video,)
         return DiTPipelineOutput(frames=video)
+
+
+class SD3DiTPipeline(DiTPipeline, StableDiffusion3Pipeline):
+    """Text-to-image with Stable Diffusion 3 / 3.5: diffusers' prompt encoding (three text encoders), our
+    transformer and flow-matching sampler; the same images as StableDiffusion3Pipeline."""
+
+    diffusers_class_name = "StableDiffusion3Pipeline"
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 7.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = 256,
+        mu: float | None = None,
+        solver: str | None = None,
+    ) -> DiTPipelineOutput | tuple:
+        """Generate images; `solver` overrides flow-matching Euler (e.g. "heun")."""
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        if prompt is None or (isinstance(prompt, list) and not prompt):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
+        samplers.check_guidance_scale(guidance_scale)
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                          callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+                          max_sequence_length=max_sequence_length)
+        self._guidance_scale, self._clip_skip, self._interrupt = guidance_scale, None, False
+        self._joint_attention_kwargs = joint_attention_kwargs
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        pe, npe, ppe, nppe = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, do_classifier_free_guidance=do_cfg,
+            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
+        if do_cfg:
+            pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
+        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        latents = self.prepare_latents(batch, self.transformer.config.in_channels, height, width, pe.dtype, device,
+                                       generator, latents)  # (B, C, H/8, W/8)
+        cfg = self.scheduler.config
+        if cfg.get("use_dynamic_shifting", False) and mu is None:
+            p = self.transformer.config.patch_size
+            mu = samplers.dynamic_shift_mu((latents.shape[2] // p) * (latents.shape[3] // p),
+                                           cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+        spec = self._sampler(num_inference_steps, mu=mu)
+        solve = samplers.get_solver(solver or spec.solver)
+        state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": pe}
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
+            return self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=state["prompt_embeds"],
+                                    pooled_projections=ppe, joint_attention_kwargs=joint_attention_kwargs,
+                                    return_dict=False)[0]
+
+        model = samplers.classifier_free_guidance(model_fn, guidance_scale) if do_cfg else model_fn
+        with self.progress_bar(total=num_inference_steps) as progress:
+            callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
+                                           progress)
+            latents = solve(samplers.Denoiser(model, spec.prediction), latents, spec.schedule, callback=callback)
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            image = self.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0],
+                                                     output_type=output_type)
+        self.maybe_free_model_hooks()
+        return DiTPipelineOutput(images=image) if return_dict else (image,)

@@ -63,3 +63,37 @@ def tiny_cogvideox_pipeline(folder: Path, *, rotary: bool = False, scheduler: st
                              transformer=transformer.eval(), scheduler=sched)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False):
+    """Save a tiny diffusers StableDiffusion3Pipeline (two tiny CLIPs, no T5) into `folder`; return it."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from test_mmdit import _clip_vocab
+
+    vocab = _clip_vocab()
+
+    def clip(seed: int):
+        torch.manual_seed(seed)
+        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                             num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32,
+                             max_position_embeddings=77)
+        return CLIPTextModelWithProjection(cfg).eval()
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    transformer = randomize(SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=32), 3, 0.1).eval()
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0) if not dynamic_shift else FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=sched, vae=vae.eval(), transformer=transformer, text_encoder=clip(1),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_2=clip(2),
+        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

@@ -1,0 +1,159 @@
+"""Per-rank peak memory and time of context-parallel attention and a whole CogVideoX forward at cp = 1, 2, 4.
+
+A long sequence (default: 226 text + 13 x 28 x 45 = 16,380 video tokens, CogVideoX-like 4 layers x 8 heads x 64).
+Each cp degree runs in fresh gloo CPU processes; memory is each rank's growth in resident memory during the
+measured call (peak ru_maxrss minus the resident size just before it), so weights and the full replicated
+inputs are excluded and what remains is what context parallelism divides: activations and attention buffers.
+Also counts the collectives issued per transformer layer. Prints one JSON line.
+Run: `python -m bench.parallel` (`--quick` for a small smoke run; `--mode ulysses|ring|usp`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from bench.common import emit
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure(fn):
+    before = _rss_mb()
+    start = time.perf_counter()
+    fn()
+    return round(time.perf_counter() - start, 3), round(max(0.0, _peak_mb() - before), 1)
+
+
+def _config(world: int, mode: str):
+    from dit.parallel import ContextParallelConfig
+
+    if world == 1:
+        return None
+    if mode == "ulysses":
+        return ContextParallelConfig(ulysses_degree=world)
+    if mode == "ring":
+        return ContextParallelConfig(ring_degree=world)
+    return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2)
+
+
+def _worker(rank: int, world: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, args.threads // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from dit.models.cogvideox import CogVideoXTransformer3DModel
+    from dit.parallel import ContextParallelAttention, ParallelContext, shard, split_sizes
+
+    frames, h, w, text = (3, 16, 16, 16) if args.quick else (13, 56, 90, 226)
+    heads, head_dim, layers = (4, 32, 1) if args.quick else (8, 64, 4)
+    n_video = frames * (h // 2) * (w // 2)
+    length = n_video + text
+    cfg = _config(world, args.mode)
+    g = torch.Generator().manual_seed(0)
+    result = {"rank": rank}
+    with torch.inference_mode():
+        # 1. attention alone on this rank's shard
+        q, k, v = (torch.randn(1, heads, length, head_dim, generator=g) for _ in range(3))
+        if cfg is None:
+            attn = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c)  # noqa: E731
+            ql, kl, vl = q, k, v
+        else:
+            cp = ContextParallelAttention(ParallelContext(cfg))
+            cp.set_sizes(split_sizes(length, world))
+            idx = cp.context.shard_index
+            ql, kl, vl = (shard(t, 2, idx, world).clone() for t in (q, k, v))
+            attn = lambda a, b, c: cp(a, b, c)  # noqa: E731
+        del q, k, v
+        attn(ql, kl, vl)  # warm-up: first calls allocate communication buffers
+        result["attention_s"], result["attention_mb"] = _measure(lambda: attn(ql, kl, vl))
+        del ql, kl, vl
+        # 2. a whole transformer forward (every rank passes the full inputs)
+        with torch.inference_mode(False):  # parameters must be ordinary tensors
+            torch.manual_seed(0)
+            model = CogVideoXTransformer3DModel(
+                num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+                time_embed_dim=128, text_embed_dim=128, num_layers=layers, sample_width=w, sample_height=h,
+                sample_frames=4 * frames - 3, max_text_seq_length=text, use_rotary_positional_embeddings=True).eval()
+        inputs = dict(hidden_states=torch.randn(1, frames, 16, h, w, generator=g),
+                      encoder_hidden_states=torch.randn(1, text, 128, generator=g), timestep=torch.tensor([500]))
+        calls = {"all_to_all": 0, "p2p": 0}
+        if cfg is not None:
+            model.enable_parallelism(cfg)
+            import dit.parallel.attention as A
+
+            a2a, rot = A._a2a, A._rotate
+
+            def count(name, fn):
+                def wrapped(*a, **k):
+                    calls[name] += 1
+                    return fn(*a, **k)
+                return wrapped
+
+            A._a2a, A._rotate = count("all_to_all", a2a), count("p2p", rot)
+        model(**inputs)  # warm-up
+        calls = dict.fromkeys(calls, 0)
+        if cfg is not None:
+            A._a2a, A._rotate = count("all_to_all", a2a), count("p2p", rot)
+        result["forward_s"], result["forward_mb"] = _measure(lambda: model(**inputs))
+        result["collectives_per_layer"] = {k: v / layers for k, v in calls.items()}
+    queue.put(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(world: int, args) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+    finally:
+        for p in procs:
+            if p.is_alive() and p.exitcode is not None:
+                p.terminate()
+    for p in procs:
+        p.join()
+    return {"world": world, "attention_mb_max_rank": max(r["attention_mb"] for r in results),
+            "forward_mb_max_rank": max(r["forward_mb"] for r in results),
+            "attention_s": max(r["attention_s"] for r in results), "forward_s": max(r["forward_s"] for r in results),
+            "collectives_per_layer": results[0]["collectives_per_layer"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mode", choices=("ulysses", "ring", "usp"), default="ulysses")
+    parser.add_argument("--threads", type=int, default=2, help="total CPU threads, split over the ranks")
+    args = parser.parse_args()
+    rows = [run(w, args) for w in (1, 2, 4)]
+    base = rows[0]
+    for r in rows:
+        r["attention_mem_ratio"] = round(r["attention_mb_max_rank"] / max(base["attention_mb_max_rank"], 1e-9), 3)
+        r["forward_mem_ratio"] = round(r["forward_mb_max_rank"] / max(base["forward_mb_max_rank"], 1e-9), 3)
+    emit({"bench": "parallel", "mode": args.mode, "quick": args.quick, "rows": rows,
+          "memory_method": "per rank: peak ru_maxrss minus resident size before the call (gloo CPU processes)"})
+
+
+if __name__ == "__main__":
+    main()

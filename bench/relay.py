@@ -1,0 +1,83 @@
+"""Relay 2x (N steps at H x W, then M relay steps at 2H x 2W) against direct generation at 2H x 2W (N steps).
+
+One CogVideoX-style transformer (random weights), our samplers, no CFG. Prints JSON: wall time of each way,
+transformer FLOPs of each way (FLOPs of one forward at each size, counted by torch's FlopCounterMode, times the
+number of forwards), and the ratios. Run: `python -m bench.relay` (add `--quick` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import samplers
+from bench.common import emit, median_time
+from dit.models.cogvideox import CogVideoXTransformer3DModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=50, help="N, base and direct steps")
+    parser.add_argument("--relay-steps", type=int, default=10, help="M, relay steps")
+    parser.add_argument("--relay-start", type=int, default=500, help="T_r")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    heads, head_dim, layers = (2, 16, 1) if args.quick else (8, 64, 4)
+    frames, size = (2, 8) if args.quick else (5, 16)  # latent frames and base latent size (H' = W')
+    steps, relay_steps = (4, 2) if args.quick else (args.steps, args.relay_steps)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16, time_embed_dim=128,
+        text_embed_dim=128, num_layers=layers, sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
+        patch_size=2, max_text_seq_length=32, use_rotary_positional_embeddings=True,
+    ).eval()
+    text = torch.randn(1, 32, 128)
+    spec = samplers.from_diffusers_config({"_class_name": "CogVideoXDDIMScheduler", "prediction_type": "v_prediction",
+                                           "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps)
+    path = samplers.TrainPath.vp(samplers.rescale_zero_terminal_snr(samplers.snr_shift(
+        samplers.alphas_cumprod_from_betas(samplers.ddpm_betas()), 3.0)))
+    relay = samplers.relay_schedule(path, args.relay_start, relay_steps)
+
+    def model_fn(x, t):
+        return model(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]), return_dict=False)[0]
+
+    denoiser = samplers.Denoiser(model_fn, "v")
+    lo = torch.randn(1, frames, 16, size, size)
+    hi = torch.randn(1, frames, 16, 2 * size, 2 * size)
+
+    def direct():
+        return samplers.sample_ddim(denoiser, hi, spec.schedule)
+
+    def relayed():
+        base = samplers.sample_ddim(denoiser, lo, spec.schedule)
+        return samplers.sample_relay(denoiser, samplers.upsample(base, 2), relay, block_size=2,
+                                     generator=torch.Generator().manual_seed(0))
+
+    def forward_flops(x):
+        with FlopCounterMode(display=False) as counter:
+            model_fn(x, torch.tensor(500))
+        return counter.get_total_flops()
+
+    with torch.inference_mode():
+        f_lo, f_hi = forward_flops(lo), forward_flops(hi)
+        t_direct = median_time(direct, warmup=0, reps=1)
+        t_relay = median_time(relayed, warmup=0, reps=1)
+    flops_direct, flops_relay = steps * f_hi, steps * f_lo + relay_steps * f_hi
+    emit({
+        "bench": "relay", "model": {"layers": layers, "heads": heads, "head_dim": head_dim, "text_tokens": 32},
+        "base_latent": [frames, size, size], "relay_latent": [frames, 2 * size, 2 * size],
+        "tokens": {"base": frames * (size // 2) ** 2, "relay": frames * size**2},
+        "N": steps, "M": relay_steps, "T_r": args.relay_start,
+        "direct": {"seconds": round(t_direct, 3), "tflops": round(flops_direct / 1e12, 4)},
+        "relay": {"seconds": round(t_relay, 3), "tflops": round(flops_relay / 1e12, 4)},
+        "time_ratio": round(t_relay / t_direct, 3), "flops_ratio": round(flops_relay / flops_direct, 3),
+        "threads": args.threads,
+    })
+
+
+if __name__ == "__main__":
+    main()
