@@ -38,8 +38,9 @@ def test_saved_folder_round_trips(folders, tmp_path):
 
     folder, ref = folders
     DiTPipeline.from_pretrained(folder).save_pretrained(tmp_path / "saved")
-    back = DiffusionPipeline.from_pretrained(tmp_path / "saved")
-    assert type(back).__name__ == "StableDiffusion3Pipeline"
+    # diffusers loads an SD3 folder without T5 only when told so, ours or its own alike
+    back = DiffusionPipeline.from_pretrained(tmp_path / "saved", text_encoder_3=None, tokenizer_3=None)
+    assert type(back).__name__ == "StableDiffusion3Pipeline" and type(back.transformer).__module__ == "dit.models.mmdit"
     kwargs = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, output_type="np")
     a = back(generator=torch.Generator().manual_seed(0), **kwargs).images
     b = ref(generator=torch.Generator().manual_seed(0), **kwargs).images
