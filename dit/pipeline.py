@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+from diffusers import CogView3PlusPipeline, DiffusionPipeline, StableDiffusion3Pipeline
 from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 
@@ -29,6 +29,7 @@ RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
 PIPELINE_FAMILIES: dict[str, str] = {
     "CogVideoXPipeline": "dit.pipeline:CogVideoXDiTPipeline",
     "StableDiffusion3Pipeline": "dit.pipeline:SD3DiTPipeline",
+    "CogView3PlusPipeline": "dit.pipeline:CogView3PlusDiTPipeline",
 }
 
 
@@ -491,5 +492,87 @@ class SD3DiTPipeline(DiTPipeline, StableDiffusion3Pipeline):
             latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0],
                                                      output_type=output_type)
+        self.maybe_free_model_hooks()
+        return DiTPipelineOutput(images=image) if return_dict else (image,)
+
+
+class CogView3PlusDiTPipeline(DiTPipeline, CogView3PlusPipeline):
+    """Text-to-image with CogView3-Plus: diffusers' T5 prompt encoding, our transformer and samplers; the same
+    images as CogView3PlusPipeline."""
+
+    diffusers_class_name = "CogView3PlusPipeline"
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = 224,
+        solver: str | None = None,
+    ) -> DiTPipelineOutput | tuple:
+        """Generate images (CogVideoX-style schedulers: DDIM or DPM; `solver` overrides)."""
+        height = height or self.transformer.config.sample_size * self.vae_scale_factor
+        width = width or self.transformer.config.sample_size * self.vae_scale_factor
+        if prompt is None or (isinstance(prompt, list) and not prompt):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
+        samplers.check_guidance_scale(guidance_scale)
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        self.check_inputs(prompt, height, width, negative_prompt, list(callback_on_step_end_tensor_inputs))
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        device = self._execution_device
+        do_cfg = guidance_scale > 1.0
+        pe, npe = self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt=num_images_per_prompt,
+                                     max_sequence_length=max_sequence_length, device=device)
+        if do_cfg:
+            pe = torch.cat([npe, pe])
+        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        spec = self._sampler(num_inference_steps)
+        latents = self.prepare_latents(batch, self.transformer.config.in_channels, height, width, pe.dtype, device,
+                                       generator, latents)  # (B, C, H/8, W/8)
+        # Size conditioning (SDXL-style micro-conditioning), one row per model input.
+        rows = pe.shape[0]
+        sizes = {name: torch.tensor([value], dtype=pe.dtype, device=device).repeat(rows, 1) for name, value in (
+            ("original_size", original_size or (height, width)), ("target_size", (height, width)),
+            ("crop_coords", crops_coords_top_left))}
+        solve = samplers.get_solver(solver or spec.solver)
+        options = dict(spec.options) if solver in (None, spec.solver) else {}
+        if solve is samplers.sample_cogvideox_dpm:
+            options["generator"] = generator
+        state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": pe}
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.transformer(hidden_states=x, encoder_hidden_states=state["prompt_embeds"],
+                                    timestep=t.to(device).expand(x.shape[0]), return_dict=False,
+                                    **sizes)[0].float()
+
+        model = samplers.classifier_free_guidance(model_fn, guidance_scale) if do_cfg else model_fn
+        with self.progress_bar(total=num_inference_steps) as progress:
+            callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
+                                           progress)
+            latents = solve(samplers.Denoiser(model, spec.prediction), latents, spec.schedule, callback=callback,
+                            **options)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return DiTPipelineOutput(images=image) if return_dict else (image,)

@@ -97,3 +97,23 @@ def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False):
         tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def tiny_cogview3plus_pipeline(folder: Path, *, scheduler: str = "ddim"):
+    """Save a tiny diffusers CogView3PlusPipeline into `folder` and return it."""
+    from diffusers import (AutoencoderKL, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogView3PlusPipeline,
+                           CogView3PlusTransformer2DModel)
+
+    torch.manual_seed(0)
+    transformer = randomize(CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=2, pos_embed_max_size=16, sample_size=8), 5, 0.1).eval()
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False)
+    sched_cls = CogVideoXDDIMScheduler if scheduler == "ddim" else CogVideoXDPMScheduler
+    sched = sched_cls(prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=4.0,
+                      timestep_spacing="trailing", clip_sample=False)
+    pipe = CogView3PlusPipeline(tokenizer=tiny_tokenizer(16), text_encoder=tiny_t5(), vae=vae.eval(),
+                                transformer=transformer, scheduler=sched)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
