@@ -32,20 +32,27 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
-def _resolve(qualname: str) -> type[nn.Module]:
+def resolve(qualname: str) -> type:
+    """The class named "module:Class"."""
     module, _, name = qualname.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """The folder's config.json, with a clear error for a missing folder or file."""
+def read_folder_json(path: str | os.PathLike, name: str = "config.json", *, what: str = "a folder written by "
+                     "save_pretrained") -> dict:
+    """A JSON file of a model folder, with a clear error for a missing folder or file."""
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"model folder {str(folder)!r} does not exist or is not a folder")
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise ValueError(f"{str(folder)!r} has no config.json; expected a folder written by save_pretrained")
-    return json.loads(cfg.read_text())
+    file = folder / name
+    if not file.is_file():
+        raise ValueError(f"{str(folder)!r} has no {name}; expected {what}")
+    return json.loads(file.read_text())
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The folder's config.json."""
+    return read_folder_json(path)
 
 
 def load_safetensors_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -96,7 +103,7 @@ def load_transformer(
         raise ValueError(
             f"{str(path)!r}: unsupported transformer class {class_name!r}; accepted: {', '.join(TRANSFORMER_CLASSES)}"
         )
-    cls = _resolve(TRANSFORMER_CLASSES[class_name])
+    cls = resolve(TRANSFORMER_CLASSES[class_name])
     with torch.device("meta"):
         model = cls.from_config(config)
     state = rename_state_dict(class_name, load_safetensors_folder(path))

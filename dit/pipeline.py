@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 
 import samplers
-from dit.convert import load_transformer
+from dit.convert import load_transformer, read_folder_json, resolve
 
 RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
 
@@ -40,19 +40,8 @@ class DiTPipelineOutput(BaseOutput):
     images: Any = None
 
 
-def _resolve(qualname: str):
-    module, _, name = qualname.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def _read_index(path: str | os.PathLike) -> dict:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"model folder {str(folder)!r} does not exist or is not a folder")
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"{str(folder)!r} has no model_index.json; expected a diffusers pipeline folder")
-    return json.loads(index.read_text())
+    return read_folder_json(path, "model_index.json", what="a diffusers pipeline folder")
 
 
 def _load_component(folder: Path, name: str, spec: list, torch_dtype: torch.dtype | None) -> Any:
@@ -98,7 +87,7 @@ class DiTPipeline(DiffusionPipeline):
         family = index.get("_class_name")
         if family not in PIPELINE_FAMILIES:
             raise ValueError(f"{str(folder)!r}: unsupported pipeline {family!r}; accepted: {', '.join(PIPELINE_FAMILIES)}")
-        target = _resolve(PIPELINE_FAMILIES[family])
+        target = resolve(PIPELINE_FAMILIES[family])
         if not issubclass(target, cls):
             raise ValueError(f"{str(folder)!r} holds a {family}, which {cls.__name__} cannot load")
         components = {
@@ -143,6 +132,33 @@ class DiTPipeline(DiffusionPipeline):
             return outputs.get("latents")
 
         return on_step
+
+
+class _ImagePipelineMixin:
+    """What our image pipelines share: request checks before any model runs, and decoding to images."""
+
+    def _check_image_request(self, prompt, height: int, width: int, num_inference_steps: int,
+                             num_images_per_prompt: int, guidance_scale: float, output_type: str) -> None:
+        if prompt is None or (isinstance(prompt, list) and not prompt):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
+        samplers.check_guidance_scale(guidance_scale)
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+
+    def _finish_images(self, latents: torch.Tensor, output_type: str, return_dict: bool, *, shift: bool):
+        """Latents (B, C, h, w) -> images: undo the VAE's scaling (and shift, where the family uses it: SD3 does,
+        CogView3-Plus does not), decode, post-process."""
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor if shift else 0.0)
+            image = self.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0],
+                                                     output_type=output_type)
+        self.maybe_free_model_hooks()
+        return DiTPipelineOutput(images=image) if return_dict else (image,)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -406,7 +422,7 @@ class CogVideoXDiTPipeline(DiTPipeline):
         return DiTPipelineOutput(frames=video)
 
 
-class SD3DiTPipeline(DiTPipeline, StableDiffusion3Pipeline):
+class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline):
     """Text-to-image with Stable Diffusion 3 / 3.5: diffusers' prompt encoding (three text encoders), our
     transformer and flow-matching sampler; the same images as StableDiffusion3Pipeline."""
 
@@ -440,14 +456,8 @@ class SD3DiTPipeline(DiTPipeline, StableDiffusion3Pipeline):
         """Generate images; `solver` overrides flow-matching Euler (e.g. "heun")."""
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        if prompt is None or (isinstance(prompt, list) and not prompt):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        _check_positive_int("num_inference_steps", num_inference_steps)
-        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
-        samplers.check_guidance_scale(guidance_scale)
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
+                                  guidance_scale, output_type)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
                           callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
@@ -486,17 +496,10 @@ class SD3DiTPipeline(DiTPipeline, StableDiffusion3Pipeline):
             callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
                                            progress)
             latents = solve(samplers.Denoiser(model, spec.prediction), latents, spec.schedule, callback=callback)
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            image = self.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0],
-                                                     output_type=output_type)
-        self.maybe_free_model_hooks()
-        return DiTPipelineOutput(images=image) if return_dict else (image,)
+        return self._finish_images(latents, output_type, return_dict, shift=True)
 
 
-class CogView3PlusDiTPipeline(DiTPipeline, CogView3PlusPipeline):
+class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipeline):
     """Text-to-image with CogView3-Plus: diffusers' T5 prompt encoding, our transformer and samplers; the same
     images as CogView3PlusPipeline."""
 
@@ -527,14 +530,8 @@ class CogView3PlusDiTPipeline(DiTPipeline, CogView3PlusPipeline):
         """Generate images (CogVideoX-style schedulers: DDIM or DPM; `solver` overrides)."""
         height = height or self.transformer.config.sample_size * self.vae_scale_factor
         width = width or self.transformer.config.sample_size * self.vae_scale_factor
-        if prompt is None or (isinstance(prompt, list) and not prompt):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        _check_positive_int("num_inference_steps", num_inference_steps)
-        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
-        samplers.check_guidance_scale(guidance_scale)
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
+                                  guidance_scale, output_type)
         self.check_inputs(prompt, height, width, negative_prompt, list(callback_on_step_end_tensor_inputs))
         self._guidance_scale, self._interrupt = guidance_scale, False
         device = self._execution_device
@@ -569,10 +566,4 @@ class CogView3PlusDiTPipeline(DiTPipeline, CogView3PlusPipeline):
                                            progress)
             latents = solve(samplers.Denoiser(model, spec.prediction), latents, spec.schedule, callback=callback,
                             **options)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
-        self.maybe_free_model_hooks()
-        return DiTPipelineOutput(images=image) if return_dict else (image,)
+        return self._finish_images(latents, output_type, return_dict, shift=False)

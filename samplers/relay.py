@@ -18,7 +18,7 @@ from torch import Tensor
 
 from samplers.paths import DenoiserFn, ModelFn, check_prediction, diffusion_loss
 from samplers.schedules import Schedule, TrainPath
-from samplers.solvers import Callback, _after_step, _compute, _exp_neg_h
+from samplers.solvers import Callback, _after_step, _compute, _exp_neg_h, randn
 
 BLUR_MODES = ("time", "step")
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -92,8 +92,7 @@ def block_noise(
         if time_dim >= len(shape) - 2:
             raise ValueError(f"time_dim {time_dim} must be a leading dimension, not one of the last two of {shape}")
         draw[time_dim] += temporal_block_size - 1
-    gen_device = generator.device if generator is not None else device
-    e = torch.randn(draw, generator=generator, dtype=dtype, device=gen_device).to(device)
+    e = randn(tuple(draw), generator=generator, device=torch.device(device or "cpu"), dtype=dtype)
     out = block_filter(e, block_size)
     if temporal_block_size > 1:
         out = _temporal_box(out, temporal_block_size, time_dim)
@@ -119,8 +118,7 @@ def mixed_noise(
     if not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"block noise weight alpha must be a finite number >= 0, got {alpha}")
     dtype = dtype or torch.get_default_dtype()
-    gen_device = generator.device if generator is not None else device
-    white = torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device).to(device)
+    white = randn(tuple(shape), generator=generator, device=torch.device(device or "cpu"), dtype=dtype)
     block = block_noise(shape, block_size, generator=generator, dtype=dtype, device=device,
                         temporal_block_size=temporal_block_size, time_dim=time_dim)
     out = white + alpha * block
