@@ -219,6 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.enable_model_cpu_offload(device=args.device)
     else:
         pipe.to(args.device)
+    writer = _setup_parallel(pipe, args)
     for r, _ in todo:  # and every request against the loaded model before generating anything
         pipe.check_inputs(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
     batch = tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1)
@@ -229,15 +230,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                    output_type="np", **({"solver": args.solver} if args.solver else {}),
                    **({"relay": args.relay} if args.relay else {}))
+        if not writer:  # under torchrun every rank computes the same frames; rank 0 writes them
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(out.frames[0], path, fps)
         write_sidecar(path, {
             **asdict(r), "model": str(folder), "steps": steps, "guidance": guidance, "fps": fps,
             "dtype": args.dtype, "solver": args.solver, "relay": args.relay, "seconds": round(time.perf_counter() - start, 3),
-            "output": path.name, "version": _version(),
+            "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
         })
         print(str(path))
     return 0
+
+
+def _setup_parallel(pipe, args: argparse.Namespace) -> bool:
+    """Context parallelism under torchrun (WORLD_SIZE > 1): ring x ulysses must equal the world size.
+
+    Returns whether this process writes the outputs (rank 0, or the only process)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    degrees = args.ring_degree * args.ulysses_degree
+    if world == 1:
+        if degrees != 1:
+            raise CLIError(f"--ring-degree {args.ring_degree} x --ulysses-degree {args.ulysses_degree} = {degrees} "
+                           "processes; launch with `torchrun --nproc_per_node N -m dit generate ...`")
+        return True
+    if degrees != world:
+        raise CLIError(f"--ring-degree x --ulysses-degree = {degrees} must equal the torchrun world size {world}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    from dit.parallel import ContextParallelConfig
+
+    pipe.transformer.enable_parallelism(ContextParallelConfig(ring_degree=args.ring_degree,
+                                                              ulysses_degree=args.ulysses_degree))
+    pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
+    return dist.get_rank() == 0
 
 
 def _quiet_libraries() -> None:
@@ -306,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until used (GPU memory saver)")
     gen.add_argument("--relay", type=_positive_int, help="relay super-resolution factor (e.g. 2), if the model has a relay stage")
     gen.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: skip them)")
+    gen.add_argument("--ulysses-degree", type=_positive_int, default=1,
+                     help="context parallelism over attention heads (under torchrun; must divide the head count)")
+    gen.add_argument("--ring-degree", type=_positive_int, default=1,
+                     help="ring attention degree (under torchrun); ring x ulysses = number of processes")
     gen.set_defaults(func=cmd_generate)
     train = sub.add_parser("train", help="train a model from a YAML config (run under `accelerate launch`)",
                            description="Train from a strict YAML config.")

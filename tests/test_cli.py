@@ -124,3 +124,29 @@ def test_help_for_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "--relay" in capsys.readouterr().out
+
+
+@pytest.mark.parallel
+def test_generate_under_torchrun_with_context_parallelism_equals_single_process(model, tmp_path):
+    single = tmp_path / "single.png"
+    assert main(["generate", "a red circle", "-o", str(single), "--model", str(model), "--seed", "5", *ARGS]) == 0
+    par = tmp_path / "par.png"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    from distributed import _free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()),
+                        "-m", "dit", "generate", "a red circle", "-o", str(par), "--model", str(model), "--seed", "5",
+                        "--ulysses-degree", "2", *ARGS], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = [iio.imread(p) for p in sorted(single.iterdir())]
+    b = [iio.imread(p) for p in sorted(par.iterdir())]
+    assert len(a) == len(b) == 9
+    assert max(abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 1  # same frames (8-bit rounding)
+    assert json.loads((tmp_path / "par.png.json").read_text())["context_parallel"] == [1, 2]
+
+
+def test_parallel_degrees_without_torchrun_is_a_clear_error(model, tmp_path, capsys):
+    code = main(["generate", "a cat", "-o", str(tmp_path / "x.mp4"), "--model", str(model), "--ulysses-degree", "2",
+                 *ARGS])
+    assert code == 2 and "launch with `torchrun" in capsys.readouterr().err
