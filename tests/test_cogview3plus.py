@@ -57,7 +57,7 @@ def test_tiny_parity_fp32_and_bf16(tiny_pair, tmp_path):
 def test_medium_parity(tmp_path):
     ref = randomize(RefCV3(**MEDIUM)).eval()
     ours = roundtrip(ref, tmp_path)
-    kw = inputs(MEDIUM, h=32, w=24, text=16)
+    kw = inputs(MEDIUM, h=16, w=12, text=8)  # 4 layers x 512 wide: the width is what matters here
     with torch.no_grad():
         assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
         kw16 = cast(kw, torch.bfloat16)

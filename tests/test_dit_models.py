@@ -9,7 +9,7 @@ from dit.models.dit import DIT_XL_2_256, DIT_XL_2_512, DiTBlock, DiTTransformer2
 
 TINY = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
             patch_size=2, num_embeds_ada_norm=10)
-MEDIUM = dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
+MEDIUM = dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4, sample_size=12,
               patch_size=2, num_embeds_ada_norm=100)
 
 

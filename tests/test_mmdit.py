@@ -87,7 +87,7 @@ def test_tiny_parity_bf16(tiny_pair, variant, tmp_path):
 def test_medium_parity(cfg, tmp_path):
     ref = randomize(RefSD3(**cfg)).eval()
     ours = roundtrip(ref, tmp_path)
-    kw = inputs(cfg, h=32, w=24, text=16)
+    kw = inputs(cfg, h=16, w=12, text=8)  # 4 layers x 512 wide: the width is what matters here
     with torch.no_grad():
         assert rel_err(ours(**kw, skip_layers=[2]).sample, ref(**kw, skip_layers=[2]).sample) <= 1e-5
         expected = ref(**kw).sample
@@ -136,11 +136,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
     model.enable_gradient_checkpointing()
     assert model.gradient_checkpointing
     ckpt = grads()
-    # Only the last block's text-query weights get no gradient: its text outputs are never used.
-    unused = {n for n, _ in model.named_parameters()} - plain.keys()
-    assert unused == {f"transformer_blocks.2.attn.{n}" for n in ("add_q_proj.weight", "add_q_proj.bias",
-                                                                  "norm_added_q.weight")}
-    assert plain.keys() == ckpt.keys()
+    assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -163,8 +159,8 @@ def test_attention_backend_is_selectable(tiny_pair):
             ours(**kw)
         finally:
             ours.reset_attention_backend()
-    # 3 joint attentions; the last (context pre-only) block asks image queries only: 48 tokens, not 55.
-    assert [tuple(s) for s in calls] == [(2, 4, 55, 8), (2, 4, 55, 8), (2, 4, 48, 8)]
+    # 3 joint attentions over 48 image + 7 text tokens, the last (context pre-only) block's included.
+    assert [tuple(s) for s in calls] == [(2, 4, 55, 8)] * 3
     with pytest.raises(ValueError, match="unknown attention backend"):
         ours.set_attention_backend("flash9")
 

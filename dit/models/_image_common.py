@@ -185,18 +185,16 @@ class Attention(nn.Module):
             # SD3's last block is "context pre-only": its text outputs are dropped, so no to_add_out.
             self.to_add_out = nn.Linear(inner, dim, bias=out_bias) if context_out else None
 
-    def project(self, x: Tensor, stream: str = "x", *, with_q: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
-        """q, k, v of one stream, each (B, L, H, Dh) with the stream's qk-norm applied (q None if not asked)."""
+    def project(self, x: Tensor, stream: str = "x") -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of one stream, each (B, L, H, Dh) with the stream's qk-norm applied."""
         if stream == "x":
             projs, nq, nk = (self.to_q, self.to_k, self.to_v), self.norm_q, self.norm_k
         else:
             projs, nq, nk = (self.add_q_proj, self.add_k_proj, self.add_v_proj), self.norm_added_q, self.norm_added_k
-        projs = projs if with_q else projs[1:]
-        qkv = fused_linear(x, projs)  # (B, L, n * H * Dh), n = 3 or 2
-        *q, k, v = qkv.unflatten(-1, (len(projs), self.heads, self.head_dim)).unbind(2)  # each (B, L, H, Dh)
-        q = q[0] if with_q else None
+        qkv = fused_linear(x, projs)  # (B, L, 3 * H * Dh)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # each (B, L, H, Dh), strided
         if nq is not None:
-            q, k = (nq(q) if with_q else None), nk(k)
+            q, k = nq(q), nk(k)
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -209,15 +207,15 @@ class Attention(nn.Module):
         q, k, v = self.project(x)  # (B, N, H, Dh)
         if c is None:
             return self.to_out[1](self.to_out[0](self.attend(q, k, v)))
-        # Without to_add_out (SD3's last block) the text outputs would be discarded: skip the text queries
-        # and attend with image queries only (diffusers computes those rows and drops them).
-        cq, ck, cv = self.project(c, "context", with_q=self.to_add_out is not None)  # (B, M, H, Dh)
+        cq, ck, cv = self.project(c, "context")  # (B, M, H, Dh)
         n = x.shape[1]
-        k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)  # (B, N + M, H, Dh)
-        if cq is None:
-            return self.to_out[1](self.to_out[0](self.attend(q, k, v))), None
-        out = self.attend(torch.cat([q, cq], dim=1), k, v)  # (B, N + M, D)
-        return self.to_out[1](self.to_out[0](out[:, :n])), self.to_add_out(out[:, n:])
+        # Text queries are computed even where their outputs are dropped (SD3's last block has no
+        # to_add_out), as diffusers does: attention backends (context-parallel ones included) always see
+        # one joint sequence, and training sees the same (zero) gradients as diffusers' model.
+        q, k, v = (torch.cat(pair, dim=1) for pair in ((q, cq), (k, ck), (v, cv)))  # (B, N + M, H, Dh)
+        out = self.attend(q, k, v)  # (B, N + M, D)
+        x_out = self.to_out[1](self.to_out[0](out[:, :n]))
+        return x_out, (self.to_add_out(out[:, n:]) if self.to_add_out is not None else None)
 
 
 class AttentionBackendMixin:
