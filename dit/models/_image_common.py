@@ -235,6 +235,12 @@ class AttentionBackendMixin:
     def reset_attention_backend(self) -> None:
         self.set_attention_backend(None)
 
+    def fuse_qkv_projections(self) -> None:
+        """No-op kept for diffusers scripts: q, k, v always run as one matmul here (see `fused_linear`)."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """No-op kept for diffusers scripts: fusion never changes parameters or their names here."""
+
 
 def checkpointed(model: nn.Module, block: nn.Module, *args):
     """Run a block, through diffusers' gradient-checkpointing function when enabled and training."""
