@@ -114,7 +114,8 @@ def test_validation_errors():
         model(**{**kw, "timestep": 5.0})
 
 
-@pytest.mark.parametrize("preset", [SD3_MEDIUM, SD3_5_MEDIUM, SD3_5_LARGE], ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
+@pytest.mark.parametrize("preset", [SD3_MEDIUM, SD3_5_MEDIUM, SD3_5_LARGE],
+                         ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
 def test_full_size_presets_match_diffusers_parameter_counts(preset):
     ours, ref = build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset)
     assert count_params(ours) == count_params(ref)

@@ -38,7 +38,8 @@ class PatchEmbed(nn.Module):
         self.register_buffer("pos_embed", self.table(self.grid, self.grid), persistent=False)
 
     def table(self, h: int, w: int, device=None) -> Tensor:
-        return sincos_pos_embed_2d(self.proj.out_channels, h, w, base_size=self.grid, device=device)[None]  # (1, h*w, D)
+        dim = self.proj.out_channels
+        return sincos_pos_embed_2d(dim, h, w, base_size=self.grid, device=device)[None]  # (1, h*w, D)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -88,11 +87,13 @@ class JointTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = None if context_pre_only else FeedForward(dim)
 
-    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor) -> tuple[Tensor | None, Tensor]:
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                temb: Tensor) -> tuple[Tensor | None, Tensor]:
         x, c = hidden_states, encoder_hidden_states  # (B, N, D), (B, M, D)
         m, mc = self.norm1(temb), self.norm1_context(temb)  # named (B, D) chunks
         x_norm, c_norm = layer_norm(x, EPS), layer_norm(c, EPS)
-        x_attn, c_attn = self.attn(modulate(x_norm, m.shift_msa, m.scale_msa), modulate(c_norm, mc.shift_msa, mc.scale_msa))
+        x_attn, c_attn = self.attn(modulate(x_norm, m.shift_msa, m.scale_msa),
+                                   modulate(c_norm, mc.shift_msa, mc.scale_msa))  # joint over [image, text]
         x = gated_add(x, m.gate_msa, x_attn)
         if self.attn2 is not None:
             x = gated_add(x, m.gate_msa2, self.attn2(modulate(x_norm, m.shift_msa2, m.scale_msa2)))
