@@ -171,6 +171,9 @@ class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
         if labels is None or labels.shape != (b,) or labels.is_floating_point():
             got = None if labels is None else tuple(labels.shape)
             raise ValueError(f"class_labels must be integer class ids of shape ({b},), got {got}")
+        n = cfg.num_embeds_ada_norm  # id n is the null (unconditional) class used by classifier-free guidance
+        if labels.numel() and (labels.min() < 0 or labels.max() > n):
+            raise ValueError(f"class_labels must lie in [0, {n}] ({n} = the null class), got {labels.tolist()}")
 
     def forward(
         self,
