@@ -109,6 +109,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_model_compiles_fullgraph(tiny_pair):
+    _, ours = tiny_pair
+    kw = inputs(TINY)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw).sample, ours(**kw).sample)
+
+
 def test_block_compiles_fullgraph():
     block = randomize(DiTBlock(32, 4, 8, num_classes=10)).eval()
     x, t, y = torch.randn(2, 6, 32), torch.tensor([1.0, 5.0]), torch.tensor([2, 3])

@@ -175,6 +175,14 @@ def test_save_and_from_pretrained_roundtrip(tiny_pair, tmp_path):
         torch.testing.assert_close(again(**kw).sample, ours(**kw).sample, rtol=0, atol=0)
 
 
+def test_model_compiles_fullgraph(tiny_pair):
+    _, ours = tiny_pair["sd35"]
+    kw = inputs(TINY)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw, skip_layers=[1]).sample, ours(**kw, skip_layers=[1]).sample)
+
+
 def test_block_compiles_fullgraph():
     from dit.models.mmdit import JointTransformerBlock
 

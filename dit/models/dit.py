@@ -172,7 +172,8 @@ class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
             got = None if labels is None else tuple(labels.shape)
             raise ValueError(f"class_labels must be integer class ids of shape ({b},), got {got}")
         n = cfg.num_embeds_ada_norm  # id n is the null (unconditional) class used by classifier-free guidance
-        if labels.numel() and (labels.min() < 0 or labels.max() > n):
+        # A value check reads the tensor (a device sync; a graph break under torch.compile): eager only.
+        if not torch.compiler.is_compiling() and labels.numel() and (labels.min() < 0 or labels.max() > n):
             raise ValueError(f"class_labels must lie in [0, {n}] ({n} = the null class), got {labels.tolist()}")
 
     def forward(
