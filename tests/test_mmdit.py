@@ -215,6 +215,13 @@ def test_fused_qkv_keeps_names_and_follows_weight_changes(tmp_path):
         ref_attn.add_k_proj.bias.add_(1.0)
         ours.load_state_dict({n: t.clone() for n, t in ref.state_dict().items()}, assign=True)
         assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+    # A hooked projection (accelerate offload, activation capture) is called as a module, not fused.
+    seen = []
+    handle = attn.to_k.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+    handle.remove()
+    assert seen == [(2, 48, 32)]
     # Training after packed inference: gradients reach every projection.
     ours(**kw).sample.sum().backward()
     assert all(p.grad is not None for p in (attn.to_q.weight, attn.to_k.weight, attn.add_v_proj.bias))
@@ -305,3 +312,17 @@ def test_block_compiles_fullgraph_with_inductor():
     with torch.no_grad():
         for got, expected in zip(compiled(x, c, t), block(x, c, t)):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_cpu_offload_hooks_are_honoured(tmp_path):
+    # accelerate's sequential offload keeps weights on meta until each leaf module's pre-forward hook:
+    # projections must be called as modules (fusion steps aside), or they would compute on meta tensors.
+    from accelerate import cpu_offload
+
+    ref = randomize(RefSD3(**TINY_35)).eval()
+    ours = roundtrip(ref, tmp_path)
+    kw = inputs(TINY)
+    cpu_offload(ours, execution_device=torch.device("cpu"))
+    assert ours.transformer_blocks[0].attn.to_q.weight.is_meta
+    with torch.no_grad():
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5

@@ -137,13 +137,20 @@ def _packed(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return view(ws), (view(bs) if has_bias else None)
 
 
+def _plain(lin: nn.Module) -> bool:
+    """A bare nn.Linear: not wrapped (PEFT LoRA) and without hooks that must see its call (accelerate's
+    offload hooks bring the weights to the device in a pre-forward hook; user hooks read activations)."""
+    return type(lin) is nn.Linear and not (lin._forward_pre_hooks or lin._forward_hooks or hasattr(lin, "_hf_hook"))
+
+
 def fused_linear(x: Tensor, linears: Sequence[nn.Module]) -> Tensor:
     """`torch.cat([lin(x) for lin in linears], -1)` as one matmul (fused QKV), keeping the modules' names.
 
     Inference (no grad) uses packed weights (no copy); training and torch.compile concatenate the
-    weights so gradients reach each Parameter; wrapped modules (e.g. PEFT LoRA) run one by one.
+    weights so gradients reach each Parameter; wrapped or hooked modules (PEFT LoRA, accelerate
+    offload, forward hooks) run one by one.
     """
-    if not all(type(lin) is nn.Linear for lin in linears):
+    if not all(_plain(lin) for lin in linears):
         return torch.cat([lin(x) for lin in linears], dim=-1)
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         weight = torch.cat([lin.weight for lin in linears])

@@ -17,7 +17,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from einops import rearrange
 from torch import Tensor, nn
 
-from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d
+from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from dit.layers import Modulation, modulate
 from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
                                       TextProjection, broadcast_timestep, checkpointed, gated_add, layer_norm)
@@ -27,7 +27,7 @@ EPS = 1e-6  # every LayerNorm / qk-norm in SD3
 
 # ----------------------------------------------------------------------------------------------- embedders
 class SD3PatchEmbed(nn.Module):
-    """Patchify + linear (a stride-p conv in the checkpoint) + the centre crop of a max-size sin-cos grid.
+    """Patchify (a stride-p conv) + the centre crop of a max-size sin-cos grid.
 
     SD3 stores a (1, max*max, D) sin-cos table (a persistent buffer, so it is in the checkpoint) and adds
     the centre h x w window of it, so every resolution up to max sees positions around the grid centre.
@@ -46,8 +46,8 @@ class SD3PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        # The conv weight (D, C, p, p) flattened matches patchify's (c, p1, p2) channel order.
-        tokens = nn.functional.linear(patchify_2d(x, self.patch_size), self.proj.weight.flatten(1), self.proj.bias)
+        # Called as a module (not via its weight) so offload / LoRA hooks on `proj` see the call.
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
         pos = self.pos_embed.view(self.max_size, self.max_size, -1)[top: top + h, left: left + w]  # (h, w, D)
         return tokens + pos.reshape(1, h * w, -1).to(tokens.dtype)  # (B, h*w, D)
