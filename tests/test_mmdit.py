@@ -222,6 +222,14 @@ def test_fused_qkv_keeps_names_and_follows_weight_changes(tmp_path):
         assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
     handle.remove()
     assert seen == [(2, 48, 32)]
+    # Frozen weights with gradients on (a ControlNet's base model): packed, input gradients still flow.
+    ours.requires_grad_(False)
+    x = kw["hidden_states"].clone().requires_grad_(True)
+    ours(**{**kw, "hidden_states": x}).sample.square().sum().backward()
+    x_ref = kw["hidden_states"].clone().requires_grad_(True)
+    ref(**{**kw, "hidden_states": x_ref}).sample.square().sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= 1e-5
+    ours.requires_grad_(True)
     # Training after packed inference: gradients reach every projection.
     ours(**kw).sample.sum().backward()
     assert all(p.grad is not None for p in (attn.to_q.weight, attn.to_k.weight, attn.add_v_proj.bias))

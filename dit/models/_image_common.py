@@ -146,13 +146,14 @@ def _plain(lin: nn.Module) -> bool:
 def fused_linear(x: Tensor, linears: Sequence[nn.Module]) -> Tensor:
     """`torch.cat([lin(x) for lin in linears], -1)` as one matmul (fused QKV), keeping the modules' names.
 
-    Inference (no grad) uses packed weights (no copy); training and torch.compile concatenate the
-    weights so gradients reach each Parameter; wrapped or hooked modules (PEFT LoRA, accelerate
+    Inference, or frozen weights (a teacher, a ControlNet's base), uses packed weights (no copy);
+    trainable weights and torch.compile concatenate the weights so gradients reach each Parameter; wrapped or hooked modules (PEFT LoRA, accelerate
     offload, forward hooks) run one by one.
     """
     if not all(_plain(lin) for lin in linears):
         return torch.cat([lin(x) for lin in linears], dim=-1)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         weight = torch.cat([lin.weight for lin in linears])
         bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
     else:
