@@ -19,10 +19,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             fan_in = p[0].numel() if p.ndim > 1 else 1
             std = fan_in ** -0.5 if p.ndim > 1 else 0.1
-            value = torch.randn(p.shape, generator=g) * std
-            if p.ndim == 1 and "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"):
-                value += 1.0
-            p.copy_(value)
+            is_norm_scale = p.ndim == 1 and "norm" in name.rsplit(".", 2)[-2] and name.endswith("weight")
+            p.normal_(1.0 if is_norm_scale else 0.0, std, generator=g)
     return model
 
 

@@ -9,7 +9,7 @@ from dit.models.dit import DIT_XL_2_256, DIT_XL_2_512, DiTBlock, DiTTransformer2
 
 TINY = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
             patch_size=2, num_embeds_ada_norm=10)
-MEDIUM = dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4, sample_size=16,
+MEDIUM = dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4, sample_size=12,
               patch_size=2, num_embeds_ada_norm=100)
 
 
@@ -76,6 +76,7 @@ def test_validation_errors():
         (dict(hidden_states=torch.randn(2, 4, 9, 8)), r"divisible by patch_size 2, got 9x8"),
         (dict(class_labels=torch.tensor([1])), r"class_labels must be integer class ids of shape \(2,\)"),
         (dict(timestep=torch.tensor([1, 2, 3])), r"timestep must be a scalar or have shape \(2,\)"),
+        (dict(class_labels=torch.tensor([1, 11])), r"class_labels must lie in \[0, 10\] \(10 = the null class\)"),
     ]
     for override, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -108,9 +109,43 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_model_compiles_fullgraph(tiny_pair):
+    _, ours = tiny_pair
+    kw = inputs(TINY)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw).sample, ours(**kw).sample)
+
+
 def test_block_compiles_fullgraph():
     block = randomize(DiTBlock(32, 4, 8, num_classes=10)).eval()
     x, t, y = torch.randn(2, 6, 32), torch.tensor([1.0, 5.0]), torch.tensor([2, 3])
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, y), block(x, t, y))
+
+
+def test_drop_in_replaces_pipe_transformer(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    import dit
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1)
+    # DiTPipeline hard-codes 1000 as the null class for guidance.
+    transformer = randomize(RefDiT(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                   num_layers=2, sample_size=16, num_embeds_ada_norm=1000)).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe(class_labels=[1, 3], num_inference_steps=3, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    expected = images()
+    transformer.save_pretrained(tmp_path)
+    pipe.transformer = dit.load_transformer(tmp_path)
+    got = images()
+    assert got.shape == (2, 16, 16, 3) and got.std() > 0.01
+    assert abs(got - expected).max() <= 1e-4

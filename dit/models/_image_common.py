@@ -137,15 +137,23 @@ def _packed(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
     return view(ws), (view(bs) if has_bias else None)
 
 
+def _plain(lin: nn.Module) -> bool:
+    """A bare nn.Linear: not wrapped (PEFT LoRA) and without hooks that must see its call (accelerate's
+    offload hooks bring the weights to the device in a pre-forward hook; user hooks read activations)."""
+    return type(lin) is nn.Linear and not (lin._forward_pre_hooks or lin._forward_hooks or hasattr(lin, "_hf_hook"))
+
+
 def fused_linear(x: Tensor, linears: Sequence[nn.Module]) -> Tensor:
     """`torch.cat([lin(x) for lin in linears], -1)` as one matmul (fused QKV), keeping the modules' names.
 
-    Inference (no grad) uses packed weights (no copy); training and torch.compile concatenate the
-    weights so gradients reach each Parameter; wrapped modules (e.g. PEFT LoRA) run one by one.
+    Inference, or frozen weights (a teacher, a ControlNet's base), uses packed weights (no copy);
+    trainable weights and torch.compile concatenate the weights so gradients reach each Parameter; wrapped or hooked modules (PEFT LoRA, accelerate
+    offload, forward hooks) run one by one.
     """
-    if not all(type(lin) is nn.Linear for lin in linears):
+    if not all(_plain(lin) for lin in linears):
         return torch.cat([lin(x) for lin in linears], dim=-1)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    params = [p for lin in linears for p in (lin.weight, lin.bias) if p is not None]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         weight = torch.cat([lin.weight for lin in linears])
         bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
     else:
@@ -185,18 +193,16 @@ class Attention(nn.Module):
             # SD3's last block is "context pre-only": its text outputs are dropped, so no to_add_out.
             self.to_add_out = nn.Linear(inner, dim, bias=out_bias) if context_out else None
 
-    def project(self, x: Tensor, stream: str = "x", *, with_q: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
-        """q, k, v of one stream, each (B, L, H, Dh) with the stream's qk-norm applied (q None if not asked)."""
+    def project(self, x: Tensor, stream: str = "x") -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of one stream, each (B, L, H, Dh) with the stream's qk-norm applied."""
         if stream == "x":
             projs, nq, nk = (self.to_q, self.to_k, self.to_v), self.norm_q, self.norm_k
         else:
             projs, nq, nk = (self.add_q_proj, self.add_k_proj, self.add_v_proj), self.norm_added_q, self.norm_added_k
-        projs = projs if with_q else projs[1:]
-        qkv = fused_linear(x, projs)  # (B, L, n * H * Dh), n = 3 or 2
-        *q, k, v = qkv.unflatten(-1, (len(projs), self.heads, self.head_dim)).unbind(2)  # each (B, L, H, Dh)
-        q = q[0] if with_q else None
+        qkv = fused_linear(x, projs)  # (B, L, 3 * H * Dh)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)  # each (B, L, H, Dh), strided
         if nq is not None:
-            q, k = (nq(q) if with_q else None), nk(k)
+            q, k = nq(q), nk(k)
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -209,17 +215,15 @@ class Attention(nn.Module):
         q, k, v = self.project(x)  # (B, N, H, Dh)
         if c is None:
             return self.to_out[1](self.to_out[0](self.attend(q, k, v)))
-        # Without to_add_out (SD3's last block) the text outputs would be discarded: skip the text queries
-        # and attend with image queries only (diffusers computes those rows and drops them).
-        with_cq = self.to_add_out is not None or getattr(self.attn_backend, "aligned_queries", False)
-        cq, ck, cv = self.project(c, "context", with_q=with_cq)  # (B, M, H, Dh)
+        cq, ck, cv = self.project(c, "context")  # (B, M, H, Dh)
         n = x.shape[1]
-        k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)  # (B, N + M, H, Dh)
-        if cq is None:
-            return self.to_out[1](self.to_out[0](self.attend(q, k, v))), None
-        out = self.attend(torch.cat([q, cq], dim=1), k, v)  # (B, N + M, D)
-        c_out = self.to_add_out(out[:, n:]) if self.to_add_out is not None else None
-        return self.to_out[1](self.to_out[0](out[:, :n])), c_out
+        # Text queries are computed even where their outputs are dropped (SD3's last block has no
+        # to_add_out), as diffusers does: attention backends (context-parallel ones included) always see
+        # one joint sequence, and training sees the same (zero) gradients as diffusers' model.
+        q, k, v = (torch.cat(pair, dim=1) for pair in ((q, cq), (k, ck), (v, cv)))  # (B, N + M, H, Dh)
+        out = self.attend(q, k, v)  # (B, N + M, D)
+        x_out = self.to_out[1](self.to_out[0](out[:, :n]))
+        return x_out, (self.to_add_out(out[:, n:]) if self.to_add_out is not None else None)
 
 
 class AttentionBackendMixin:
@@ -238,6 +242,12 @@ class AttentionBackendMixin:
 
     def reset_attention_backend(self) -> None:
         self.set_attention_backend(None)
+
+    def fuse_qkv_projections(self) -> None:
+        """No-op kept for diffusers scripts: q, k, v always run as one matmul here (see `fused_linear`)."""
+
+    def unfuse_qkv_projections(self) -> None:
+        """No-op kept for diffusers scripts: fusion never changes parameters or their names here."""
 
 
 def checkpointed(model: nn.Module, block: nn.Module, *args):

@@ -153,7 +153,8 @@ class CogView3PlusTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMi
             raise ValueError(f"timestep is required: a scalar or shape ({b},)")
         for name, value in sizes.items():
             if value is None or tuple(value.shape) != (b, 2):
-                raise ValueError(f"{name} must have shape ({b}, 2), got {None if value is None else tuple(value.shape)}")
+                got = None if value is None else tuple(value.shape)
+                raise ValueError(f"{name} must have shape ({b}, 2), got {got}")
 
     def forward(
         self,

@@ -17,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import Tensor, nn
 
-from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d
+from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from dit.layers import Modulation, modulate
 from dit.models._image_common import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, broadcast_timestep,
                                       checkpointed, gated_add, layer_norm)
@@ -25,7 +25,7 @@ from dit.models._image_common import (ADALN_ZERO, Attention, AttentionBackendMix
 
 # ----------------------------------------------------------------------------------------------- embedders
 class PatchEmbed(nn.Module):
-    """Patchify + linear (a stride-p conv in the checkpoint) + fixed 2D sin-cos positions.
+    """Patchify (a stride-p conv) + fixed 2D sin-cos positions.
 
     The table for the training size is a non-persistent buffer (not in checkpoints): `init_buffers`
     rebuilds it after a meta-device load. Other sizes get their own table, on the same grid scale.
@@ -38,12 +38,13 @@ class PatchEmbed(nn.Module):
         self.register_buffer("pos_embed", self.table(self.grid, self.grid), persistent=False)
 
     def table(self, h: int, w: int, device=None) -> Tensor:
-        return sincos_pos_embed_2d(self.proj.out_channels, h, w, base_size=self.grid, device=device)[None]  # (1, h*w, D)
+        dim = self.proj.out_channels
+        return sincos_pos_embed_2d(dim, h, w, base_size=self.grid, device=device)[None]  # (1, h*w, D)
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        # The conv weight (D, C, p, p) flattened matches patchify's (c, p1, p2) channel order.
-        tokens = nn.functional.linear(patchify_2d(x, self.patch_size), self.proj.weight.flatten(1), self.proj.bias)
+        # Called as a module (not via its weight) so offload / LoRA hooks on `proj` see the call.
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
         pos = self.pos_embed if (h, w) == (self.grid, self.grid) else self.table(h, w, x.device)
         return tokens + pos.to(tokens.dtype)  # (B, h*w, D)
 
@@ -170,6 +171,10 @@ class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
         if labels is None or labels.shape != (b,) or labels.is_floating_point():
             got = None if labels is None else tuple(labels.shape)
             raise ValueError(f"class_labels must be integer class ids of shape ({b},), got {got}")
+        n = cfg.num_embeds_ada_norm  # id n is the null (unconditional) class used by classifier-free guidance
+        # A value check reads the tensor (a device sync; a graph break under torch.compile): eager only.
+        if not torch.compiler.is_compiling() and labels.numel() and (labels.min() < 0 or labels.max() > n):
+            raise ValueError(f"class_labels must lie in [0, {n}] ({n} = the null class), got {labels.tolist()}")
 
     def forward(
         self,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -18,7 +17,7 @@ from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_la
 from einops import rearrange
 from torch import Tensor, nn
 
-from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d
+from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from dit.layers import Modulation, modulate
 from dit.parallel.model import ContextParallelMixin
 from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
@@ -29,7 +28,7 @@ EPS = 1e-6  # every LayerNorm / qk-norm in SD3
 
 # ----------------------------------------------------------------------------------------------- embedders
 class SD3PatchEmbed(nn.Module):
-    """Patchify + linear (a stride-p conv in the checkpoint) + the centre crop of a max-size sin-cos grid.
+    """Patchify (a stride-p conv) + the centre crop of a max-size sin-cos grid.
 
     SD3 stores a (1, max*max, D) sin-cos table (a persistent buffer, so it is in the checkpoint) and adds
     the centre h x w window of it, so every resolution up to max sees positions around the grid centre.
@@ -48,8 +47,8 @@ class SD3PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        # The conv weight (D, C, p, p) flattened matches patchify's (c, p1, p2) channel order.
-        tokens = nn.functional.linear(patchify_2d(x, self.patch_size), self.proj.weight.flatten(1), self.proj.bias)
+        # Called as a module (not via its weight) so offload / LoRA hooks on `proj` see the call.
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
         pos = self.pos_embed.view(self.max_size, self.max_size, -1)[top: top + h, left: left + w]  # (h, w, D)
         return tokens + pos.reshape(1, h * w, -1).to(tokens.dtype)  # (B, h*w, D)
@@ -89,11 +88,13 @@ class JointTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = None if context_pre_only else FeedForward(dim)
 
-    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor) -> tuple[Tensor | None, Tensor]:
+    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor,
+                temb: Tensor) -> tuple[Tensor | None, Tensor]:
         x, c = hidden_states, encoder_hidden_states  # (B, N, D), (B, M, D)
         m, mc = self.norm1(temb), self.norm1_context(temb)  # named (B, D) chunks
         x_norm, c_norm = layer_norm(x, EPS), layer_norm(c, EPS)
-        x_attn, c_attn = self.attn(modulate(x_norm, m.shift_msa, m.scale_msa), modulate(c_norm, mc.shift_msa, mc.scale_msa))
+        x_attn, c_attn = self.attn(modulate(x_norm, m.shift_msa, m.scale_msa),
+                                   modulate(c_norm, mc.shift_msa, mc.scale_msa))  # joint over [image, text]
         x = gated_add(x, m.gate_msa, x_attn)
         if self.attn2 is not None:
             x = gated_add(x, m.gate_msa2, self.attn2(modulate(x_norm, m.shift_msa2, m.scale_msa2)))

@@ -172,10 +172,6 @@ class ContextParallelAttention:
     gathered with a tiny collective.
     """
 
-    # Queries must be sharded like keys/values (Ulysses moves them with the same all-to-all); a model that
-    # would attend with a subset of queries computes them all when it sees this flag.
-    aligned_queries = True
-
     def __init__(self, context: ParallelContext):
         self.context = context
         self._sizes: list[int] | None = None
