@@ -212,6 +212,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         r.width = r.width or defaults.get("width")
         r.frames = r.frames or defaults.get("num_frames")
         r.height, r.width, r.frames = CogVideoXDiTPipeline.check_folder_request(folder, r.height, r.width, r.frames)
+    if args.offload and not args.device.startswith("cuda"):
+        raise CLIError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device {args.device}")
     _quiet_libraries()
     dtype = getattr(torch, DTYPES[args.dtype])
     pipe = DiTPipeline.from_pretrained(folder, torch_dtype=dtype)

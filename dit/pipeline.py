@@ -110,6 +110,22 @@ class DiTPipeline(DiffusionPipeline):
         tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, index_path)
 
+    # -- memory switches (diffusers' pipeline-level names) --------------------------------------------------------
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) in overlapping spatial tiles, blended: memory bounded by the tile size."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one batch element at a time."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
     # -- shared helpers ----------------------------------------------------------------------------------------------
 
     def _sampler(self, num_inference_steps: int, *, mu: float | None = None) -> samplers.SamplerSpec:

@@ -105,6 +105,7 @@ def test_other_bad_input_one_line_exit_2(model, tmp_path, capsys):
         (["generate", "--prompts-file", str(bad_jsonl), "--model", str(model)], "unknown keys ['colour']"),
         (["generate", "", "--model", str(model)], "the prompt is empty"),
         (["generate", "--model", str(model)], "give a PROMPT or --prompts-file"),
+        (["generate", "a cat", "--model", str(model), "--offload"], "--offload moves models between CPU and GPU"),
     ]
     for argv, match in cases:
         code, line = _main_error(capsys, argv)

@@ -114,3 +114,17 @@ def test_relay_bad_input(folders, kwargs, match):
     ours = DiTPipeline.from_pretrained(folder)
     with pytest.raises(ValueError, match=match):
         ours(**dict(CALL, prompt="a cat", guidance_scale=1.0, num_inference_steps=1), **kwargs)
+
+
+def test_vae_tiling_and_slicing_switches_keep_the_frames(folders):
+    folder, _ = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    kwargs = dict(CALL, prompt=["a red circle", "a blue square"], guidance_scale=1.0, num_inference_steps=2)
+    plain = ours(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    ours.enable_vae_slicing()
+    ours.enable_vae_tiling()
+    tiled = ours(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    ours.disable_vae_tiling()
+    ours.disable_vae_slicing()
+    assert tiled.shape == plain.shape == (2, 9, 32, 32, 3)
+    assert abs(tiled - plain).max() <= 1e-4  # frames this small fit in one tile
