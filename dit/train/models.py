@@ -199,7 +199,10 @@ def _pretrained(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBundle:
                          "StableDiffusion3Pipeline folder")
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=transformer, local_files_only=True)
+    # Components the folder leaves out (SD3 without T5, no image encoder) must be passed as None explicitly.
+    absent = {name: None for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+              if not (isinstance(index.get(name), list) and index[name][0] is not None)}
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, transformer=transformer, local_files_only=True, **absent)
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
     tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3) if t is not None]
     return ModelBundle("sd3", transformer, pipe.vae.eval(), tokenizers, [e.eval() for e in encoders],
