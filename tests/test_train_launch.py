@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
@@ -105,3 +106,9 @@ def test_two_process_launch_trains_checkpoints_and_resumes_exactly_after_sigkill
     print(f"\nloss mean of steps 1-5 {first:.4f} -> steps {STEPS - 4}-{STEPS} {last:.4f}; killed after step "
           f"{killed_at}; {line.strip()}; max |loss difference| over all {STEPS} steps: {worst:.3g}")
     assert worst <= 1e-6, (killed_at, worst)
+    # The EMA (exported as the final transformer) was restored too: the two exports hold the same weights.
+    from safetensors.torch import load_file
+
+    name = "final/pipeline/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(full / name), load_file(part / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
