@@ -264,6 +264,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.build_cache:
         from dit.train.cache import build_cache
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CLIError("--build-cache runs in one process: use `python -m dit train CONFIG --build-cache`")
+
         print(str(build_cache(cfg)))
         return 0
     from dit.train import train

@@ -314,6 +314,8 @@ def test_every_train_config_smoke_runs_with_a_tiny_model(path, tmp_path, cogvide
         assert (final / "pipeline" / "model_index.json").is_file()
     if cfg.train.validate_every:
         assert any((out / "validation" / "step-00000002").iterdir())
+    if cfg.train.tensorboard:
+        assert any((out / "logs").glob("events.out.tfevents.*"))
 
 
 # ------------------------------------------------------------------------------------------------ exports

@@ -152,6 +152,13 @@ class Trainer:
         if state.get("world") not in (None, acc.num_processes):
             raise ValueError(f"{latest} was written by {state['world']} processes; resume it with the same number "
                              f"(now {acc.num_processes}), or start a new output_dir")
+        metrics = self.output / "metrics.jsonl"
+        if acc.is_main_process and metrics.is_file():
+            # Steps logged after the checkpoint by the interrupted run are run again: drop their records.
+            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            tmp = metrics.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, metrics)
         acc.print(f"resumed from {latest} at step {self.step}")
 
     def run(self) -> Path:
