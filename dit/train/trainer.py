@@ -65,6 +65,7 @@ class Trainer:
 
         self.lr_scheduler = get_scheduler(o.lr_schedule, optimizer, num_warmup_steps=o.warmup_steps,
                                           num_training_steps=t.steps)
+        self._check_distributed_type()
         self.model, self.optimizer = acc.prepare(transformer, optimizer)
         for module in self.bundle.frozen_modules():
             module.to(acc.device)
@@ -79,6 +80,21 @@ class Trainer:
                                   self.layout.dp_size, t.seed)
         self.step = 0
         self.writer = None
+
+    def _check_distributed_type(self) -> None:
+        """What this trainer does not do right yet under sharded engines: refuse rather than train wrongly."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED and self.cfg.optim.grad_accumulation != 1:
+            raise ValueError("optim.grad_accumulation: DeepSpeed accumulates itself; set it to 1 here and "
+                             "gradient_accumulation_steps in the DeepSpeed config instead")
+        sharded = kind == DistributedType.FSDP or (
+            kind == DistributedType.DEEPSPEED
+            and self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+        if sharded and self.cfg.train.ema_decay is not None:
+            raise ValueError("train.ema_decay: the EMA keeps full unsharded copies on every rank and is not supported "
+                             "with FSDP or ZeRO-3 yet; accepted there: null (or launch with DDP / ZeRO-2)")
 
     # -- one step ----------------------------------------------------------------------------------------------------
 
@@ -232,7 +248,12 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> None:
         """Sample the validation prompts with the pipeline into OUTPUT/validation/step-N/ (main process)."""
+        from accelerate.utils import DistributedType
+
         acc, t = self.accelerator, self.cfg.train
+        if acc.distributed_type == DistributedType.FSDP:
+            acc.print("validation skipped under FSDP (not supported yet)")
+            return
         if acc.is_main_process:
             folder = self.output / "validation" / f"step-{self.step:08d}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -258,8 +279,14 @@ class Trainer:
         """OUTPUT/final/: `pipeline/` (full fine-tune: a diffusers pipeline folder) or `lora/` (LoRA weights that
         diffusers' load_lora_weights reads), from the EMA weights when EMA is on. Written to a temporary folder
         and renamed."""
+        from accelerate.utils import DistributedType
+
         acc = self.accelerator
         final = self.output / "final"
+        if acc.distributed_type == DistributedType.FSDP:
+            # The unwrapped module holds only this rank's shards; a full-state gather for export is not written yet.
+            acc.print("final export skipped under FSDP (not supported yet): the last checkpoint holds the sharded state")
+            return self.output / "checkpoints"
         if acc.is_main_process:
             tmp = self.output / f".tmp-final-{os.getpid()}"
             import shutil
