@@ -225,25 +225,21 @@ class Trainer:
 
     # -- validation and export ---------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
     def _with_ema(self):
-        """Context: the unwrapped model with the EMA weights swapped in (restored on exit)."""
-        trainer = self
-
-        class _Swap:
-            def __enter__(self):
-                self.model = trainer.accelerator.unwrap_model(trainer.model)
-                if trainer.ema is not None:
-                    self.saved = [p.detach().clone() for p in trainer.params]
-                    trainer.ema.copy_to(trainer.params)
-                return self.model
-
-            def __exit__(self, *exc):
-                if trainer.ema is not None:
-                    with torch.no_grad():
-                        for p, s in zip(trainer.params, self.saved):
-                            p.copy_(s)
-
-        return _Swap()
+        """The unwrapped model with the EMA weights swapped in (the training weights come back on exit)."""
+        model = self.accelerator.unwrap_model(self.model)
+        saved = None
+        if self.ema is not None:
+            saved = [p.detach().clone() for p in self.params]
+            self.ema.copy_to(self.params)
+        try:
+            yield model
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for p, s in zip(self.params, saved):
+                        p.copy_(s)
 
     @torch.no_grad()
     def validate(self) -> None:
