@@ -165,6 +165,9 @@ def test_every_train_config_parses(tmp_path, cogvideox_folder, sd3_folder, media
      "model.pretrained: folder '/no/model' does not exist"),
     (lambda d: d["objective"].update(kind="eps"), "objective.kind: unknown value 'eps'; accepted: v_prediction_zero_snr"),
     (lambda d: d["optim"].update(lr_schedule="cosin"), "optim.lr_schedule: unknown value 'cosin'"),
+    (lambda d: d["data"].update(shapes={"colour": ["red"]}), "data.shapes: unknown shapes config key(s) ['colour']"),
+    (lambda d: d["model"].update(transformer_preset=None, transformer={"num_layer": 2}),
+     "unknown config key 'model.transformer.num_layer'; accepted: num_attention_heads,"),
 ])
 def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path, capsys, mutate, message):
     from dit.cli import main

@@ -308,7 +308,19 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _positive("objective.noise_alpha", o.noise_alpha, zero=True)
     if m.family == "sd3" and o.kind == "v_prediction_zero_snr":
         raise ValueError("objective.kind 'v_prediction_zero_snr' does not fit model.family 'sd3'; accepted: flow_matching, relay")
+    if m.transformer is not None:
+        _check_init_keys("model.transformer", m.transformer, "dit.models.cogvideox", "CogVideoXTransformer3DModel")
+    if m.vae is not None:
+        _check_init_keys("model.vae", m.vae, "vae3d.model", "CausalVAE3D")
     _choice("data.source", d.source, SOURCES)
+    if d.source == "shapes":
+        from dit.data import ShapesConfig
+
+        shapes = {"height": d.height, "width": d.width, "num_frames": d.frames, **d.shapes}
+        try:
+            ShapesConfig.from_dict(shapes)
+        except ValueError as e:
+            raise ValueError(f"data.shapes: {e}") from None
     _choice("data.captions", d.captions, CAPTION_FORMATS)
     if d.cache is not None:
         d.cache = _existing(base, d.cache, "data.cache", folder=True, hint="build it with `dit train CONFIG --build-cache`",
@@ -353,6 +365,18 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _positive("parallel.ulysses_degree", p.ulysses_degree)
     cfg.output_dir = str(base / cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir
     return cfg
+
+
+def _check_init_keys(where: str, values: dict[str, Any], module: str, cls_name: str) -> None:
+    """An inline model config may only use the constructor's (diffusers config) keys."""
+    import importlib
+    import inspect
+
+    cls = getattr(importlib.import_module(module), cls_name)
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    unknown = [k for k in values if k not in accepted]
+    if unknown:
+        raise ValueError(f"unknown config key {where + '.' + str(unknown[0])!r}; accepted: {', '.join(accepted)}")
 
 
 def _existing(base: Path, value: str, where: str, *, folder: bool, hint: str = "", allow_missing: bool = False) -> str:

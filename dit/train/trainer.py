@@ -92,6 +92,12 @@ class Trainer:
         sharded = kind == DistributedType.FSDP or (
             kind == DistributedType.DEEPSPEED
             and self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
+        if kind == DistributedType.DEEPSPEED:
+            # accelerate reads the micro-batch size from a prepared DataLoader, and ours is not prepared (the batch
+            # stream shards the data itself).
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
         if sharded and self.cfg.train.ema_decay is not None:
             raise ValueError("train.ema_decay: the EMA keeps full unsharded copies on every rank and is not supported "
                              "with FSDP or ZeRO-3 yet; accepted there: null (or launch with DDP / ZeRO-2)")
