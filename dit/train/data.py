@@ -111,6 +111,23 @@ def read_frames(path: Path) -> np.ndarray:
     return arr
 
 
+def probe(path: Path) -> tuple[int, int, int]:
+    """(frames, height, width) from the file's header, without decoding it. For containers that do not store a
+    frame count (mp4 through ffmpeg) it is duration x fps, which can be off by one: clips are padded with their
+    last frame when they come up short (see FolderSource.__getitem__)."""
+    import imageio.v3 as iio
+
+    props = iio.improps(path)
+    h, w = int(props.shape[1]), int(props.shape[2])
+    if path.suffix.lower() in IMAGE_EXTS and path.suffix.lower() != ".webp":
+        return 1, int(props.shape[0]), int(props.shape[1])
+    n = props.shape[0]
+    if not math.isfinite(n):
+        meta = iio.immeta(path)
+        n = math.floor(float(meta.get("duration", 0)) * float(meta.get("fps", 0)) + 1e-6)
+    return max(int(n), 1), h, w
+
+
 def choose_bucket(buckets: list[Bucket], height: int, width: int, available_frames: int, stride: int) -> int | None:
     """The bucket nearest in aspect ratio among those whose frame count the clip can fill (longest first)."""
     fits = [i for i, (_, _, f) in enumerate(buckets) if (f - 1) * stride + 1 <= available_frames]
@@ -152,7 +169,7 @@ class FolderSource:
                     raise AssertionError("txt captions cover every file")
                 self.skipped.append(f)
                 continue
-            n, h, w = read_frames(f).shape[:3]
+            n, h, w = probe(f)
             b = choose_bucket(self.buckets, h, w, n, cfg.frame_stride)
             if b is None:
                 self.skipped.append(f)
@@ -172,7 +189,9 @@ class FolderSource:
         frames = read_frames(path)
         span = (f - 1) * self.cfg.frame_stride + 1
         # The clip's start is a pure function of (seed, item): reproducible across restarts.
-        start = int(np.random.default_rng([self.seed, i]).integers(frames.shape[0] - span + 1))
+        start = int(np.random.default_rng([self.seed, i]).integers(max(frames.shape[0] - span, 0) + 1))
+        if frames.shape[0] < span:  # the header's frame count was one too many
+            frames = np.concatenate([frames, np.repeat(frames[-1:], span - frames.shape[0], axis=0)])
         clip = frames[start:start + span:self.cfg.frame_stride]  # (f, H, W, 3)
         video = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (f, 3, H, W)
         return {"video": resize_crop(video, h, w), "caption": caption}
