@@ -137,7 +137,11 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    """Steps count optimizer updates; batch_size is per data-parallel group (per process without CP)."""
+    """Steps count optimizer updates; batch_size is per data-parallel group (per process without CP).
+
+    Validation samples `validation_prompts`; a relay stage instead super-resolves the first `validation_items`
+    clips of the data from their low-resolution versions (with their own captions).
+    """
 
     steps: int = 100
     batch_size: int = 1
@@ -152,6 +156,7 @@ class TrainLoopConfig:
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 10
     validation_guidance: float = 6.0
+    validation_items: int = 2
     tensorboard: bool = False
     save_pipeline: bool = True
 
@@ -354,12 +359,10 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:
         raise ValueError(f"train.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
+    _positive("train.validation_items", t.validation_items)
     if t.validate_every is not None:
         _positive("train.validate_every", t.validate_every)
-        if o.kind == "relay":
-            raise ValueError("train.validate_every: validation sampling of a relay stage needs low-resolution inputs "
-                             "and is not supported yet; accepted for objective relay: null")
-        if not t.validation_prompts:
+        if o.kind != "relay" and not t.validation_prompts:
             raise ValueError("train.validation_prompts: give at least one prompt when train.validate_every is set")
     _positive("parallel.ring_degree", p.ring_degree)
     _positive("parallel.ulysses_degree", p.ulysses_degree)

@@ -256,7 +256,12 @@ class Trainer:
         if acc.distributed_type == DistributedType.FSDP:
             acc.print("validation skipped under FSDP (not supported yet)")
             return
-        if acc.is_main_process:
+        if acc.is_main_process and self.objective.needs_low_res:
+            with self._with_ema() as model:
+                model.eval()
+                self._validate_relay(model, self.output / "validation" / f"step-{self.step:08d}")
+                model.train()
+        elif acc.is_main_process:
             folder = self.output / "validation" / f"step-{self.step:08d}"
             folder.mkdir(parents=True, exist_ok=True)
             with self._with_ema() as model:
@@ -276,6 +281,46 @@ class Trainer:
                 (folder / "prompts.json").write_text(json.dumps(t.validation_prompts, indent=2) + "\n")
                 model.train()
         acc.wait_for_everyone()
+
+    def _validate_relay(self, model, folder: Path) -> None:
+        """The relay stage on the first validation_items clips: input (upsampled low resolution), output, target."""
+        import samplers
+        t, b, device = self.cfg.train, self.bundle, self.accelerator.device
+        folder.mkdir(parents=True, exist_ok=True)
+        n = min(t.validation_items, len(self.source))
+        items = [self.source[i] for i in range(n)]
+        ext = "mp4" if b.family == "cogvideox" else "png"
+        g = torch.Generator().manual_seed(t.seed)
+        o = self.cfg.objective
+        schedule = samplers.relay_schedule(self.objective.path, o.relay_t, min(t.validation_steps, o.relay_t))
+        for i, item in enumerate(items):
+            if "cached" in item:
+                raise ValueError("relay validation decodes clips from the data; it cannot run from data.cache")
+            video = item["video"][None].to(device)  # (1, F, 3, H, W)
+            low = low_resolution(video, o.scale_factor)
+            z_low = b.encode_posterior(low)[0]
+            cond = b.encode_text([item["caption"]], device)
+
+            def model_fn(x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+                ts = torch.as_tensor(ts, device=device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+                return b.forward(model, x, ts, cond).float()
+
+            z = samplers.sample_relay(samplers.Denoiser(model_fn, self.objective.prediction), z_low, schedule,
+                                      block_size=o.block_size, noise_alpha=o.noise_alpha, generator=g)
+            for name, clip in (("input", low), ("relay", self._decode(z)), ("target", video)):
+                frames = ((clip[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2)  # (F, H, W, 3) in [0, 1]
+                _write_media(frames if ext == "mp4" else frames[:1], folder / f"{i:02d}-{name}.{ext}")
+        (folder / "captions.json").write_text(json.dumps([it["caption"] for it in items], indent=2) + "\n")
+
+    @torch.no_grad()
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the transformer's layout -> (B, F, 3, H, W) in [-1, 1]."""
+        cfg = self.bundle.vae.config
+        if self.bundle.family == "cogvideox":
+            video = self.bundle.vae.decode(z.permute(0, 2, 1, 3, 4) / cfg.scaling_factor).sample  # (B, 3, F, H, W)
+            return video.permute(0, 2, 1, 3, 4).clamp(-1, 1)
+        image = self.bundle.vae.decode(z / cfg.scaling_factor + (cfg.shift_factor or 0.0)).sample  # (B, 3, H, W)
+        return image[:, None].clamp(-1, 1)
 
     def export(self) -> Path:
         """OUTPUT/final/: `pipeline/` (full fine-tune: a diffusers pipeline folder) or `lora/` (LoRA weights that
