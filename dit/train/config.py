@@ -22,7 +22,7 @@ SOURCES = ("shapes", "folder")
 CAPTION_FORMATS = ("txt", "csv", "jsonl")
 MIXED_PRECISION = ("no", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-TRANSFORMER_PRESETS = ("cogvideox-2b", "cogvideox-5b", "cogvideox-tiny", "sd3-medium", "sd3-tiny")
+TRANSFORMER_PRESETS = ("cogvideox-2b", "cogvideox-5b", "cogvideox-tiny")
 RELAY_PATHS = ("vp", "flow")
 
 

@@ -25,18 +25,12 @@ COGVIDEOX_TINY: dict[str, Any] = dict(
 # The smallest CogVideoX VAE layout (4 levels: x8 space, x4 time), frozen and random in smoke runs.
 VAE_TINY: dict[str, Any] = dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                 norm_num_groups=2, sample_height=32, sample_width=32, scaling_factor=1.0)
-SD3_TINY: dict[str, Any] = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                                num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
-                                pooled_projection_dim=64, out_channels=4)
-
-
 def _transformer_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     from dit.models.cogvideox import COGVIDEOX_2B, COGVIDEOX_5B
-    from dit.models.mmdit import SD3_MEDIUM
 
+    # SD3 is trained from a diffusers folder only (its CLIP + T5 encoders and 2D VAE are not built from scratch).
     return {"cogvideox-2b": ("cogvideox", COGVIDEOX_2B), "cogvideox-5b": ("cogvideox", COGVIDEOX_5B),
-            "cogvideox-tiny": ("cogvideox", COGVIDEOX_TINY), "sd3-medium": ("sd3", SD3_MEDIUM),
-            "sd3-tiny": ("sd3", SD3_TINY)}
+            "cogvideox-tiny": ("cogvideox", COGVIDEOX_TINY)}
 
 
 @dataclass
