@@ -81,6 +81,18 @@ class Trainer:
         self.step = 0
         self.writer = None
 
+    def _sharded(self) -> bool:
+        """FSDP or ZeRO-3: each rank holds only shards of the parameters."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            return True
+        if kind == DistributedType.DEEPSPEED:
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            return ds.get("zero_optimization", {}).get("stage") == 3
+        return False
+
     def _check_distributed_type(self) -> None:
         """What this trainer does not do right yet under sharded engines: refuse rather than train wrongly."""
         from accelerate.utils import DistributedType
@@ -89,16 +101,13 @@ class Trainer:
         if kind == DistributedType.DEEPSPEED and self.cfg.optim.grad_accumulation != 1:
             raise ValueError("optim.grad_accumulation: DeepSpeed accumulates itself; set it to 1 here and "
                              "gradient_accumulation_steps in the DeepSpeed config instead")
-        sharded = kind == DistributedType.FSDP or (
-            kind == DistributedType.DEEPSPEED
-            and self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3)
         if kind == DistributedType.DEEPSPEED:
             # accelerate reads the micro-batch size from a prepared DataLoader, and ours is not prepared (the batch
             # stream shards the data itself).
             ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
             if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 ds["train_micro_batch_size_per_gpu"] = self.cfg.train.batch_size
-        if sharded and self.cfg.train.ema_decay is not None:
+        if self._sharded() and self.cfg.train.ema_decay is not None:
             raise ValueError("train.ema_decay: the EMA keeps full unsharded copies on every rank and is not supported "
                              "with FSDP or ZeRO-3 yet; accepted there: null (or launch with DDP / ZeRO-2)")
 
@@ -250,11 +259,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> None:
         """Sample the validation prompts with the pipeline into OUTPUT/validation/step-N/ (main process)."""
-        from accelerate.utils import DistributedType
-
         acc, t = self.accelerator, self.cfg.train
-        if acc.distributed_type == DistributedType.FSDP:
-            acc.print("validation skipped under FSDP (not supported yet)")
+        if self._sharded():
+            acc.print("validation skipped under FSDP / ZeRO-3 (not supported yet)")
             return
         if acc.is_main_process and self.objective.needs_low_res:
             with self._with_ema() as model:
@@ -326,13 +333,12 @@ class Trainer:
         """OUTPUT/final/: `pipeline/` (full fine-tune: a diffusers pipeline folder) or `lora/` (LoRA weights that
         diffusers' load_lora_weights reads), from the EMA weights when EMA is on. Written to a temporary folder
         and renamed."""
-        from accelerate.utils import DistributedType
-
         acc = self.accelerator
         final = self.output / "final"
-        if acc.distributed_type == DistributedType.FSDP:
+        if self._sharded():
             # The unwrapped module holds only this rank's shards; a full-state gather for export is not written yet.
-            acc.print("final export skipped under FSDP (not supported yet): the last checkpoint holds the sharded state")
+            acc.print("final export skipped under FSDP / ZeRO-3 (not supported yet): the last checkpoint holds the "
+                      "sharded state")
             return self.output / "checkpoints"
         if acc.is_main_process:
             tmp = self.output / f".tmp-final-{os.getpid()}"
