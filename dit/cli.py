@@ -288,7 +288,24 @@ def _version() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    raise CLIError("`dit train` is not available yet in this version")
+    from dit.train.config import load_config, parse_overrides
+
+    cfg = load_config(args.config, overrides=parse_overrides(args.set or []))
+    _quiet_libraries()
+    if args.build_cache:
+        from dit.train.cache import build_cache
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CLIError("--build-cache runs in one process: use `python -m dit train CONFIG --build-cache`")
+
+        print(str(build_cache(cfg)))
+        return 0
+    from dit.train import train
+
+    final = train(cfg)
+    if os.environ.get("RANK", "0") == "0":  # one line from the launch, not one per process
+        print(str(final))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a YAML config (run under `accelerate launch`)",
                            description="Train from a strict YAML config.")
     train.add_argument("config", help="path to a training YAML config")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=10 (value read as YAML; repeatable)")
+    train.add_argument("--build-cache", action="store_true",
+                       help="encode the data into data.cache (latents and text embeddings) and exit")
     train.set_defaults(func=cmd_train)
     return parser
 

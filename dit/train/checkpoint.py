@@ -1,0 +1,121 @@
+"""Checkpoints: written atomically, the last N kept, and found again for an automatic resume; plus the EMA.
+
+A checkpoint is `OUTPUT/checkpoints/step-NNNNNNNN/`. It is first written as `.tmp-step-NNNNNNNN/` (accelerate's
+save_state: model, optimizer, LR schedule, EMA, RNG states of every rank; plus `trainer_state.json`) and renamed
+when every rank has finished writing, so a folder named `step-*` is always complete: a run killed mid-write
+leaves only a `.tmp-*` folder, which the next start deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, kept in fp32 whatever the training precision."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float):
+        self.decay = decay
+        self.params = params
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: list[nn.Parameter]) -> None:
+        for s, p in zip(self.shadow, params):
+            p.copy_(s.to(p.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"the checkpoint's EMA has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial(output_dir: str | Path) -> None:
+    """Delete `.tmp-*` folders left by a run killed while writing (main process only)."""
+    folder = checkpoints_dir(output_dir)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Every rank calls this; returns the final folder. Keeps the newest `keep_last` checkpoints."""
+    folder = checkpoints_dir(output_dir)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # the same step written again (a rerun after a crash between rename and prune)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        for _, old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: Path) -> dict[str, Any]:
+    """Restore everything save_checkpoint wrote; returns the trainer state (step, data position, ...)."""
+    accelerator.load_state(str(folder))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the folder's entries durable before the rename publishes them (best effort off POSIX)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
