@@ -108,3 +108,20 @@ def _head_mismatch(rank, world):
 
 def test_ulysses_degree_must_divide_heads():
     run_distributed(_head_mismatch, 3)
+
+
+def _dp_times_cp(rank, world):
+    """4 processes = 2 data-parallel replicas x 2-way context parallelism: each replica computes its own input."""
+    from dit.parallel import ContextParallelConfig
+
+    model, inputs, grad_inputs = _cogvideox()
+    replica = rank // 2
+    inputs = {k: (v + replica if k == "hidden_states" else v) for k, v in inputs.items()}  # replicas differ
+    ref = model(**inputs, return_dict=False)[0]
+    model.enable_parallelism(ContextParallelConfig(ulysses_degree=2))
+    assert model._cp.context.dp_size == 2 and model._cp.context.rank == rank % 2
+    _close(model(**inputs, return_dict=False)[0], ref, f"dp x cp rank {rank}")
+
+
+def test_data_parallel_times_context_parallel():
+    run_distributed(_dp_times_cp, 4)

@@ -32,22 +32,23 @@ def test_cp_group_shares_batches_and_noise_dp_groups_do_not():
         Layout(rank=0, world=8, cp=3)
 
 
-def test_enable_context_parallel_says_what_is_missing():
+def test_enable_context_parallel_passes_the_degrees_for_dp_times_cp():
     from dit.models.cogvideox import CogVideoXTransformer3DModel
+    from dit.parallel import ContextParallelConfig
 
     model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                                         time_embed_dim=8, text_embed_dim=8, num_layers=1, sample_width=4,
                                         sample_height=4, sample_frames=5, max_text_seq_length=4)
     enable_context_parallel(model, ParallelConfig(), Layout(0, 1, 1))  # degree 1: nothing to do
-    if not hasattr(model, "enable_parallelism"):
-        with pytest.raises(ValueError, match="has no enable_parallelism yet"):
-            enable_context_parallel(model, ParallelConfig(ring_degree=2), Layout(0, 2, 2))
-    with pytest.raises(ValueError, match="needs enable_parallelism on a sub-group"):
-        class WithCP(torch.nn.Module):
-            def enable_parallelism(self, config):
-                raise AssertionError("not reached")
+    assert not model.is_parallel
+    seen = []
 
-        enable_context_parallel(WithCP(), ParallelConfig(ring_degree=2), Layout(0, 4, 2))
+    class WithCP(torch.nn.Module):
+        def enable_parallelism(self, config):
+            seen.append(config)
+
+    enable_context_parallel(WithCP(), ParallelConfig(ring_degree=2), Layout(0, 4, 2))  # dp 2 x cp 2
+    assert seen == [ContextParallelConfig(ring_degree=2, ulysses_degree=1)]
 
 
 class _ShardedToy(torch.nn.Module):

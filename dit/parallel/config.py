@@ -39,27 +39,42 @@ class ContextParallelConfig:
 
 
 class ParallelContext:
-    """The 2-D (ring, ulysses) DeviceMesh of a config, with this rank's coordinates and groups."""
+    """The (dp, ring, ulysses) DeviceMesh of a config, with this rank's coordinates and groups.
+
+    The context-parallel group is ring x ulysses consecutive ranks (so it sits on one node's fast links); the
+    world may hold several such groups (data parallel x context parallel, for training), each running its own
+    sequence. `cp_group` spans one context-parallel group; `ring_group` and `ulysses_group` lie inside it.
+    """
 
     def __init__(self, config: ContextParallelConfig, *, device_type: str = "cpu"):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("context parallelism needs torch.distributed initialised first (torchrun / accelerate)")
         world = dist.get_world_size()
-        if config.world_size != world:
+        if world % config.world_size:
             raise ValueError(
                 f"ring_degree x ulysses_degree = {config.ring_degree} x {config.ulysses_degree} = {config.world_size} "
-                f"must equal the world size {world}"
+                f"must divide the world size {world}"
             )
         self.config = config
+        self.dp_size = world // config.world_size
         self.mesh: DeviceMesh = init_device_mesh(
-            device_type, (config.ring_degree, config.ulysses_degree), mesh_dim_names=("ring", "ulysses")
+            device_type, (self.dp_size, config.ring_degree, config.ulysses_degree),
+            mesh_dim_names=("dp", "ring", "ulysses"),
         )
         self.ring_group = self.mesh.get_group("ring")
         self.ulysses_group = self.mesh.get_group("ulysses")
-        self.world_group = dist.group.WORLD
-        self.rank = dist.get_rank()
+        if self.dp_size == 1:
+            self.cp_group = dist.group.WORLD
+        else:  # the ring x ulysses sub-mesh as one group
+            self.cp_group = self.mesh["ring", "ulysses"]._flatten("cp").get_group("cp")
+        self.rank = dist.get_rank(self.cp_group)
         self.ring_rank = dist.get_rank(self.ring_group)
         self.ulysses_rank = dist.get_rank(self.ulysses_group)
+
+    @property
+    def world_group(self) -> dist.ProcessGroup:
+        """The group that shards one sequence (kept under this name for the gather callers)."""
+        return self.cp_group
 
     @property
     def world_size(self) -> int:

@@ -53,8 +53,8 @@ class Layout:
 def enable_context_parallel(transformer: nn.Module, cfg: ParallelConfig, layout: Layout) -> None:
     """Switch the transformer to context parallelism (the integration point with dit.parallel).
 
-    The transformer-level `enable_parallelism(ContextParallelConfig)` owns the sharding; until it supports a
-    CP group smaller than the world (DP x CP), only dp = 1 can be enabled.
+    The transformer-level `enable_parallelism(ContextParallelConfig)` owns the sharding, on CP groups of
+    consecutive ranks inside a dp x cp world.
     """
     if cfg.degree == 1:
         return
@@ -64,9 +64,7 @@ def enable_context_parallel(transformer: nn.Module, cfg: ParallelConfig, layout:
     if enable is None:
         raise ValueError(f"parallel: {type(transformer).__name__} has no enable_parallelism yet, so "
                          f"ring_degree x ulysses_degree = {cfg.degree} cannot be used; accepted now: 1")
-    if layout.dp_size > 1:
-        raise ValueError(f"parallel: context parallelism with {layout.dp_size} data-parallel groups needs "
-                         "enable_parallelism on a sub-group; accepted now: ring_degree x ulysses_degree = number of processes")
+    # dit.parallel's mesh puts consecutive ranks in one CP group, as this layout does.
     enable(ContextParallelConfig(ring_degree=cfg.ring_degree, ulysses_degree=cfg.ulysses_degree))
 
 
