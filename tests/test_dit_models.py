@@ -1,5 +1,7 @@
 """DiT (adaLN-Zero, class-conditional): parity with diffusers' DiTTransformer2DModel on copied weights."""
 
+import json
+
 import pytest
 import torch
 from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
@@ -149,3 +151,26 @@ def test_drop_in_replaces_pipe_transformer(tmp_path):
     got = images()
     assert got.shape == (2, 16, 16, 3) and got.std() > 0.01
     assert abs(got - expected).max() <= 1e-4
+
+
+def test_load_transformer_reads_legacy_transformer2dmodel(tmp_path):
+    # Released DiT folders (facebook/DiT-XL-2-256) name diffusers' legacy Transformer2DModel with ada_norm_zero.
+    from diffusers import Transformer2DModel
+
+    import dit
+
+    legacy = {k: v for k, v in DIT_XL_2_256.items() if k not in ("out_channels", "norm_num_groups")}
+    ref = randomize(Transformer2DModel(**dict(legacy, **TINY))).eval()
+    ref.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "Transformer2DModel"
+    ours = dit.load_transformer(tmp_path)
+    assert isinstance(ours, DiTTransformer2DModel)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+    # Any other Transformer2DModel (PixArt's ada_norm_single, a latent-diffusion layer_norm one) is refused.
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, norm_type="ada_norm_single")))
+    with pytest.raises(ValueError, match=r"Transformer2DModel with norm_type 'ada_norm_single' is not supported; "
+                                         r"accepted norm_type: 'ada_norm_zero'"):
+        dit.load_transformer(tmp_path)
