@@ -104,8 +104,11 @@ def transformer_class_name(config: dict, path: str | os.PathLike) -> str:
             )
         return by_norm[norm_type]
     if class_name not in TRANSFORMER_CLASSES:
-        accepted = [*TRANSFORMER_CLASSES, *(f"{c} (norm_type {', '.join(map(repr, n))})" for c, n in LEGACY_CLASSES.items())]
-        raise ValueError(f"{str(path)!r}: unsupported transformer class {class_name!r}; accepted: {', '.join(accepted)}")
+        legacy = [f"{c} (norm_type {', '.join(map(repr, n))})" for c, n in LEGACY_CLASSES.items()]
+        raise ValueError(
+            f"{str(path)!r}: unsupported transformer class {class_name!r}; "
+            f"accepted: {', '.join([*TRANSFORMER_CLASSES, *legacy])}"
+        )
     return class_name
 
 
