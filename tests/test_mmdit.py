@@ -4,6 +4,7 @@ import pytest
 import torch
 from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
 from diffusers import SD3Transformer2DModel as RefSD3
+from tiny import _clip_vocab, sd3_pipeline  # noqa: F401  (_clip_vocab: kept importable from here)
 
 from dit.models.mmdit import SD3_5_LARGE, SD3_5_MEDIUM, SD3_MEDIUM, SD3Transformer2DModel
 
@@ -246,53 +247,14 @@ def test_fp16_inference(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ drop-in in a pipeline
-def _clip_vocab() -> dict:
-    """A byte-level CLIP vocabulary without merges (every byte is a token): a tokenizer built offline."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, extra = bs[:], 0
-    for b in range(256):  # GPT-2's bytes_to_unicode: unprintable bytes map above 255
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in cs]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for ch in chars:
-            vocab[ch + suffix] = len(vocab)
-    return vocab
-
-
 def test_drop_in_replaces_pipe_transformer(tmp_path):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
     import dit
 
-    vocab = _clip_vocab()
-
-    def clip(seed):
-        torch.manual_seed(seed)
-        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                             num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32,
-                             max_position_embeddings=77)
-        return CLIPTextModelWithProjection(cfg).eval()
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
     transformer = randomize(RefSD3(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                    num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
                                    pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
                                    dual_attention_layers=(0,))).eval()
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
-        text_encoder=clip(1), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        text_encoder_2=clip(2), tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        text_encoder_3=None, tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd3_pipeline(transformer, vae_blocks=(4,))
 
     def images(**kw):
         return pipe(prompt="a photo of a cat", negative_prompt="blurry", height=32, width=32, num_inference_steps=3,
