@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from _image_models import (assert_checkpointing_keeps_gradients, assert_compiles_fullgraph, assert_each_raises,
+                           assert_same_parameters, build_on_meta, fresh_copy, randomize, rel_err, roundtrip)
 from diffusers import SD3Transformer2DModel as RefSD3
 from tiny import _clip_vocab, sd3_pipeline  # noqa: F401  (_clip_vocab: kept importable from here)
 
@@ -108,9 +109,7 @@ def test_validation_errors():
         (dict(pooled_projections=torch.randn(2, 19)), r"pooled_projections must have shape \(2, 20\)"),
         (dict(timestep=torch.tensor([1.0, 2.0, 3.0])), r"timestep must be a scalar or have shape \(2,\)"),
     ]
-    for override, message in bad:
-        with pytest.raises(ValueError, match=message):
-            model(**{**kw, **override})
+    assert_each_raises(model, kw, bad)
     with torch.no_grad():  # a scalar timestep is broadcast
         model(**{**kw, "timestep": 5.0})
 
@@ -118,29 +117,11 @@ def test_validation_errors():
 @pytest.mark.parametrize("preset", [SD3_MEDIUM, SD3_5_MEDIUM, SD3_5_LARGE],
                          ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
 def test_full_size_presets_match_diffusers_parameter_counts(preset):
-    ours, ref = build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset)
-    assert count_params(ours) == count_params(ref)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert_same_parameters(build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
-    _, loaded = tiny_pair["sd35"]
-    model = SD3Transformer2DModel.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    kw = inputs(TINY)
-
-    def grads():
-        model.zero_grad()
-        model(**kw).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    assert model.gradient_checkpointing
-    ckpt = grads()
-    assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(fresh_copy(tiny_pair["sd35"][1]), inputs(TINY))
 
 
 def test_attention_backend_is_selectable(tiny_pair):
@@ -178,10 +159,7 @@ def test_save_and_from_pretrained_roundtrip(tiny_pair, tmp_path):
 
 def test_model_compiles_fullgraph(tiny_pair):
     _, ours = tiny_pair["sd35"]
-    kw = inputs(TINY)
-    compiled = torch.compile(ours, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**kw, skip_layers=[1]).sample, ours(**kw, skip_layers=[1]).sample)
+    assert_compiles_fullgraph(ours, **inputs(TINY), skip_layers=[1])
 
 
 def test_block_compiles_fullgraph():
@@ -189,11 +167,7 @@ def test_block_compiles_fullgraph():
 
     torch.manual_seed(0)
     block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
-    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
-            torch.testing.assert_close(got, expected)
+    assert_compiles_fullgraph(block, torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32))
 
 
 def test_fused_qkv_keeps_names_and_follows_weight_changes(tmp_path):
@@ -277,11 +251,8 @@ def test_block_compiles_fullgraph_with_inductor():
     from dit.models.mmdit import JointTransformerBlock
 
     block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
-    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
-    compiled = torch.compile(block, fullgraph=True)
-    with torch.no_grad():
-        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_compiles_fullgraph(block, torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32),
+                              backend="inductor")
 
 
 def test_sequential_cpu_offload_hooks_are_honoured(tmp_path):
