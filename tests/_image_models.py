@@ -31,6 +31,19 @@ def roundtrip(ref: nn.Module, tmp_path, **kwargs) -> nn.Module:
     return dit.load_transformer(tmp_path, **kwargs)
 
 
+def assert_bf16_load_close(ref: nn.Module, tmp_path, kw: dict, kw16: dict) -> None:
+    """load_transformer(torch_dtype=bf16) of ref's folder runs in bf16 within 2e-2 (relative) of diffusers'
+    own bf16 load and of the fp32 reference; kw16 is kw with the float inputs in bf16."""
+    ours = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    ref16 = type(ref).from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = ours(**kw16).sample
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, ref16(**kw16).sample) <= 2e-2
+        assert rel_err(got, ref(**kw).sample) <= 2e-2
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| relative to the reference output's scale (its max abs value)."""
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()

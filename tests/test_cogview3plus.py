@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from _image_models import (assert_checkpointing_keeps_gradients, assert_compiles_fullgraph, assert_each_raises,
-                           assert_same_parameters, build_on_meta, fresh_copy, randomize, rel_err, roundtrip)
+from _image_models import (assert_bf16_load_close, assert_checkpointing_keeps_gradients, assert_compiles_fullgraph,
+                           assert_each_raises, assert_same_parameters, build_on_meta, fresh_copy, randomize,
+                           rel_err, roundtrip)
 from diffusers import CogView3PlusTransformer2DModel as RefCV3
 
 from dit.models.cogview3plus import COGVIEW3_PLUS, CogView3PlusTransformer2DModel, CogView3PlusTransformerBlock
@@ -46,13 +47,7 @@ def test_tiny_parity_fp32_and_bf16(tiny_pair, tmp_path):
     assert got.shape == expected.shape == (2, 4, 12, 16)
     assert rel_err(got, expected) <= 1e-5
     torch.testing.assert_close(tup, got, rtol=0, atol=0)
-    ours16 = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
-    ref16 = RefCV3.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
-    with torch.no_grad():
-        got16 = ours16(**cast(kw, torch.bfloat16)).sample
-        assert got16.dtype == torch.bfloat16
-        assert rel_err(got16, ref16(**cast(kw, torch.bfloat16)).sample) <= 2e-2
-        assert rel_err(got16, expected) <= 2e-2
+    assert_bf16_load_close(ref, tmp_path, kw, cast(kw, torch.bfloat16))
 
 
 def test_medium_parity(tmp_path):

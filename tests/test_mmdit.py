@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from _image_models import (assert_checkpointing_keeps_gradients, assert_compiles_fullgraph, assert_each_raises,
-                           assert_same_parameters, build_on_meta, fresh_copy, randomize, rel_err, roundtrip)
+from _image_models import (assert_bf16_load_close, assert_checkpointing_keeps_gradients, assert_compiles_fullgraph,
+                           assert_each_raises, assert_same_parameters, build_on_meta, fresh_copy, randomize,
+                           rel_err, roundtrip)
 from diffusers import SD3Transformer2DModel as RefSD3
 from tiny import _clip_vocab, sd3_pipeline  # noqa: F401  (_clip_vocab: kept importable from here)
 
@@ -71,18 +72,8 @@ def test_tiny_parity_controlnet_residuals(tiny_pair):
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35"])
 def test_tiny_parity_bf16(tiny_pair, variant, tmp_path):
-    ref, _ = tiny_pair[variant]
-    ours = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
-    assert ours.dtype == torch.bfloat16
     kw = inputs(TINY)
-    with torch.no_grad():
-        expected = ref(**kw).sample  # fp32 reference
-        ref16 = RefSD3.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
-        expected16 = ref16(**cast(kw, torch.bfloat16)).sample
-        got = ours(**cast(kw, torch.bfloat16)).sample
-    assert got.dtype == torch.bfloat16
-    assert rel_err(got, expected16) <= 2e-2
-    assert rel_err(got, expected) <= 2e-2
+    assert_bf16_load_close(tiny_pair[variant][0], tmp_path, kw, cast(kw, torch.bfloat16))
 
 
 @pytest.mark.parametrize("cfg", [MEDIUM, MEDIUM_35], ids=["sd3", "sd35"])
