@@ -56,6 +56,12 @@ def test_diffusers_lora_file_gives_diffusers_images_on_our_transformer(tmp_path)
     got_half, expected_half = images(our_pipe, **half), images(ref_pipe, **half)
     assert abs(got_half - got).max() > 1e-3
     assert abs(got_half - expected_half).max() <= 1e-4
+    # fuse_lora merges the LoRA into the base weights (packed for fused QKV by the plain run above);
+    # unfuse_lora takes it out again.
+    our_pipe.fuse_lora()
+    assert abs(images(our_pipe) - got).max() <= 1e-5
+    our_pipe.unfuse_lora()
+    assert abs(images(our_pipe) - got).max() <= 1e-5
     # Unloading gives the base model back.
     our_pipe.unload_lora_weights()
     assert abs(images(our_pipe) - plain).max() <= 1e-6
