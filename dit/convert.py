@@ -25,6 +25,12 @@ TRANSFORMER_CLASSES: dict[str, str] = {
     "CogView3PlusTransformer2DModel": "dit.models.cogview3plus:CogView3PlusTransformer2DModel",
 }
 
+# diffusers' legacy Transformer2DModel stands for several models and its `norm_type` says which; released
+# DiT checkpoints (facebook/DiT-XL-2-256, -512) still name it. diffusers remaps the same way on load.
+LEGACY_CLASSES: dict[str, dict[str, str]] = {
+    "Transformer2DModel": {"ada_norm_zero": "DiTTransformer2DModel"},
+}
+
 # Per class: (regex, replacement) applied in order to each diffusers key. Empty while names agree.
 RENAME_RULES: dict[str, list[tuple[str, str]]] = {}
 
@@ -86,6 +92,26 @@ def rename_state_dict(class_name: str, state: dict[str, torch.Tensor]) -> dict[s
     return out
 
 
+def transformer_class_name(config: dict, path: str | os.PathLike) -> str:
+    """The key of TRANSFORMER_CLASSES for a folder's config (a legacy class name resolved by its norm_type)."""
+    class_name = config.get("_class_name")
+    if class_name in LEGACY_CLASSES:
+        by_norm, norm_type = LEGACY_CLASSES[class_name], config.get("norm_type")
+        if norm_type not in by_norm:
+            raise ValueError(
+                f"{str(path)!r}: {class_name} with norm_type {norm_type!r} is not supported; accepted norm_type: "
+                f"{', '.join(repr(n) for n in by_norm)} ({', '.join(by_norm.values())})"
+            )
+        return by_norm[norm_type]
+    if class_name not in TRANSFORMER_CLASSES:
+        legacy = [f"{c} (norm_type {', '.join(map(repr, n))})" for c, n in LEGACY_CLASSES.items()]
+        raise ValueError(
+            f"{str(path)!r}: unsupported transformer class {class_name!r}; "
+            f"accepted: {', '.join([*TRANSFORMER_CLASSES, *legacy])}"
+        )
+    return class_name
+
+
 def load_transformer(
     path: str | os.PathLike,
     *,
@@ -98,11 +124,7 @@ def load_transformer(
     tensor shapes. Every checkpoint key must be used and every parameter filled (strict load).
     """
     config = read_config(path)
-    class_name = config.get("_class_name")
-    if class_name not in TRANSFORMER_CLASSES:
-        raise ValueError(
-            f"{str(path)!r}: unsupported transformer class {class_name!r}; accepted: {', '.join(TRANSFORMER_CLASSES)}"
-        )
+    class_name = transformer_class_name(config, path)
     cls = resolve(TRANSFORMER_CLASSES[class_name])
     with torch.device("meta"):
         model = cls.from_config(config)

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from _image_models import (assert_bf16_load_close, assert_checkpointing_keeps_gradients, assert_compiles_fullgraph,
+                           assert_each_raises, assert_same_parameters, build_on_meta, fresh_copy, randomize,
+                           rel_err, roundtrip)
 from diffusers import CogView3PlusTransformer2DModel as RefCV3
 
 from dit.models.cogview3plus import COGVIEW3_PLUS, CogView3PlusTransformer2DModel, CogView3PlusTransformerBlock
@@ -45,13 +47,7 @@ def test_tiny_parity_fp32_and_bf16(tiny_pair, tmp_path):
     assert got.shape == expected.shape == (2, 4, 12, 16)
     assert rel_err(got, expected) <= 1e-5
     torch.testing.assert_close(tup, got, rtol=0, atol=0)
-    ours16 = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
-    ref16 = RefCV3.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
-    with torch.no_grad():
-        got16 = ours16(**cast(kw, torch.bfloat16)).sample
-        assert got16.dtype == torch.bfloat16
-        assert rel_err(got16, ref16(**cast(kw, torch.bfloat16)).sample) <= 2e-2
-        assert rel_err(got16, expected) <= 2e-2
+    assert_bf16_load_close(ref, tmp_path, kw, cast(kw, torch.bfloat16))
 
 
 def test_medium_parity(tmp_path):
@@ -75,42 +71,21 @@ def test_validation_errors():
         (dict(crop_coords=torch.zeros(2, 3)), r"crop_coords must have shape \(2, 2\)"),
         (dict(timestep=torch.tensor([1, 2, 3])), r"timestep must be a scalar or have shape \(2,\)"),
     ]
-    for override, message in bad:
-        with pytest.raises(ValueError, match=message):
-            model(**{**kw, **override})
+    assert_each_raises(model, kw, bad)
 
 
 def test_full_size_preset_matches_diffusers_parameter_count():
     ours, ref = build_on_meta(CogView3PlusTransformer2DModel, COGVIEW3_PLUS), build_on_meta(RefCV3, COGVIEW3_PLUS)
-    assert count_params(ours) == count_params(ref) > 2.5e9
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert assert_same_parameters(ours, ref) > 2.5e9
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
-    model = CogView3PlusTransformer2DModel.from_config(tiny_pair[1].config)
-    model.load_state_dict(tiny_pair[1].state_dict())
-    kw = inputs(TINY)
-
-    def grads():
-        model.zero_grad()
-        model(**kw).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    ckpt = grads()
-    assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(fresh_copy(tiny_pair[1]), inputs(TINY))
 
 
 def test_block_compiles_fullgraph():
     block = randomize(CogView3PlusTransformerBlock(32, 4, 8, 16))
-    x, c, emb = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 16)
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        for got, expected in zip(compiled(x, c, emb), block(x, c, emb)):
-            torch.testing.assert_close(got, expected)
+    assert_compiles_fullgraph(block, torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 16))
 
 
 def test_drop_in_replaces_pipe_transformer(tmp_path):

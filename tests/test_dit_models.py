@@ -1,8 +1,12 @@
 """DiT (adaLN-Zero, class-conditional): parity with diffusers' DiTTransformer2DModel on copied weights."""
 
+import json
+
 import pytest
 import torch
-from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from _image_models import (assert_bf16_load_close, assert_checkpointing_keeps_gradients, assert_compiles_fullgraph,
+                           assert_each_raises, assert_same_parameters, build_on_meta, fresh_copy, randomize,
+                           rel_err, roundtrip)
 from diffusers import DiTTransformer2DModel as RefDiT
 
 from dit.models.dit import DIT_XL_2_256, DIT_XL_2_512, DiTBlock, DiTTransformer2DModel
@@ -37,14 +41,8 @@ def test_tiny_parity_fp32_and_bf16(tiny_pair, tmp_path):
         assert got.shape == expected.shape == (2, 8, size, size)
         assert rel_err(got, expected) <= 1e-5
     kw = inputs(TINY)
-    ours16 = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
-    ref16 = RefDiT.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
-    kw16 = dict(kw, hidden_states=kw["hidden_states"].bfloat16())
+    assert_bf16_load_close(ref, tmp_path, kw, dict(kw, hidden_states=kw["hidden_states"].bfloat16()))
     with torch.no_grad():
-        got = ours16(**kw16).sample
-        assert got.dtype == torch.bfloat16
-        assert rel_err(got, ref16(**kw16).sample) <= 2e-2
-        assert rel_err(got, ref(**kw).sample) <= 2e-2
         (tup,) = ours(**kw, return_dict=False)
     assert tup.shape == (2, 8, 8, 8)
 
@@ -78,51 +76,26 @@ def test_validation_errors():
         (dict(timestep=torch.tensor([1, 2, 3])), r"timestep must be a scalar or have shape \(2,\)"),
         (dict(class_labels=torch.tensor([1, 11])), r"class_labels must lie in \[0, 10\] \(10 = the null class\)"),
     ]
-    for override, message in bad:
-        with pytest.raises(ValueError, match=message):
-            model(**{**kw, **override})
+    assert_each_raises(model, kw, bad)
 
 
 @pytest.mark.parametrize("preset", [DIT_XL_2_256, DIT_XL_2_512], ids=["xl-2-256", "xl-2-512"])
 def test_full_size_presets_match_diffusers_parameter_counts(preset):
-    ours, ref = build_on_meta(DiTTransformer2DModel, preset), build_on_meta(RefDiT, preset)
-    assert count_params(ours) == count_params(ref) > 600e6
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert assert_same_parameters(build_on_meta(DiTTransformer2DModel, preset), build_on_meta(RefDiT, preset)) > 600e6
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
-    model = DiTTransformer2DModel.from_config(tiny_pair[1].config)
-    model.load_state_dict(tiny_pair[1].state_dict())
-    model.eval()  # no label dropout, so both passes see the same labels
-    kw = inputs(TINY)
-
-    def grads():
-        model.zero_grad()
-        model(**kw).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    ckpt = grads()
-    assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    # eval: no label dropout, so both passes see the same labels
+    assert_checkpointing_keeps_gradients(fresh_copy(tiny_pair[1]).eval(), inputs(TINY))
 
 
 def test_model_compiles_fullgraph(tiny_pair):
-    _, ours = tiny_pair
-    kw = inputs(TINY)
-    compiled = torch.compile(ours, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**kw).sample, ours(**kw).sample)
+    assert_compiles_fullgraph(tiny_pair[1], **inputs(TINY))
 
 
 def test_block_compiles_fullgraph():
     block = randomize(DiTBlock(32, 4, 8, num_classes=10)).eval()
-    x, t, y = torch.randn(2, 6, 32), torch.tensor([1.0, 5.0]), torch.tensor([2, 3])
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x, t, y), block(x, t, y))
+    assert_compiles_fullgraph(block, torch.randn(2, 6, 32), torch.tensor([1.0, 5.0]), torch.tensor([2, 3]))
 
 
 def test_drop_in_replaces_pipe_transformer(tmp_path):
@@ -149,3 +122,26 @@ def test_drop_in_replaces_pipe_transformer(tmp_path):
     got = images()
     assert got.shape == (2, 16, 16, 3) and got.std() > 0.01
     assert abs(got - expected).max() <= 1e-4
+
+
+def test_load_transformer_reads_legacy_transformer2dmodel(tmp_path):
+    # Released DiT folders (facebook/DiT-XL-2-256) name diffusers' legacy Transformer2DModel with ada_norm_zero.
+    from diffusers import Transformer2DModel
+
+    import dit
+
+    legacy = {k: v for k, v in DIT_XL_2_256.items() if k not in ("out_channels", "norm_num_groups")}
+    ref = randomize(Transformer2DModel(**dict(legacy, **TINY))).eval()
+    ref.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "Transformer2DModel"
+    ours = dit.load_transformer(tmp_path)
+    assert isinstance(ours, DiTTransformer2DModel)
+    kw = inputs(TINY)
+    with torch.no_grad():
+        assert rel_err(ours(**kw).sample, ref(**kw).sample) <= 1e-5
+    # Any other Transformer2DModel (PixArt's ada_norm_single, a latent-diffusion layer_norm one) is refused.
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, norm_type="ada_norm_single")))
+    with pytest.raises(ValueError, match=r"Transformer2DModel with norm_type 'ada_norm_single' is not supported; "
+                                         r"accepted norm_type: 'ada_norm_zero'"):
+        dit.load_transformer(tmp_path)

@@ -2,8 +2,11 @@
 
 import pytest
 import torch
-from _image_models import build_on_meta, count_params, randomize, rel_err, roundtrip
+from _image_models import (assert_bf16_load_close, assert_checkpointing_keeps_gradients, assert_compiles_fullgraph,
+                           assert_each_raises, assert_same_parameters, build_on_meta, fresh_copy, randomize,
+                           rel_err, roundtrip)
 from diffusers import SD3Transformer2DModel as RefSD3
+from tiny import _clip_vocab, sd3_pipeline  # noqa: F401  (_clip_vocab: kept importable from here)
 
 from dit.models.mmdit import SD3_5_LARGE, SD3_5_MEDIUM, SD3_MEDIUM, SD3Transformer2DModel
 
@@ -69,18 +72,8 @@ def test_tiny_parity_controlnet_residuals(tiny_pair):
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35"])
 def test_tiny_parity_bf16(tiny_pair, variant, tmp_path):
-    ref, _ = tiny_pair[variant]
-    ours = roundtrip(ref, tmp_path, torch_dtype=torch.bfloat16)
-    assert ours.dtype == torch.bfloat16
     kw = inputs(TINY)
-    with torch.no_grad():
-        expected = ref(**kw).sample  # fp32 reference
-        ref16 = RefSD3.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
-        expected16 = ref16(**cast(kw, torch.bfloat16)).sample
-        got = ours(**cast(kw, torch.bfloat16)).sample
-    assert got.dtype == torch.bfloat16
-    assert rel_err(got, expected16) <= 2e-2
-    assert rel_err(got, expected) <= 2e-2
+    assert_bf16_load_close(tiny_pair[variant][0], tmp_path, kw, cast(kw, torch.bfloat16))
 
 
 @pytest.mark.parametrize("cfg", [MEDIUM, MEDIUM_35], ids=["sd3", "sd35"])
@@ -107,9 +100,7 @@ def test_validation_errors():
         (dict(pooled_projections=torch.randn(2, 19)), r"pooled_projections must have shape \(2, 20\)"),
         (dict(timestep=torch.tensor([1.0, 2.0, 3.0])), r"timestep must be a scalar or have shape \(2,\)"),
     ]
-    for override, message in bad:
-        with pytest.raises(ValueError, match=message):
-            model(**{**kw, **override})
+    assert_each_raises(model, kw, bad)
     with torch.no_grad():  # a scalar timestep is broadcast
         model(**{**kw, "timestep": 5.0})
 
@@ -117,29 +108,11 @@ def test_validation_errors():
 @pytest.mark.parametrize("preset", [SD3_MEDIUM, SD3_5_MEDIUM, SD3_5_LARGE],
                          ids=["sd3-medium", "sd3.5-medium", "sd3.5-large"])
 def test_full_size_presets_match_diffusers_parameter_counts(preset):
-    ours, ref = build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset)
-    assert count_params(ours) == count_params(ref)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert_same_parameters(build_on_meta(SD3Transformer2DModel, preset), build_on_meta(RefSD3, preset))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_pair):
-    _, loaded = tiny_pair["sd35"]
-    model = SD3Transformer2DModel.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    kw = inputs(TINY)
-
-    def grads():
-        model.zero_grad()
-        model(**kw).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    assert model.gradient_checkpointing
-    ckpt = grads()
-    assert plain.keys() == ckpt.keys() == {n for n, _ in model.named_parameters()}
-    for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(fresh_copy(tiny_pair["sd35"][1]), inputs(TINY))
 
 
 def test_attention_backend_is_selectable(tiny_pair):
@@ -177,10 +150,7 @@ def test_save_and_from_pretrained_roundtrip(tiny_pair, tmp_path):
 
 def test_model_compiles_fullgraph(tiny_pair):
     _, ours = tiny_pair["sd35"]
-    kw = inputs(TINY)
-    compiled = torch.compile(ours, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(**kw, skip_layers=[1]).sample, ours(**kw, skip_layers=[1]).sample)
+    assert_compiles_fullgraph(ours, **inputs(TINY), skip_layers=[1])
 
 
 def test_block_compiles_fullgraph():
@@ -188,11 +158,7 @@ def test_block_compiles_fullgraph():
 
     torch.manual_seed(0)
     block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
-    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
-    compiled = torch.compile(block, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
-            torch.testing.assert_close(got, expected)
+    assert_compiles_fullgraph(block, torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32))
 
 
 def test_fused_qkv_keeps_names_and_follows_weight_changes(tmp_path):
@@ -246,53 +212,14 @@ def test_fp16_inference(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ drop-in in a pipeline
-def _clip_vocab() -> dict:
-    """A byte-level CLIP vocabulary without merges (every byte is a token): a tokenizer built offline."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, extra = bs[:], 0
-    for b in range(256):  # GPT-2's bytes_to_unicode: unprintable bytes map above 255
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in cs]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for ch in chars:
-            vocab[ch + suffix] = len(vocab)
-    return vocab
-
-
 def test_drop_in_replaces_pipe_transformer(tmp_path):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
     import dit
 
-    vocab = _clip_vocab()
-
-    def clip(seed):
-        torch.manual_seed(seed)
-        cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                             num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab), projection_dim=32,
-                             max_position_embeddings=77)
-        return CLIPTextModelWithProjection(cfg).eval()
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
     transformer = randomize(RefSD3(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                    num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
                                    pooled_projection_dim=64, out_channels=4, qk_norm="rms_norm",
                                    dual_attention_layers=(0,))).eval()
-    pipe = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
-        text_encoder=clip(1), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        text_encoder_2=clip(2), tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
-        text_encoder_3=None, tokenizer_3=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd3_pipeline(transformer, vae_blocks=(4,))
 
     def images(**kw):
         return pipe(prompt="a photo of a cat", negative_prompt="blurry", height=32, width=32, num_inference_steps=3,
@@ -315,11 +242,8 @@ def test_block_compiles_fullgraph_with_inductor():
     from dit.models.mmdit import JointTransformerBlock
 
     block = randomize(JointTransformerBlock(32, 4, 8, qk_norm="rms_norm", use_dual_attention=True))
-    x, c, t = torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32)
-    compiled = torch.compile(block, fullgraph=True)
-    with torch.no_grad():
-        for got, expected in zip(compiled(x, c, t), block(x, c, t)):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_compiles_fullgraph(block, torch.randn(1, 6, 32), torch.randn(1, 3, 32), torch.randn(1, 32),
+                              backend="inductor")
 
 
 def test_sequential_cpu_offload_hooks_are_honoured(tmp_path):

@@ -65,12 +65,27 @@ def tiny_cogvideox_pipeline(folder: Path, *, rotary: bool = False, scheduler: st
     return pipe
 
 
-def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False):
-    """Save a tiny diffusers StableDiffusion3Pipeline (two tiny CLIPs, no T5) into `folder`; return it."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+def _clip_vocab() -> dict:
+    """A byte-level CLIP vocabulary without merges (every byte is a token): a tokenizer built offline."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):  # GPT-2's bytes_to_unicode: unprintable bytes map above 255
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    chars = [chr(c) for c in cs]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in chars:
+            vocab[ch + suffix] = len(vocab)
+    return vocab
 
-    from test_mmdit import _clip_vocab
+
+def sd3_pipeline(transformer, *, scheduler=None, vae_blocks: tuple[int, ...] = (4, 4)):
+    """A diffusers StableDiffusion3Pipeline around `transformer`: tiny seeded VAE, two tiny CLIPs, no T5."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = _clip_vocab()
 
@@ -82,19 +97,29 @@ def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False):
         return CLIPTextModelWithProjection(cfg).eval()
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=vae_blocks,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), transformer=transformer,
+        text_encoder=clip(1), tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_2=clip(2), tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False):
+    """Save a tiny diffusers StableDiffusion3Pipeline (two tiny CLIPs, no T5) into `folder`; return it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
     transformer = randomize(SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
         pos_embed_max_size=32), 3, 0.1).eval()
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0) if not dynamic_shift else FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True)
-    pipe = StableDiffusion3Pipeline(
-        scheduler=sched, vae=vae.eval(), transformer=transformer, text_encoder=clip(1),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_2=clip(2),
-        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), text_encoder_3=None, tokenizer_3=None)
+    pipe = sd3_pipeline(transformer, scheduler=sched)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 

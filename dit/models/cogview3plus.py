@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d, timestep_embedding, unpatchify_2d
 from dit.layers import Modulation, modulate
 from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
-                                      TextProjection, broadcast_timestep, checkpointed, gated_add, layer_norm)
+                                      TextProjection, broadcast_timestep, check_latents, check_shape, checkpointed,
+                                      gated_add, layer_norm)
 
 EPS = 1e-5  # the block LayerNorms (the qk-norm and the output norm use 1e-6)
 # The block's 12 modulation chunks: image (x) first, then text (context) with a "c_" prefix.
@@ -135,26 +136,12 @@ class CogView3PlusTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMi
         self.patch_embed.pos_embed = self.patch_embed.table(self.patch_embed.proj.weight.device)
 
     def _check_inputs(self, x: Tensor, text: Tensor, timestep, sizes: dict) -> None:
-        cfg, p = self.config, self.config.patch_size
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise ValueError(f"latent height and width must be divisible by patch_size {p}, got {h}x{w}; "
-                             f"expected e.g. {h - h % p}x{w - w % p}")
-        limit = cfg.pos_embed_max_size * p
-        if h > limit or w > limit:
-            raise ValueError(f"latent {h}x{w} exceeds the positional table: height and width must be <= {limit} "
-                             f"(pos_embed_max_size {cfg.pos_embed_max_size} x patch_size {p})")
-        if text is None or text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_embed_dim:
-            got = None if text is None else tuple(text.shape)
-            raise ValueError(f"encoder_hidden_states must have shape ({b}, L, {cfg.text_embed_dim}), got {got}")
-        if timestep is None:
-            raise ValueError(f"timestep is required: a scalar or shape ({b},)")
+        cfg = self.config
+        b = check_latents(x, timestep, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+                          max_grid=cfg.pos_embed_max_size)
+        check_shape("encoder_hidden_states", text, (b, "L", cfg.text_embed_dim))
         for name, value in sizes.items():
-            if value is None or tuple(value.shape) != (b, 2):
-                got = None if value is None else tuple(value.shape)
-                raise ValueError(f"{name} must have shape ({b}, 2), got {got}")
+            check_shape(name, value, (b, 2))
 
     def forward(
         self,

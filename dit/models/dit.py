@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from dit.layers import Modulation, modulate
 from dit.models._image_common import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, broadcast_timestep,
-                                      checkpointed, gated_add, layer_norm)
+                                      check_latents, checkpointed, gated_add, layer_norm)
 
 
 # ----------------------------------------------------------------------------------------------- embedders
@@ -158,15 +158,8 @@ class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
         emb.pos_embed = emb.table(emb.grid, emb.grid, emb.proj.weight.device)
 
     def _check_inputs(self, x: Tensor, timestep, class_labels) -> None:
-        cfg, p = self.config, self.config.patch_size
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise ValueError(f"latent height and width must be divisible by patch_size {p}, got {h}x{w}; "
-                             f"expected e.g. {h - h % p}x{w - w % p}")
-        if timestep is None:
-            raise ValueError(f"timestep is required: a scalar or shape ({b},)")
+        cfg = self.config
+        b = check_latents(x, timestep, in_channels=cfg.in_channels, patch_size=cfg.patch_size)
         labels = torch.as_tensor(class_labels) if class_labels is not None else None
         if labels is None or labels.shape != (b,) or labels.is_floating_point():
             got = None if labels is None else tuple(labels.shape)

@@ -21,7 +21,8 @@ from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
 from dit.layers import Modulation, modulate
 from dit.parallel.model import ContextParallelMixin
 from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
-                                      TextProjection, broadcast_timestep, checkpointed, gated_add, layer_norm)
+                                      TextProjection, broadcast_timestep, check_latents, check_shape, checkpointed,
+                                      gated_add, layer_norm)
 
 EPS = 1e-6  # every LayerNorm / qk-norm in SD3
 
@@ -152,25 +153,11 @@ class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
             self.pos_embed.pos_embed = self.pos_embed.table().to(self.pos_embed.proj.weight.device)
 
     def _check_inputs(self, x: Tensor, c: Tensor | None, pooled: Tensor | None, timestep) -> None:
-        cfg, p = self.config, self.config.patch_size
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states must have shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % p or w % p:
-            raise ValueError(f"latent height and width must be divisible by patch_size {p}, got {h}x{w}; "
-                             f"expected e.g. {h - h % p}x{w - w % p}")
-        limit = cfg.pos_embed_max_size * p
-        if h > limit or w > limit:
-            raise ValueError(f"latent {h}x{w} exceeds the positional table: height and width must be <= {limit} "
-                             f"(pos_embed_max_size {cfg.pos_embed_max_size} x patch_size {p})")
-        if c is None or c.ndim != 3 or c.shape[0] != b or c.shape[2] != cfg.joint_attention_dim:
-            got = None if c is None else tuple(c.shape)
-            raise ValueError(f"encoder_hidden_states must have shape ({b}, L, {cfg.joint_attention_dim}), got {got}")
-        if pooled is None or tuple(pooled.shape) != (b, cfg.pooled_projection_dim):
-            got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"pooled_projections must have shape ({b}, {cfg.pooled_projection_dim}), got {got}")
-        if timestep is None:
-            raise ValueError(f"timestep is required: a scalar or shape ({b},)")
+        cfg = self.config
+        b = check_latents(x, timestep, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+                          max_grid=cfg.pos_embed_max_size)
+        check_shape("encoder_hidden_states", c, (b, "L", cfg.joint_attention_dim))
+        check_shape("pooled_projections", pooled, (b, cfg.pooled_projection_dim))
 
     def forward(
         self,
