@@ -113,3 +113,24 @@ def test_two_process_launch_trains_checkpoints_and_resumes_exactly_after_sigkill
     name = "final/pipeline/transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(full / name), load_file(part / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parallel
+def test_context_parallel_training_follows_the_single_process_loss_curve(tmp_path):
+    """2 processes as one 2-way Ulysses group (one data-parallel replica) see the same batches and noise as one
+    process, so the loss curve must be the same; exact gradients through the all-to-all and gather make it so."""
+    steps = ["--set", "train.steps=6", "--set", "train.checkpoint_every=100"]
+    single = tmp_path / "single"
+    r = subprocess.run([sys.executable, "-m", "dit", "train", str(ROOT / "configs/train/tiny-cpu.yaml"),
+                        "--set", f"output_dir={single}", "--set", "train.validate_every=null",
+                        "--set", "data.shapes={length: 256, antialias: 1}", *steps],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cp = tmp_path / "cp"
+    r = subprocess.run(_command(cp, "--set", "parallel.ulysses_degree=2", *steps), env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _losses(single), _losses(cp)
+    assert sorted(a) == sorted(b) and len(a) >= 3
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (step, a[step], b[step])
