@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a red circle moving right on a blue background
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow test-parallel clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,16 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/dit generate "$(PROMPT)" -o outputs/demo.mp4
+	$(VENV)/bin/dit generate "$(PROMPT)" -o outputs/demo.mp4 $(if $(MODEL),--model $(MODEL))
 
 test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-parallel: setup
+	$(PY) -m pytest -q -m parallel
 
 clean:
 	rm -rf $(VENV) .pytest_cache
