@@ -151,7 +151,7 @@ class ResnetBlock3D(nn.Module):
         if self.dropout.p > 0 and self.training:
             norm_act2 = tf2
             tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
-        h = self.conv2(h, cache, tf2)
+        h = self.conv2(h, cache, tf2, overwrite_input=_inplace())
         if self.conv_shortcut is None:
             return h.add_(x) if _inplace() else h + x
         if not _inplace():

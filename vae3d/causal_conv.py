@@ -67,10 +67,14 @@ class CausalConv3d(nn.Module):
         x: torch.Tensor,
         cache: ConvCache | None = None,
         transform: FrameTransform | None = None,
+        overwrite_input: bool = False,
     ) -> torch.Tensor:
         """conv(transform(x)) causally: x (B, C, T, H, W) -> (B, C', T, H, W).
 
         ``cache`` carries the last frames between batches (None: a whole video in one call).
+        ``overwrite_input`` (C == C', no autograd) writes the output into x's storage: frames are
+        produced from the last to the first, and output frame t only needs input frames <= t, so
+        no input frame is overwritten before its last use.
         """
         tf = transform or _identity
         p, t = self.time_pad, x.shape[2]
@@ -95,9 +99,10 @@ class CausalConv3d(nn.Module):
             return y.unsqueeze(2)  # (B, C', 1, H, W)
 
         b, _, _, hh, ww = x.shape
-        out = x.new_empty(b, self.conv.out_channels, t, hh, ww)
-        first = None
-        for t0 in range(0, t, CONV_FRAMES_PER_STEP):
+        overwrite_input = overwrite_input and x.shape[1] == self.conv.out_channels
+        out = x if overwrite_input else x.new_empty(b, self.conv.out_channels, t, hh, ww)
+        starts = range(0, t, CONV_FRAMES_PER_STEP)
+        for t0 in reversed(starts) if overwrite_input else starts:
             t1 = min(t, t0 + CONV_FRAMES_PER_STEP)
             lo = max(t0 - p, 0)
             h = tf(x[:, :, lo:t1], lo, t1)  # (B, C, t1 - lo, H, W)
@@ -105,9 +110,8 @@ class CausalConv3d(nn.Module):
             if missing > 0:
                 if previous is not None:
                     head = previous[:, :, p - missing :]
-                else:
-                    first = h[:, :, :1] if first is None else first
-                    head = first.expand(-1, -1, missing, -1, -1)
+                else:  # here lo == 0, so h starts with the first frame
+                    head = h[:, :, :1].expand(-1, -1, missing, -1, -1)
                 h = torch.cat([head, h], dim=2)  # (B, C, p + t1 - t0, H, W)
             out[:, :, t0:t1] = self.conv(h)
             if t1 == t and cache is not None:
