@@ -24,9 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Output frames per convolution call when streaming (no autograd). Small enough that the
-# per-call temporaries are a fraction of the batch, large enough to amortise the call.
-CONV_FRAMES_PER_STEP = 2
+# Bytes of input per convolution call when streaming (no autograd): a call's temporaries are a
+# few times this, so large frames go one or two at a time while small ones (tiny models, tiles)
+# go all at once and do not pay a Python loop.
+SLICE_BYTES = 24 * 2**20
+
+
+def frames_per_step(x: torch.Tensor) -> int:
+    """How many frames of x (B, C, T, H, W) to process per call: about SLICE_BYTES of input."""
+    b, c, _, h, w = x.shape
+    return max(1, SLICE_BYTES // (b * c * h * w * x.element_size()))
 
 # transform(x[:, :, a:b], a, b) -> the convolution's input for frames a..b-1; frame-wise.
 FrameTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -101,9 +108,10 @@ class CausalConv3d(nn.Module):
         b, _, _, hh, ww = x.shape
         overwrite_input = overwrite_input and x.shape[1] == self.conv.out_channels
         out = x if overwrite_input else x.new_empty(b, self.conv.out_channels, t, hh, ww)
-        starts = range(0, t, CONV_FRAMES_PER_STEP)
+        step = frames_per_step(x)
+        starts = range(0, t, step)
         for t0 in reversed(starts) if overwrite_input else starts:
-            t1 = min(t, t0 + CONV_FRAMES_PER_STEP)
+            t1 = min(t, t0 + step)
             lo = max(t0 - p, 0)
             h = tf(x[:, :, lo:t1], lo, t1)  # (B, C, t1 - lo, H, W)
             missing = p - (t0 - lo)  # pad frames that come from before this batch

@@ -311,7 +311,10 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        """Latents (B, latent, F, h, w) -> video (B, C, 1 + 4(F - 1), 8h, 8w)."""
+        """Latents (B, latent, F, h, w) -> video (B, C, 1 + 4(F - 1), 8h, 8w).
+
+        With diffusers' frame batching an even F gives 4F frames (no image frame), as diffusers does.
+        """
         streaming.check_latents(self, z)
         video = streaming.decode(self, z)
         return DecoderOutput(sample=video) if return_dict else (video,)

@@ -114,7 +114,7 @@ def _encode_frames(vae: CausalVAE3D, x: torch.Tensor):
     """Yield the posterior moments of each frame batch of x (B, C, F, H, W)."""
     cache = ConvCache()
     for sl in frame_batches(x.shape[2], vae.num_sample_frames_batch_size, vae.frame_batching):
-        h = vae.encoder(x[:, :, sl], cache)  # (B, 2 * latent, f, h, w)
+        h = vae.encoder(x[:, :, sl].contiguous(), cache)  # (B, 2 * latent, f, h, w)
         cache.at_start = False
         if vae.quant_conv is not None:
             h = vae.quant_conv(h)
@@ -125,7 +125,7 @@ def _decode_frames(vae: CausalVAE3D, z: torch.Tensor):
     """Yield the decoded frames of each latent-frame batch of z (B, latent, F, h, w)."""
     cache = ConvCache()
     for sl in frame_batches(z.shape[2], vae.num_latent_frames_batch_size, vae.frame_batching):
-        zi = z[:, :, sl]
+        zi = z[:, :, sl].contiguous()
         if vae.post_quant_conv is not None:
             zi = vae.post_quant_conv(zi)
         y = vae.decoder(zi, cache)  # (B, C, f, H, W)
@@ -221,7 +221,7 @@ def tiled_encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
             row = []
             for j in cols:
                 cache = caches[(i, j)]
-                h = vae.encoder(x[:, :, sl, i : i + th, j : j + tw], cache)
+                h = vae.encoder(x[:, :, sl, i : i + th, j : j + tw].contiguous(), cache)
                 cache.at_start = False
                 row.append(vae.quant_conv(h) if vae.quant_conv is not None else h)
             tiles.append(row)
@@ -241,7 +241,7 @@ def tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
         for i in rows:
             row = []
             for j in cols:
-                zi = z[:, :, sl, i : i + lh, j : j + lw]
+                zi = z[:, :, sl, i : i + lh, j : j + lw].contiguous()
                 if vae.post_quant_conv is not None:
                     zi = vae.post_quant_conv(zi)
                 cache = caches[(i, j)]
