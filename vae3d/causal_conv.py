@@ -27,7 +27,7 @@ from torch import nn
 # Bytes of input per convolution call when streaming (no autograd): a call's temporaries are a
 # few times this, so large frames go one or two at a time while small ones (tiny models, tiles)
 # go all at once and do not pay a Python loop.
-SLICE_BYTES = 24 * 2**20
+SLICE_BYTES = 20 * 2**20
 
 
 def frames_per_step(x: torch.Tensor) -> int:
@@ -93,7 +93,7 @@ class CausalConv3d(nn.Module):
                 head = previous if previous is not None else h[:, :, :1].expand(-1, -1, p, -1, -1)
                 h = torch.cat([head, h], dim=2)  # (B, C, p + T, H, W)
                 if cache is not None:
-                    cache.frames[self] = h[:, :, -p:].detach().clone()
+                    cache.frames[self] = h[:, :, -p:].clone()  # keeps the graph: gradients cross batches
             return self.conv(h)
 
         if previous is None and t == 1:
@@ -110,18 +110,37 @@ class CausalConv3d(nn.Module):
         out = x if overwrite_input else x.new_empty(b, self.conv.out_channels, t, hh, ww)
         step = frames_per_step(x)
         starts = range(0, t, step)
-        for t0 in reversed(starts) if overwrite_input else starts:
-            t1 = min(t, t0 + step)
-            lo = max(t0 - p, 0)
-            h = tf(x[:, :, lo:t1], lo, t1)  # (B, C, t1 - lo, H, W)
-            missing = p - (t0 - lo)  # pad frames that come from before this batch
-            if missing > 0:
-                if previous is not None:
-                    head = previous[:, :, p - missing :]
-                else:  # here lo == 0, so h starts with the first frame
-                    head = h[:, :, :1].expand(-1, -1, missing, -1, -1)
-                h = torch.cat([head, h], dim=2)  # (B, C, p + t1 - t0, H, W)
-            out[:, :, t0:t1] = self.conv(h)
-            if t1 == t and cache is not None:
-                cache.frames[self] = h[:, :, -p:].clone()  # last p frames of the padded stream
+        # The p frames before this batch, already transformed: the cache, or the first frame
+        # replicated (computed now, before an in-place run could overwrite it).
+        pad = previous if previous is not None else tf(x[:, :, :1], 0, 1).expand(-1, -1, p, -1, -1)
+        # Each frame is transformed once: the p transformed frames a call shares with the next one
+        # are carried over (forward: the last p; in place, backward: the first p).
+        carry = pad
+        if not overwrite_input:
+            for t0 in starts:
+                t1 = min(t, t0 + step)
+                h = torch.cat([carry, tf(x[:, :, t0:t1], t0, t1)], dim=2)  # (B, C, p + t1 - t0, H, W)
+                out[:, :, t0:t1] = self.conv(h)
+                carry = h[:, :, -p:]
+            new_cache = carry
+        else:
+            carry = None
+            for t0 in reversed(starts):
+                t1 = min(t, t0 + step)
+                hi = t1 - p if carry is not None else t1  # frames [t0 - p, hi) still to transform
+                parts = [pad[:, :, p + t0 - p : p + min(0, hi)]] if t0 < p else []
+                if hi > max(t0 - p, 0):
+                    parts.append(tf(x[:, :, max(t0 - p, 0) : hi], max(t0 - p, 0), hi))
+                if carry is not None:
+                    parts.append(carry)
+                h = torch.cat(parts, dim=2)  # (B, C, p + t1 - t0, H, W)
+                if t1 == t:
+                    new_cache = h[:, :, -p:].clone()  # before x's last frames are overwritten
+                carry = h[:, :, :p]
+                out[:, :, t0:t1] = self.conv(h)
+        if cache is not None:
+            if previous is not None and previous.shape == new_cache.shape:
+                previous.copy_(new_cache)  # reuse the buffer: long-lived allocations stay put
+            else:
+                cache.frames[self] = new_cache.clone()
         return out
