@@ -120,20 +120,28 @@ def test_parity_default_config(tmp_path, tiled):
 # -- causality --------------------------------------------------------------------------------------
 
 
-def test_causal_conv_streaming_equals_whole_and_is_causal():
+@pytest.mark.parametrize("slice_bytes", [None, 1, 300])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_causal_conv_streaming_equals_whole_and_is_causal(monkeypatch, slice_bytes, overwrite):
+    """Frame batches with the carried cache == one call == the plain autograd path; causal."""
+    if slice_bytes is not None:  # 1: one frame per convolution call; 300: a few frames per call
+        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
-    conv = CausalConv3d(3, 5, kernel_size=3)
-    x = torch.randn(1, 3, 11, 6, 6)
+    conv = CausalConv3d(4, 4 if overwrite else 5, kernel_size=3)
+    x = torch.randn(1, 4, 11, 3, 3)
 
     def transform(s, a, b):  # a frame-wise transform, fused into the convolution
         return torch.tanh(s) * (1 + torch.arange(a, b).view(1, 1, -1, 1, 1))
 
+    def run(v, cache=None, tf=transform):
+        return conv(v.clone(), cache, tf, overwrite_input=overwrite)
+
     with torch.no_grad():
-        whole = conv(x, None, transform)
+        whole = run(x)
         cache = ConvCache()
         parts = []  # frame indices passed to a transform are relative to the batch: shift them back
         for sl in (slice(0, 1), slice(1, 2), slice(2, 7), slice(7, 11)):
-            parts.append(conv(x[:, :, sl], cache, lambda s, a, b, o=sl.start: transform(s, a + o, b + o)))
+            parts.append(run(x[:, :, sl], cache, lambda s, a, b, o=sl.start: transform(s, a + o, b + o)))
     assert _max_diff(torch.cat(parts, 2), whole) < 1e-5
     with torch.enable_grad():  # the plain (autograd) path computes the same
         assert _max_diff(conv(x, None, transform).detach(), whole) < 1e-5
@@ -141,7 +149,7 @@ def test_causal_conv_streaming_equals_whole_and_is_causal():
     y = x.clone()
     y[:, :, 6:] += 1
     with torch.no_grad():
-        out = conv(y, None, transform)
+        out = run(y)
     assert torch.equal(out[:, :, :6], whole[:, :, :6])
     assert not torch.allclose(out[:, :, 6:], whole[:, :, 6:])
 

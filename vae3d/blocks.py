@@ -51,12 +51,13 @@ def group_norm_transform(
         shift = shift * norm.weight.float() + norm.bias.float()
     scale = scale[:, :, None, None, None]
     shift = shift[:, :, None, None, None]
-    low = x.dtype != torch.float32
+    dtype = x.dtype  # the closure keeps only what it needs, not x
+    low = dtype != torch.float32
 
     def apply(s: torch.Tensor, a: int, b_: int) -> torch.Tensor:
-        y = torch.addcmul(shift, s.float() if low else s, scale)
+        y = torch.addcmul(shift, s.float() if low else s, scale)  # fp32 math for fp16/bf16 inputs
         if low:
-            y = y.to(x.dtype)
+            y = y.to(dtype)
         return F.silu(y, inplace=_inplace()) if act else y
 
     return apply
