@@ -50,7 +50,6 @@ class DownBlock3D(nn.Module):
         )
 
 
-
 class MidBlock3D(nn.Module):
     """Two ResNet blocks at the lowest resolution (SpatialNorm in the decoder)."""
 
@@ -61,7 +60,6 @@ class MidBlock3D(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock3D(channels, channels, groups, eps, dropout, spatial_norm_dim) for _ in range(2)
         )
-
 
 
 class UpBlock3D(nn.Module):
@@ -79,7 +77,6 @@ class UpBlock3D(nn.Module):
         self.upsamplers = (
             nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time)]) if add_upsample else None
         )
-
 
 
 def _check_block_types(types: tuple[str, ...], expected: str, name: str) -> None:
