@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .causal_conv import CONV_FRAMES_PER_STEP, CausalConv3d, ConvCache, FrameTransform
+from einops import rearrange
+
+from .causal_conv import CausalConv3d, ConvCache, FrameTransform, frames_per_step
 
 
 def _inplace() -> bool:
@@ -49,12 +51,13 @@ def group_norm_transform(
         shift = shift * norm.weight.float() + norm.bias.float()
     scale = scale[:, :, None, None, None]
     shift = shift[:, :, None, None, None]
-    low = x.dtype != torch.float32
+    dtype = x.dtype  # the closure keeps only what it needs, not x
+    low = dtype != torch.float32
 
     def apply(s: torch.Tensor, a: int, b_: int) -> torch.Tensor:
-        y = torch.addcmul(shift, s.float() if low else s, scale)
+        y = torch.addcmul(shift, s.float() if low else s, scale)  # fp32 math for fp16/bf16 inputs
         if low:
-            y = y.to(x.dtype)
+            y = y.to(dtype)
         return F.silu(y, inplace=_inplace()) if act else y
 
     return apply
@@ -151,14 +154,14 @@ class ResnetBlock3D(nn.Module):
         if self.dropout.p > 0 and self.training:
             norm_act2 = tf2
             tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
-        h = self.conv2(h, cache, tf2)
+        h = self.conv2(h, cache, tf2, overwrite_input=_inplace())
         if self.conv_shortcut is None:
             return h.add_(x) if _inplace() else h + x
         if not _inplace():
             return h + self.conv_shortcut(x)
-        for t0 in range(0, x.shape[2], CONV_FRAMES_PER_STEP):  # no full-size shortcut temporary
-            t1 = t0 + CONV_FRAMES_PER_STEP
-            h[:, :, t0:t1] += self.conv_shortcut(x[:, :, t0:t1])
+        step = frames_per_step(x)
+        for t0 in range(0, x.shape[2], step):  # no full-size shortcut temporary
+            h[:, :, t0 : t0 + step] += self.conv_shortcut(x[:, :, t0 : t0 + step])
         return h
 
 
@@ -184,9 +187,14 @@ class Downsample3D(nn.Module):
             first = [(0,)] if keep_first else []
             frames = first + [(i, i + 1) for i in range(len(first), t, 2)]
         out = x.new_empty(b, self.conv.out_channels, len(frames), (h - 2) // 2 + 1, (w - 2) // 2 + 1)
-        for j, src in enumerate(frames):
-            f = x[:, :, src[0]] if len(src) == 1 else (x[:, :, src[0]] + x[:, :, src[1]]) / 2  # (B, C, H, W)
-            out[:, :, j] = self.conv(F.pad(f, (0, 1, 0, 1)))
+        step = frames_per_step(x)
+        for j0 in range(0, len(frames), step):
+            group = frames[j0 : j0 + step]
+            f = torch.stack(
+                [x[:, :, s[0]] if len(s) == 1 else (x[:, :, s[0]] + x[:, :, s[1]]) / 2 for s in group], 1
+            )  # (B, n, C, H, W)
+            y = self.conv(F.pad(f.flatten(0, 1), (0, 1, 0, 1)))  # (B * n, C', H / 2, W / 2)
+            out[:, :, j0 : j0 + len(group)] = rearrange(y, "(b n) c h w -> b c n h w", b=b)
         return out
 
 
@@ -210,9 +218,13 @@ class Upsample3D(nn.Module):
             single_first = at_start and t % 2 == 1
             repeats = [1 if (i == 0 and single_first) else 2 for i in range(t)]
         out = x.new_empty(b, self.conv.out_channels, sum(repeats), 2 * h, 2 * w)
+        step = max(1, frames_per_step(x) // 4)  # the interpolated input is 4x bigger
         j = 0
-        for i, r in enumerate(repeats):
-            y = self.conv(F.interpolate(x[:, :, i], scale_factor=2.0, mode="nearest"))  # (B, C', 2H, 2W)
-            out[:, :, j : j + r] = y.unsqueeze(2)
-            j += r
+        for i0 in range(0, t, step):
+            f = rearrange(x[:, :, i0 : i0 + step], "b c n h w -> (b n) c h w")
+            y = self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))  # (B * n, C', 2H, 2W)
+            y = rearrange(y, "(b n) c h w -> b c n h w", b=b)
+            for k, r in enumerate(repeats[i0 : i0 + step]):
+                out[:, :, j : j + r] = y[:, :, k : k + 1]
+                j += r
         return out

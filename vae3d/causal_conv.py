@@ -24,9 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Output frames per convolution call when streaming (no autograd). Small enough that the
-# per-call temporaries are a fraction of the batch, large enough to amortise the call.
-CONV_FRAMES_PER_STEP = 2
+# Bytes of input per convolution call when streaming (no autograd): a call's temporaries are a
+# few times this, so large frames go one or two at a time while small ones (tiny models, tiles)
+# go all at once and do not pay a Python loop.
+SLICE_BYTES = 20 * 2**20
+
+
+def frames_per_step(x: torch.Tensor) -> int:
+    """How many frames of x (B, C, T, H, W) to process per call: about SLICE_BYTES of input."""
+    b, c, _, h, w = x.shape
+    return max(1, SLICE_BYTES // (b * c * h * w * x.element_size()))
 
 # transform(x[:, :, a:b], a, b) -> the convolution's input for frames a..b-1; frame-wise.
 FrameTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -67,10 +74,14 @@ class CausalConv3d(nn.Module):
         x: torch.Tensor,
         cache: ConvCache | None = None,
         transform: FrameTransform | None = None,
+        overwrite_input: bool = False,
     ) -> torch.Tensor:
         """conv(transform(x)) causally: x (B, C, T, H, W) -> (B, C', T, H, W).
 
         ``cache`` carries the last frames between batches (None: a whole video in one call).
+        ``overwrite_input`` (C == C', no autograd) writes the output into x's storage: frames are
+        produced from the last to the first, and output frame t only needs input frames <= t, so
+        no input frame is overwritten before its last use.
         """
         tf = transform or _identity
         p, t = self.time_pad, x.shape[2]
@@ -82,7 +93,7 @@ class CausalConv3d(nn.Module):
                 head = previous if previous is not None else h[:, :, :1].expand(-1, -1, p, -1, -1)
                 h = torch.cat([head, h], dim=2)  # (B, C, p + T, H, W)
                 if cache is not None:
-                    cache.frames[self] = h[:, :, -p:].detach().clone()
+                    cache.frames[self] = h[:, :, -p:].clone()  # keeps the graph: gradients cross batches
             return self.conv(h)
 
         if previous is None and t == 1:
@@ -95,21 +106,41 @@ class CausalConv3d(nn.Module):
             return y.unsqueeze(2)  # (B, C', 1, H, W)
 
         b, _, _, hh, ww = x.shape
-        out = x.new_empty(b, self.conv.out_channels, t, hh, ww)
-        first = None
-        for t0 in range(0, t, CONV_FRAMES_PER_STEP):
-            t1 = min(t, t0 + CONV_FRAMES_PER_STEP)
-            lo = max(t0 - p, 0)
-            h = tf(x[:, :, lo:t1], lo, t1)  # (B, C, t1 - lo, H, W)
-            missing = p - (t0 - lo)  # pad frames that come from before this batch
-            if missing > 0:
-                if previous is not None:
-                    head = previous[:, :, p - missing :]
-                else:
-                    first = h[:, :, :1] if first is None else first
-                    head = first.expand(-1, -1, missing, -1, -1)
-                h = torch.cat([head, h], dim=2)  # (B, C, p + t1 - t0, H, W)
-            out[:, :, t0:t1] = self.conv(h)
-            if t1 == t and cache is not None:
-                cache.frames[self] = h[:, :, -p:].clone()  # last p frames of the padded stream
+        overwrite_input = overwrite_input and x.shape[1] == self.conv.out_channels
+        out = x if overwrite_input else x.new_empty(b, self.conv.out_channels, t, hh, ww)
+        step = frames_per_step(x)
+        starts = range(0, t, step)
+        # The p frames before this batch, already transformed: the cache, or the first frame
+        # replicated (computed now, before an in-place run could overwrite it).
+        pad = previous if previous is not None else tf(x[:, :, :1], 0, 1).expand(-1, -1, p, -1, -1)
+        # Each frame is transformed once: the p transformed frames a call shares with the next one
+        # are carried over (forward: the last p; in place, backward: the first p).
+        carry = pad
+        if not overwrite_input:
+            for t0 in starts:
+                t1 = min(t, t0 + step)
+                h = torch.cat([carry, tf(x[:, :, t0:t1], t0, t1)], dim=2)  # (B, C, p + t1 - t0, H, W)
+                out[:, :, t0:t1] = self.conv(h)
+                carry = h[:, :, -p:]
+            new_cache = carry
+        else:
+            carry = None
+            for t0 in reversed(starts):
+                t1 = min(t, t0 + step)
+                hi = t1 - p if carry is not None else t1  # frames [t0 - p, hi) still to transform
+                parts = [pad[:, :, p + t0 - p : p + min(0, hi)]] if t0 < p else []
+                if hi > max(t0 - p, 0):
+                    parts.append(tf(x[:, :, max(t0 - p, 0) : hi], max(t0 - p, 0), hi))
+                if carry is not None:
+                    parts.append(carry)
+                h = torch.cat(parts, dim=2)  # (B, C, p + t1 - t0, H, W)
+                if t1 == t:
+                    new_cache = h[:, :, -p:].clone()  # before x's last frames are overwritten
+                carry = h[:, :, :p]
+                out[:, :, t0:t1] = self.conv(h)
+        if cache is not None:
+            if previous is not None and previous.shape == new_cache.shape:
+                previous.copy_(new_cache)  # reuse the buffer: long-lived allocations stay put
+            else:
+                cache.frames[self] = new_cache.clone()
         return out

@@ -30,7 +30,11 @@ UP_BLOCK = "CogVideoXUpBlock3D"
 
 
 class DownBlock3D(nn.Module):
-    """ResNet blocks, then (except for the last block) 2x spatial and optionally 2x time downsampling."""
+    """ResNet blocks, then (except for the last block) 2x spatial and optionally 2x time downsampling.
+
+    Blocks are containers (named as in diffusers); the encoder/decoder loop over their layers
+    themselves, so that a block's input is freed as soon as its first layer is done with it.
+    """
 
     def __init__(
         self, in_channels: int, out_channels: int, num_layers: int, groups: int, eps: float,
@@ -45,13 +49,6 @@ class DownBlock3D(nn.Module):
             nn.ModuleList([Downsample3D(out_channels, out_channels, compress_time)]) if add_downsample else None
         )
 
-    def forward(self, x: torch.Tensor, cache: ConvCache | None) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, None, cache)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x, at_start=cache is None or cache.at_start)
-        return x
-
 
 class MidBlock3D(nn.Module):
     """Two ResNet blocks at the lowest resolution (SpatialNorm in the decoder)."""
@@ -63,11 +60,6 @@ class MidBlock3D(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock3D(channels, channels, groups, eps, dropout, spatial_norm_dim) for _ in range(2)
         )
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, zq, cache)
-        return x
 
 
 class UpBlock3D(nn.Module):
@@ -85,13 +77,6 @@ class UpBlock3D(nn.Module):
         self.upsamplers = (
             nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time)]) if add_upsample else None
         )
-
-    def forward(self, x: torch.Tensor, zq: torch.Tensor, cache: ConvCache | None) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, zq, cache)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, at_start=cache is None or cache.at_start)
-        return x
 
 
 def _check_block_types(types: tuple[str, ...], expected: str, name: str) -> None:
@@ -125,11 +110,16 @@ class Encoder3D(nn.Module):
         self.conv_out = CausalConv3d(prev, 2 * latent_channels, kernel_size=3)
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
-        h = self.conv_in(x, cache)
+        at_start = cache is None or cache.at_start
+        h = self.conv_in(x, cache)  # (B, C0, T, H, W)
         for block in self.down_blocks:
-            h = block(h, cache)
-        h = self.mid_block(h, None, cache)
-        return self.conv_out(h, cache, group_norm_transform(self.norm_out, h))
+            for resnet in block.resnets:
+                h = resnet(h, None, cache)
+            if block.downsamplers is not None:
+                h = block.downsamplers[0](h, at_start)  # (B, C, T', H / 2, W / 2)
+        for resnet in self.mid_block.resnets:
+            h = resnet(h, None, cache)
+        return self.conv_out(h, cache, group_norm_transform(self.norm_out, h))  # (B, 2 * latent, T', h, w)
 
 
 class Decoder3D(nn.Module):
@@ -158,11 +148,16 @@ class Decoder3D(nn.Module):
         self.conv_out = CausalConv3d(prev, out_channels, kernel_size=3)
 
     def forward(self, z: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
-        h = self.conv_in(z, cache)
-        h = self.mid_block(h, z, cache)
+        at_start = cache is None or cache.at_start
+        h = self.conv_in(z, cache)  # (B, C, T, h, w)
+        for resnet in self.mid_block.resnets:
+            h = resnet(h, z, cache)
         for block in self.up_blocks:
-            h = block(h, z, cache)
-        return self.conv_out(h, cache, self.norm_out.transform(h, z))
+            for resnet in block.resnets:
+                h = resnet(h, z, cache)
+            if block.upsamplers is not None:
+                h = block.upsamplers[0](h, at_start)  # (B, C, T', 2h, 2w)
+        return self.conv_out(h, cache, self.norm_out.transform(h, z))  # (B, 3, T', H, W)
 
 
 # Named configurations. "cogvideox" is diffusers' default (CogVideoX-2b/5b VAE); the others are
@@ -313,7 +308,10 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        """Latents (B, latent, F, h, w) -> video (B, C, 1 + 4(F - 1), 8h, 8w)."""
+        """Latents (B, latent, F, h, w) -> video (B, C, 1 + 4(F - 1), 8h, 8w).
+
+        With diffusers' frame batching an even F gives 4F frames (no image frame), as diffusers does.
+        """
         streaming.check_latents(self, z)
         video = streaming.decode(self, z)
         return DecoderOutput(sample=video) if return_dict else (video,)

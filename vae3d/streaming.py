@@ -16,6 +16,8 @@ cache per tile, so it streams too.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +36,7 @@ FRAME_BATCHING = ("diffusers", "causal")
 def _nearest_multiples(value: int, step: int, offset: int = 0) -> list[int]:
     """The valid values ``offset + step * k`` (>= offset + step if offset == 0) around ``value``."""
     low = offset + step * ((value - offset) // step)
-    cands = [v for v in (low, low + step) if v >= max(offset, 1) and (offset > 0 or v > 0)]
+    cands = [v for v in (low, low + step) if v >= max(offset, 1)]
     return sorted(set(cands))
 
 
@@ -81,6 +83,26 @@ def _check_batching(vae: CausalVAE3D) -> None:
         raise ValueError(f"num_latent_frames_batch_size {vae.num_latent_frames_batch_size} must be >= 1")
 
 
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last frame batch back to the OS (glibc ``malloc_trim``).
+
+    Mid-sized tensors (a few frames) come from glibc's heap, not from mmap; without this, holes
+    left by one batch's temporaries add up over batches and resident memory creeps with length.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 # -- frame batches ----------------------------------------------------------------------------------
 
 
@@ -114,8 +136,9 @@ def _encode_frames(vae: CausalVAE3D, x: torch.Tensor):
     """Yield the posterior moments of each frame batch of x (B, C, F, H, W)."""
     cache = ConvCache()
     for sl in frame_batches(x.shape[2], vae.num_sample_frames_batch_size, vae.frame_batching):
-        h = vae.encoder(x[:, :, sl], cache)  # (B, 2 * latent, f, h, w)
+        h = vae.encoder(x[:, :, sl].contiguous(), cache)  # (B, 2 * latent, f, h, w)
         cache.at_start = False
+        release_freed_memory()
         if vae.quant_conv is not None:
             h = vae.quant_conv(h)
         yield h
@@ -125,11 +148,12 @@ def _decode_frames(vae: CausalVAE3D, z: torch.Tensor):
     """Yield the decoded frames of each latent-frame batch of z (B, latent, F, h, w)."""
     cache = ConvCache()
     for sl in frame_batches(z.shape[2], vae.num_latent_frames_batch_size, vae.frame_batching):
-        zi = z[:, :, sl]
+        zi = z[:, :, sl].contiguous()
         if vae.post_quant_conv is not None:
             zi = vae.post_quant_conv(zi)
         y = vae.decoder(zi, cache)  # (B, C, f, H, W)
         cache.at_start = False
+        release_freed_memory()
         yield y
 
 
@@ -221,11 +245,12 @@ def tiled_encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
             row = []
             for j in cols:
                 cache = caches[(i, j)]
-                h = vae.encoder(x[:, :, sl, i : i + th, j : j + tw], cache)
+                h = vae.encoder(x[:, :, sl, i : i + th, j : j + tw].contiguous(), cache)
                 cache.at_start = False
                 row.append(vae.quant_conv(h) if vae.quant_conv is not None else h)
             tiles.append(row)
         out.append(_stitch(tiles, blend, keep))
+        release_freed_memory()
     return torch.cat(out, dim=2)
 
 
@@ -241,7 +266,7 @@ def tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
         for i in rows:
             row = []
             for j in cols:
-                zi = z[:, :, sl, i : i + lh, j : j + lw]
+                zi = z[:, :, sl, i : i + lh, j : j + lw].contiguous()
                 if vae.post_quant_conv is not None:
                     zi = vae.post_quant_conv(zi)
                 cache = caches[(i, j)]
@@ -249,4 +274,5 @@ def tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
                 cache.at_start = False
             tiles.append(row)
         out.append(_stitch(tiles, blend, keep))
+        release_freed_memory()
     return torch.cat(out, dim=2)
