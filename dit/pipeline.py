@@ -132,6 +132,13 @@ class DiTPipeline(DiffusionPipeline):
         config = dict(self.scheduler.config, _class_name=type(self.scheduler).__name__)
         return samplers.from_diffusers_config(config, num_inference_steps, mu=mu)
 
+    def _sample(self, solve: Callable, denoiser: Callable, latents: torch.Tensor, schedule, steps: int,
+                callback_on_step_end: Callable | None, tensor_inputs, state: dict, **options: Any) -> torch.Tensor:
+        """Run a solver with a progress bar and diffusers' callback_on_step_end."""
+        with self.progress_bar(total=steps) as progress:
+            callback = self._step_callback(callback_on_step_end, list(tensor_inputs), state, progress)
+            return solve(denoiser, latents, schedule, callback=callback, **options)
+
     def _step_callback(self, callback_on_step_end: Callable | None, tensor_inputs: list[str], state: dict,
                        progress) -> Callable:
         """Our solvers' callback(i, x, x0) -> diffusers' callback_on_step_end(pipe, i, t, kwargs) and a progress bar."""
@@ -407,10 +414,8 @@ class CogVideoXDiTPipeline(DiTPipeline):
             options["eta"] = eta
         if solve in (samplers.sample_cogvideox_dpm,) or options.get("eta"):
             options["generator"] = generator
-        with self.progress_bar(total=num_inference_steps) as progress:
-            callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
-                                           progress)
-            latents = solve(denoiser, latents, spec.schedule, callback=callback, **options)
+        latents = self._sample(solve, denoiser, latents, spec.schedule, num_inference_steps, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs, state, **options)
 
         if relay is not None:
             latents = latents[:, extra:]
@@ -418,12 +423,10 @@ class CogVideoXDiTPipeline(DiTPipeline):
             stage = getattr(self, "relay_transformer", None) or self.transformer
             rope = self._rotary(height * relay, width * relay, z_low.shape[1], device)
             state["timesteps"] = relay_schedule.schedule.timesteps.to(device)
-            with self.progress_bar(total=relay_steps) as progress:
-                callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
-                                               state, progress)
-                latents = samplers.sample_relay(
-                    denoiser_for(stage, rope, relay_steps), z_low, relay_schedule, eta=relay_eta, block_size=relay,
-                    noise_alpha=relay_noise_alpha, generator=generator, callback=callback)
+            latents = self._sample(samplers.sample_relay, denoiser_for(stage, rope, relay_steps), z_low,
+                                   relay_schedule, relay_steps, callback_on_step_end,
+                                   callback_on_step_end_tensor_inputs, state, eta=relay_eta, block_size=relay,
+                                   noise_alpha=relay_noise_alpha, generator=generator)
             extra = 0
 
         if output_type == "latent":
@@ -508,10 +511,8 @@ class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline)
                                     return_dict=False)[0]
 
         model = samplers.classifier_free_guidance(model_fn, guidance_scale) if do_cfg else model_fn
-        with self.progress_bar(total=num_inference_steps) as progress:
-            callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
-                                           progress)
-            latents = solve(samplers.Denoiser(model, spec.prediction), latents, spec.schedule, callback=callback)
+        latents = self._sample(solve, samplers.Denoiser(model, spec.prediction), latents, spec.schedule,
+                               num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs, state)
         return self._finish_images(latents, output_type, return_dict, shift=True)
 
 
@@ -577,9 +578,7 @@ class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipe
                                     **sizes)[0].float()
 
         model = samplers.classifier_free_guidance(model_fn, guidance_scale) if do_cfg else model_fn
-        with self.progress_bar(total=num_inference_steps) as progress:
-            callback = self._step_callback(callback_on_step_end, list(callback_on_step_end_tensor_inputs), state,
-                                           progress)
-            latents = solve(samplers.Denoiser(model, spec.prediction), latents, spec.schedule, callback=callback,
-                            **options)
+        latents = self._sample(solve, samplers.Denoiser(model, spec.prediction), latents, spec.schedule,
+                               num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs, state,
+                               **options)
         return self._finish_images(latents, output_type, return_dict, shift=False)
