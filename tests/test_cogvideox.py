@@ -245,3 +245,46 @@ def test_block_compiles_fullgraph():
     with torch.no_grad():
         expected = block(x.clone(), temb, 5, rope)
         torch.testing.assert_close(compiled(x.clone(), temb, 5, rope), expected, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_pipeline(transformer):
+    """A tiny CogVideoXPipeline built offline: word-level tokenizer, 2-layer T5, 4-level 3D VAE, DDIM."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = "a cat dog runs on the beach at sunset red blue".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+    ).eval()
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+
+
+@pytest.mark.parametrize("variant", ["5b-rope", pytest.param("2b-sincos", marks=pytest.mark.slow),
+                                     pytest.param("1.5-tpatch-ofs", marks=pytest.mark.slow)])
+def test_drop_in_for_diffusers_pipeline(tmp_path, variant):
+    """pipe.transformer replaced by our loaded module: same frames (CFG batch, RoPE from the pipeline)."""
+    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+               text_embed_dim=32, num_layers=2, sample_width=2, sample_height=2, sample_frames=9,
+               max_text_seq_length=16, **VARIANTS[variant])
+    if variant.startswith("1.5"):
+        cfg.update(ofs_embed_dim=None)  # the text-to-video 1.5 model has none; the pipeline passes no ofs
+    ref, ours = _pair(tmp_path, cfg)
+    pipe = _tiny_pipeline(ref)
+    kw = dict(prompt="a cat runs on the beach", negative_prompt="blue dog", height=16, width=16, num_frames=9,
+              num_inference_steps=3, guidance_scale=6.0, max_sequence_length=16, output_type="np")
+    expected = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    pipe.transformer = ours
+    frames = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == expected.shape == (1, 9, 16, 16, 3)
+    assert abs(frames - expected).max() <= 1e-4 and expected.std() > 0.05
