@@ -48,12 +48,26 @@ def expert_modulate(h: Tensor, n_text: int, m: ModulationOut) -> Tensor:
     return torch.cat([modulate(ht, m.enc_shift, m.enc_scale), modulate(hv, m.shift, m.scale)], dim=1)
 
 
-def expert_gated_add(x: Tensor, y: Tensor, n_text: int, gate_text: Tensor, gate_video: Tensor) -> Tensor:
-    """Gated residual x + gate * y with one gate per stream; x, y (B, L, D), gates (B, D)."""
-    if _autograd_free(x, y, gate_text, gate_video):
-        x[:, :n_text].addcmul_(y[:, :n_text], gate_text[:, None])
-        x[:, n_text:].addcmul_(y[:, n_text:], gate_video[:, None])
+# Temporaries above glibc's largest mmap threshold (32 MiB) are fresh mmaps on every CPU allocation, and
+# their page faults cost several times the arithmetic done on them; row chunks below it are reused heap.
+CHUNK_BYTES = 16 << 20
+
+
+def expert_gated_add(x: Tensor, fn: nn.Module, y: Tensor, n_text: int, gate_text: Tensor, gate_video: Tensor,
+                     rows: int) -> Tensor:
+    """Gated residual x + gate * fn(y), one gate per stream; x, y (B, L, D), gates (B, D); fn acts per token.
+
+    Without autograd, fn runs on chunks of `rows` tokens and each chunk is added into x in place, so the
+    (tokens, 4D) MLP hidden state or a (B, L, D) output never exists in full.
+    """
+    if _autograd_free(x, y, gate_text, gate_video, *fn.parameters()):
+        for b in range(x.shape[0]):
+            for start, stop, gate in ((0, n_text, gate_text[b]), (n_text, x.shape[1], gate_video[b])):
+                for i in range(start, stop, rows):
+                    j = min(i + rows, stop)
+                    x[b, i:j].addcmul_(fn(y[b, i:j]), gate)  # (rows, D)
         return x
+    y = fn(y)  # (B, L, D)
     return torch.cat(
         [torch.addcmul(x[:, :n_text], y[:, :n_text], gate_text[:, None]),
          torch.addcmul(x[:, n_text:], y[:, n_text:], gate_video[:, None])], dim=1,
@@ -141,7 +155,12 @@ class CogVideoXAttention(nn.Module):
             self._fused = (key, torch.cat(ws).detach(), None if bs[0] is None else torch.cat(bs).detach())
         return self._fused[1], self._fused[2]
 
-    def forward(self, h: Tensor, n_text: int, rope: Rope | None, backend: Backend) -> Tensor:
+    def forward(self, h: Tensor, n_text: int, rope: Rope | None, backend: Backend = None) -> Tensor:
+        """h: joint tokens (B, L, D) -> (B, L, D)."""
+        return self.to_out[0](self.attend(h, n_text, rope, backend))
+
+    def attend(self, h: Tensor, n_text: int, rope: Rope | None, backend: Backend = None) -> Tensor:
+        """Attention before the output projection: (B, L, D) -> (B, L, H Dh)."""
         if all(type(lin) is nn.Linear for lin in (self.to_q, self.to_k, self.to_v)):
             qkv = F.linear(h, *self._qkv_params())  # (B, L, 3 H Dh)
         else:  # wrapped (e.g. LoRA) projections: call them, so their extra terms count
@@ -153,7 +172,7 @@ class CogVideoXAttention(nn.Module):
             apply_rope_(q[:, n_text:], rope[:, None])
             apply_rope_(k[:, n_text:], rope[:, None])
         out = attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2), backend=backend)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, H, L, Dh) -> (B, L, H Dh) -> (B, L, D)
+        return out.transpose(1, 2).flatten(2)  # (B, H, L, Dh) -> (B, L, H Dh)
 
 
 class GELUProj(nn.Module):
@@ -206,10 +225,12 @@ class CogVideoXBlock(nn.Module):
         """x: joint [text, video] tokens (B, T + N, D); temb (B, time_embed_dim)."""
         m = self.norm1(temb)  # named chunks, each (B, D)
         h = expert_modulate(self.norm1.norm(x), n_text, m)
-        x = expert_gated_add(x, self.attn1(h, n_text, rope, backend), n_text, m.enc_gate, m.gate)
+        rows = max(16, CHUNK_BYTES // (4 * x.shape[-1] * x.element_size()))  # MLP hidden chunk under the limit
+        out = self.attn1.attend(h, n_text, rope, backend)  # (B, L, H Dh), before the output projection
+        x = expert_gated_add(x, self.attn1.to_out[0], out, n_text, m.enc_gate, m.gate, rows)
         m = self.norm2(temb)
         h = expert_modulate(self.norm2.norm(x), n_text, m)
-        return expert_gated_add(x, self.ff(h), n_text, m.enc_gate, m.gate)
+        return expert_gated_add(x, self.ff, h, n_text, m.enc_gate, m.gate, rows)
 
 
 # ----------------------------------------------------------------------------------------------- model
