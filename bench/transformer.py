@@ -5,7 +5,8 @@ Config: CogVideoX-like, 4 layers, 8 heads x 64, text_embed_dim 128, 5B-style RoP
 once as diffusers' pipeline does.
 
 Time: median wall time of `--reps` forwards under torch.inference_mode after `--warmup` forwards, ours and
-diffusers' interleaved rep by rep so that load from other processes hits both alike.
+diffusers' interleaved rep by rep so that load from other processes hits both alike; also the minimum, and
+the median of the per-rep ratios ours / diffusers (robust when the machine is shared).
 Memory: one fresh subprocess per (implementation, dtype): load the weights, build the inputs, reset the
 kernel's peak-RSS mark (/proc/self/clear_refs "5"), run one forward, read VmHWM (peak resident set) from
 /proc/self/status. Reported: the peak during the forward, and that peak minus the resident set just before
@@ -123,6 +124,10 @@ def measure_time(folder: str, dtype: torch.dtype, warmup: int, reps: int) -> dic
     diff = (outs["ours"] - outs["diffusers"]).abs().max() / outs["diffusers"].abs().max()
     return {
         **{f"{impl}_median_s": round(statistics.median(t), 3) for impl, t in times.items()},
+        **{f"{impl}_min_s": round(min(t), 3) for impl, t in times.items()},
+        # Rep by rep the two ran back to back, so their ratio cancels most of the load from other processes.
+        "paired_ratio_ours_over_diffusers_median": round(
+            statistics.median(o / d for o, d in zip(times["ours"], times["diffusers"])), 3),
         **{f"{impl}_all_s": [round(x, 3) for x in t] for impl, t in times.items()},
         "max_abs_diff_rel_to_scale": float(f"{diff.item():.3g}"),
     }

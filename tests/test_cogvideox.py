@@ -117,6 +117,7 @@ def test_chunked_inference_path(tmp_path, monkeypatch):
     import dit.models.cogvideox as cogvideox
 
     monkeypatch.setattr(cogvideox, "CHUNK_BYTES", 1)  # -> 16-token chunks: 7 text + 36 video tokens
+    monkeypatch.setattr(cogvideox, "CHUNK_ABOVE_BYTES", 0)
     _check_parity(tmp_path, _config(TINY, "5b-rope"))
 
 

@@ -48,24 +48,36 @@ def expert_modulate(h: Tensor, n_text: int, m: ModulationOut) -> Tensor:
     return torch.cat([modulate(ht, m.enc_shift, m.enc_scale), modulate(hv, m.shift, m.scale)], dim=1)
 
 
-# Temporaries above glibc's largest mmap threshold (32 MiB) are fresh mmaps on every CPU allocation, and
-# their page faults cost several times the arithmetic done on them; row chunks below it are reused heap.
+# Long sequences run the residual branches in token chunks (as diffusers' forward chunking, but by default):
+# chunks under glibc's 32 MiB mmap threshold are reused heap, whereas a larger CPU allocation is a fresh mmap
+# whose page faults cost several times the arithmetic done on it. Below CHUNK_ABOVE_BYTES fewer, larger ops
+# win (each op is a thread barrier, costly on a shared CPU), so short sequences are not chunked.
 CHUNK_BYTES = 16 << 20
+CHUNK_ABOVE_BYTES = 256 << 20
 
 
 def expert_gated_add(x: Tensor, fn: nn.Module, y: Tensor, n_text: int, gate_text: Tensor, gate_video: Tensor,
-                     rows: int) -> Tensor:
-    """Gated residual x + gate * fn(y), one gate per stream; x, y (B, L, D), gates (B, D); fn acts per token.
+                     hidden: int) -> Tensor:
+    """Gated residual x + gate * fn(y), one gate per stream; x, y (B, L, D), gates (B, D); fn acts per token
+    with an intermediate of `hidden` channels.
 
-    Without autograd, fn runs on chunks of `rows` tokens and each chunk is added into x in place, so the
-    (tokens, 4D) MLP hidden state or a (B, L, D) output never exists in full.
+    Without autograd the result is added into x in place, for long inputs chunk by chunk of tokens, so the
+    (tokens, hidden) MLP state never exists in full.
     """
     if _autograd_free(x, y, gate_text, gate_video, *fn.parameters()):
-        for b in range(x.shape[0]):
-            for start, stop, gate in ((0, n_text, gate_text[b]), (n_text, x.shape[1], gate_video[b])):
-                for i in range(start, stop, rows):
-                    j = min(i + rows, stop)
-                    x[b, i:j].addcmul_(fn(y[b, i:j]), gate)  # (rows, D)
+        b, length, _ = y.shape
+        row_bytes = hidden * y.element_size()
+        rows = length if b * length * row_bytes <= CHUNK_ABOVE_BYTES else max(16, CHUNK_BYTES // row_bytes)
+        if rows >= length:
+            y = fn(y)  # (B, L, D)
+            x[:, :n_text].addcmul_(y[:, :n_text], gate_text[:, None])
+            x[:, n_text:].addcmul_(y[:, n_text:], gate_video[:, None])
+            return x
+        for i in range(b):
+            for start, stop, gate in ((0, n_text, gate_text[i]), (n_text, length, gate_video[i])):
+                for j in range(start, stop, rows):
+                    k = min(j + rows, stop)
+                    x[i, j:k].addcmul_(fn(y[i, j:k]), gate)  # (rows, D)
         return x
     y = fn(y)  # (B, L, D)
     return torch.cat(
@@ -225,12 +237,11 @@ class CogVideoXBlock(nn.Module):
         """x: joint [text, video] tokens (B, T + N, D); temb (B, time_embed_dim)."""
         m = self.norm1(temb)  # named chunks, each (B, D)
         h = expert_modulate(self.norm1.norm(x), n_text, m)
-        rows = max(16, CHUNK_BYTES // (4 * x.shape[-1] * x.element_size()))  # MLP hidden chunk under the limit
         out = self.attn1.attend(h, n_text, rope, backend)  # (B, L, H Dh), before the output projection
-        x = expert_gated_add(x, self.attn1.to_out[0], out, n_text, m.enc_gate, m.gate, rows)
+        x = expert_gated_add(x, self.attn1.to_out[0], out, n_text, m.enc_gate, m.gate, x.shape[-1])
         m = self.norm2(temb)
         h = expert_modulate(self.norm2.norm(x), n_text, m)
-        return expert_gated_add(x, self.ff, h, n_text, m.enc_gate, m.gate, rows)
+        return expert_gated_add(x, self.ff, h, n_text, m.enc_gate, m.gate, self.ff.net[2].in_features)
 
 
 # ----------------------------------------------------------------------------------------------- model
