@@ -186,6 +186,12 @@ def test_full_size_parameter_counts_on_meta(name, preset):
         assert 1.6e9 < param_count(ours) < 1.8e9
 
 
+def test_learned_positions_initialised_as_diffusers():
+    cfg = _config(TINY, "5b-learned")
+    torch.testing.assert_close(CogVideoXTransformer3DModel(**cfg).patch_embed.pos_embedding,
+                               DiffusersCogVideoX(**cfg).patch_embed.pos_embedding.float(), rtol=0, atol=1e-6)
+
+
 def test_gradients_match_diffusers_and_checkpointing(tmp_path):
     cfg = _config(TINY, "5b-learned")
     ref, ours = _pair(tmp_path, cfg)

@@ -97,7 +97,8 @@ class CogVideoXPatchEmbed(nn.Module):
     """
 
     def __init__(self, patch_size: int, patch_size_t: int | None, in_channels: int, embed_dim: int,
-                 text_embed_dim: int, bias: bool, max_text_seq_length: int, learned_positions: int | None):
+                 text_embed_dim: int, bias: bool, max_text_seq_length: int, learned_grid: tuple[int, int, int] | None,
+                 interpolation_scales: tuple[float, float] = (1.875, 1.0)):
         super().__init__()
         self.patch_size, self.patch_size_t = patch_size, patch_size_t
         if patch_size_t is None:
@@ -106,9 +107,13 @@ class CogVideoXPatchEmbed(nn.Module):
             # diffusers (and the released 1.5 weights) keep this bias whatever `patch_bias` says.
             self.proj = nn.Linear(in_channels * patch_size * patch_size * patch_size_t, embed_dim)
         self.text_proj = nn.Linear(text_embed_dim, embed_dim)
-        if learned_positions is not None:
-            # (1, max_text + N, D), initialised to sin-cos by diffusers and trained; a checkpoint entry.
-            self.register_buffer("pos_embedding", torch.zeros(1, max_text_seq_length + learned_positions, embed_dim))
+        if learned_grid is not None:
+            # (1, max_text + N, D): trained positions, a checkpoint entry; initialised as diffusers does, to
+            # zeros on text and 3D sin-cos on the (F', H', W') video grid of the sample size.
+            video = sincos_pos_embed_3d(embed_dim, *learned_grid, spatial_interpolation_scale=interpolation_scales[0],
+                                        temporal_interpolation_scale=interpolation_scales[1]).flatten(0, 1)
+            pos = torch.cat([torch.zeros(max_text_seq_length, embed_dim, device=video.device), video])[None]
+            self.register_buffer("pos_embedding", pos)
         else:
             self.pos_embedding = None
 
@@ -301,12 +306,13 @@ class CogVideoXTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cac
         if ofs_embed_dim and ofs_embed_dim != time_embed_dim:
             raise ValueError(f"ofs_embed_dim ({ofs_embed_dim}) must equal time_embed_dim ({time_embed_dim}): they are summed")
 
-        learned = None
+        learned_grid = None
         if use_learned_positional_embeddings:
-            frames = (sample_frames - 1) // temporal_compression_ratio + 1
-            learned = frames * (sample_height // patch_size) * (sample_width // patch_size)
+            learned_grid = ((sample_frames - 1) // temporal_compression_ratio + 1, sample_height // patch_size,
+                            sample_width // patch_size)
         self.patch_embed = CogVideoXPatchEmbed(
-            patch_size, patch_size_t, in_channels, dim, text_embed_dim, patch_bias, max_text_seq_length, learned
+            patch_size, patch_size_t, in_channels, dim, text_embed_dim, patch_bias, max_text_seq_length, learned_grid,
+            (spatial_interpolation_scale, temporal_interpolation_scale),
         )
         self.embedding_dropout = nn.Dropout(dropout)
         # diffusers' Timesteps(inner_dim) + TimestepEmbedding(inner_dim, time_embed_dim): same weights and names.
