@@ -303,3 +303,27 @@ def test_drop_in_for_diffusers_pipeline(tmp_path, variant):
     frames = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
     assert frames.shape == expected.shape == (1, 9, 16, 16, 3)
     assert abs(frames - expected).max() <= 1e-4 and expected.std() > 0.05
+
+
+def test_lora_adapter_targets_same_modules(tmp_path):
+    """A diffusers/PEFT LoRA on to_q/to_k/to_v/to_out.0/ff: same module names, same output (fused QKV bypassed)."""
+    peft = pytest.importorskip("peft")
+    cfg = _config(TINY, "5b-rope")
+    ref, ours = _pair(tmp_path, cfg)
+    lora = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
+    ref.add_adapter(lora)
+    ours.add_adapter(lora)
+    ref_lora = {n: p for n, p in ref.named_parameters() if "lora_" in n}
+    ours_lora = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+    assert ref_lora.keys() == ours_lora.keys() and len(ref_lora) == 2 * 5 * cfg["num_layers"]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref_lora.items():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            ours_lora[name].copy_(p)
+        kw = _inputs(cfg)
+        rope = _pipeline_rope(ref, kw["hidden_states"])
+        expected = ref(**kw, image_rotary_emb=rope, attention_kwargs={"scale": 0.5}).sample
+        plain = ref(**kw, image_rotary_emb=rope, attention_kwargs={"scale": 0.0}).sample
+        assert rel_max_diff(plain, expected) > 1e-3  # the adapter does change the output
+        assert rel_max_diff(ours(**kw, attention_kwargs={"scale": 0.5}).sample, expected) <= 1e-5
