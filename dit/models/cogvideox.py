@@ -169,7 +169,9 @@ class CogVideoXAttention(nn.Module):
         bs = [lin.bias for lin in layers]
         if not _autograd_free(*ws) or torch.compiler.is_compiling():  # compiled graphs fuse the cat themselves
             return torch.cat(ws), None if bs[0] is None else torch.cat(bs)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ws + bs if t is not None)
+        # Inference tensors (weights made under inference_mode) carry no version counter; they cannot change.
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in ws + bs
+                    if t is not None)
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat(ws).detach(), None if bs[0] is None else torch.cat(bs).detach())
         return self._fused[1], self._fused[2]
