@@ -103,9 +103,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
 
             A._a2a, A._rotate = count("all_to_all", a2a), count("p2p", rot)
         model(**inputs)  # warm-up
-        calls = dict.fromkeys(calls, 0)
-        if cfg is not None:
-            A._a2a, A._rotate = count("all_to_all", a2a), count("p2p", rot)
+        calls.update(dict.fromkeys(calls, 0))  # count the measured forward only
         result["forward_s"], result["forward_mb"] = _measure(lambda: model(**inputs))
         result["collectives_per_layer"] = {k: v / layers for k, v in calls.items()}
     queue.put(result)

@@ -197,9 +197,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = args.steps or defaults.get("num_inference_steps", 50)
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0)
     fps = args.fps or defaults.get("fps", 8)
-    todo = [(r, p) for r, p in zip(requests, paths) if args.overwrite or not p.exists()]
+    todo = []
     for r, p in zip(requests, paths):
-        if (r, p) not in todo:
+        if args.overwrite or not p.exists():
+            todo.append((r, p))
+        else:
             print(f"skip (exists): {p}", file=sys.stderr)
     if not todo:
         return 0

@@ -56,11 +56,6 @@ def read_folder_json(path: str | os.PathLike, name: str = "config.json", *, what
     return json.loads(file.read_text())
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """The folder's config.json."""
-    return read_folder_json(path)
-
-
 def load_safetensors_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of a save_pretrained folder, single-file or sharded; safetensors only, never pickles."""
     folder = Path(path)
@@ -123,7 +118,7 @@ def load_transformer(
     The class comes from config.json's `_class_name`; the architecture from the config only, never from
     tensor shapes. Every checkpoint key must be used and every parameter filled (strict load).
     """
-    config = read_config(path)
+    config = read_folder_json(path)
     class_name = transformer_class_name(config, path)
     cls = resolve(TRANSFORMER_CLASSES[class_name])
     with torch.device("meta"):

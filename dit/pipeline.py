@@ -262,6 +262,10 @@ class CogVideoXDiTPipeline(DiTPipeline):
                              num_frames: int | None) -> tuple[int, int, int]:
         """Fill the defaults and check sizes from the folder's config files alone, before loading any weights."""
         folder = Path(folder)
+        family = _read_index(folder).get("_class_name")
+        if family != CogVideoXDiTPipeline.diffusers_class_name:
+            raise ValueError(f"{str(folder)!r} holds a {family}; `dit generate` takes CogVideoX-format video "
+                             "pipeline folders (CogVideoXPipeline)")
         t = json.loads((folder / "transformer" / "config.json").read_text())
         v = json.loads((folder / "vae" / "config.json").read_text())
         spatial = 2 ** (len(v["block_out_channels"]) - 1)

@@ -50,7 +50,7 @@ def load_scheduler_config(path_or_config: str | os.PathLike | dict) -> dict:
 def _reject(cfg: dict, cls: str, **defaults: Any) -> None:
     """Error on an option set to a value we do not implement."""
     for key, default in defaults.items():
-        if key in cfg and cfg[key] not in (default, None) and cfg[key] != default:
+        if cfg.get(key) not in (default, None):
             raise ValueError(f"{cls}: option {key}={cfg[key]!r} is not supported (supported: {key}={default!r})")
 
 

@@ -48,6 +48,13 @@ def _exp_neg_h(alpha: float, sigma: float, alpha_next: float, sigma_next: float)
     return (alpha * sigma_next) / (sigma * alpha_next)
 
 
+def _history_ratio(alpha: float, sigma: float, alpha_next: float, sigma_next: float, alpha_prev: float,
+                   sigma_prev: float) -> float:
+    """h / h_prev, the step in log-SNR over the previous one; 0 when the previous state had alpha = 0."""
+    h = _lambda(alpha_next, sigma_next) - _lambda(alpha, sigma)
+    return h / (_lambda(alpha, sigma) - _lambda(alpha_prev, sigma_prev))
+
+
 def _compute(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -112,9 +119,7 @@ def dpmpp_2m_step(
     xc, d = _compute(x), _compute(x0)
     e = _exp_neg_h(alpha, sigma, alpha_next, sigma_next)
     if x0_prev is not None:
-        h = _lambda(alpha_next, sigma_next) - _lambda(alpha, sigma)
-        h_prev = _lambda(alpha, sigma) - _lambda(alpha_prev, sigma_prev)
-        ratio = h / h_prev  # 1 / r0; 0 when the previous state had alpha = 0 (h_prev infinite)
+        ratio = _history_ratio(alpha, sigma, alpha_next, sigma_next, alpha_prev, sigma_prev)  # 1 / r0
         d = d + (0.5 * ratio) * (d - _compute(x0_prev))
     return ((sigma_next / sigma) * xc + (alpha_next * (1.0 - e)) * d).to(dtype)
 
@@ -133,9 +138,7 @@ def cogvideox_dpm_step(
     xc, d = _compute(x), _compute(x0)
     e = _exp_neg_h(alpha, sigma, alpha_next, sigma_next)
     if x0_prev is not None:
-        h = _lambda(alpha_next, sigma_next) - _lambda(alpha, sigma)
-        h_prev = _lambda(alpha, sigma) - _lambda(alpha_back, sigma_back)
-        half_inv_r = 0.5 * h / h_prev
+        half_inv_r = 0.5 * _history_ratio(alpha, sigma, alpha_next, sigma_next, alpha_back, sigma_back)
         d = (1 + half_inv_r) * d - half_inv_r * _compute(x0_prev)
     noise_scale = sigma_next * math.sqrt(max(1.0 - e * e, 0.0))
     return ((sigma_next / sigma) * e * xc + (alpha_next * (1.0 - e * e)) * d + noise_scale * _compute(noise)).to(dtype)

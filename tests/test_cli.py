@@ -151,3 +151,12 @@ def test_parallel_degrees_without_torchrun_is_a_clear_error(model, tmp_path, cap
     code = main(["generate", "a cat", "-o", str(tmp_path / "x.mp4"), "--model", str(model), "--ulysses-degree", "2",
                  *ARGS])
     assert code == 2 and "launch with `torchrun" in capsys.readouterr().err
+
+
+def test_an_image_pipeline_folder_is_a_clear_error_before_loading(tmp_path, capsys):
+    from tiny import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline(tmp_path / "sd3")
+    code = main(["generate", "a cat", "--model", str(tmp_path / "sd3"), "-o", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "holds a StableDiffusion3Pipeline; `dit generate` takes CogVideoX-format" in err

@@ -168,7 +168,7 @@ class ContextParallelAttention:
     """USP attention over a ParallelContext: Ulysses inside, ring across (either degree may be 1).
 
     Called as a `dit.attention` backend on this rank's shard. The shard sizes of the other ranks are taken from
-    `sizes` (set by the model for its current sequence with `with attn.sequence(sizes):`) or, when unset,
+    `sizes` (set by the model for its current sequence with `attn.set_sizes(sizes)`) or, when unset,
     gathered with a tiny collective.
     """
 
@@ -176,28 +176,12 @@ class ContextParallelAttention:
         self.context = context
         self._sizes: list[int] | None = None
 
-    class _Sizes:
-        def __init__(self, owner: "ContextParallelAttention", sizes: list[int]):
-            self.owner, self.sizes, self.prev = owner, sizes, None
-
-        def __enter__(self):
-            self.prev, self.owner._sizes = self.owner._sizes, list(self.sizes)
-
-        def __exit__(self, *exc):
-            self.owner._sizes = self.prev
-
     def set_sizes(self, sizes: list[int] | None) -> None:
         """Declare every rank's shard length until changed; it must outlive the forward pass, because gradient
         checkpointing runs the attention again during backward."""
         if sizes is not None and len(sizes) != self.context.world_size:
             raise ValueError(f"need {self.context.world_size} shard sizes, got {len(sizes)}")
         self._sizes = None if sizes is None else list(sizes)
-
-    def sequence(self, sizes: list[int]) -> "_Sizes":
-        """Declare every rank's shard length (indexed by shard index) for the calls inside the block."""
-        if len(sizes) != self.context.world_size:
-            raise ValueError(f"need {self.context.world_size} shard sizes, got {len(sizes)}")
-        return self._Sizes(self, sizes)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
                  scale: float | None = None) -> Tensor:
