@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= a red circle moving right on a blue background
 
-.PHONY: setup demo test test-slow test-parallel clean
+.PHONY: setup demo demo-model test test-slow test-parallel clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/dit generate "$(PROMPT)" -o outputs/demo.mp4 $(if $(MODEL),--model $(MODEL))
+
+# Retrain the embedded demo model from scratch (VAE, base transformer, relay stage) into dit/assets/demo;
+# resumes where it stopped. See docs/demo_model.md.
+demo-model: setup
+	OMP_NUM_THREADS=2 $(PY) -m dit.demo.build
 
 test: setup
 	$(PY) -m pytest -q

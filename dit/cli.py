@@ -168,8 +168,12 @@ def _model_folder(model: str | None) -> Path:
     return folder
 
 
+RELAY_DEFAULT_KEYS = ("relay_steps", "relay_start", "relay_upsample", "relay_noise_alpha")
+
+
 def _generation_defaults(folder: Path) -> dict[str, Any]:
-    """Optional `generation_config.json` in a model folder: its recommended steps, guidance, size, fps."""
+    """Optional `generation_config.json` in a model folder: its recommended steps, guidance, size, fps and relay
+    settings (RELAY_DEFAULT_KEYS, used with --relay)."""
     path = folder / "generation_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -197,6 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = args.steps or defaults.get("num_inference_steps", 50)
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0)
     fps = args.fps or defaults.get("fps", 8)
+    # The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled).
+    relay_options = {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
     todo = []
     for r, p in zip(requests, paths):
         if args.overwrite or not p.exists():
@@ -233,14 +239,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                    num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                    output_type="np", **({"solver": args.solver} if args.solver else {}),
-                   **({"relay": args.relay} if args.relay else {}))
+                   **({"relay": args.relay, **relay_options} if args.relay else {}))
         if not writer:  # under torchrun every rank computes the same frames; rank 0 writes them
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(out.frames[0], path, fps)
         write_sidecar(path, {
             **asdict(r), "model": str(folder), "steps": steps, "guidance": guidance, "fps": fps,
-            "dtype": args.dtype, "solver": args.solver, "relay": args.relay, "seconds": round(time.perf_counter() - start, 3),
+            "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
+            **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
             "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
         })
         print(str(path))

@@ -428,3 +428,35 @@ def test_in_process_resume_with_grad_accumulation_matches_an_uninterrupted_run(t
     name = "final/pipeline/transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "part" / name)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ the demo build
+
+
+def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path):
+    """configs/demo/*.yaml through dit.demo.build with two steps each: the VAE stage trains the VAE (and
+    measures its scaling factor), the base stage trains on it, the relay stage starts from the base weights, and
+    the assembled folder generates with --relay in both our pipeline and diffusers'."""
+    from diffusers import DiffusionPipeline
+
+    from dit.demo import build
+    from dit.pipeline import DiTPipeline
+
+    small = {"train.steps": 2, "train.batch_size": 2, "train.validate_every": 2, "train.checkpoint_every": 2,
+             "train.validation_steps": 2, "train.validation_items": 1, "data.shapes.length": 8}
+    vae_final = build.run_stage("vae", tmp_path, small)
+    cfg = json.loads((vae_final / "vae" / "config.json").read_text())
+    assert cfg["_class_name"] == "CausalVAE3D" and cfg["scaling_factor"] != 1.0
+    assert json.loads(next((tmp_path / "vae" / "validation").glob("*/metrics.json")).read_text())["psnr"]
+    build.run_stage("base", tmp_path, small)
+    build.run_stage("relay", tmp_path, small)
+    assert build.run_stage("relay", tmp_path, small) == tmp_path / "relay" / "final"  # done: skipped
+    target = build.assemble(tmp_path, tmp_path / "demo")
+    assert json.loads((target / "generation_config.json").read_text())["relay_upsample"] == "pixel"
+    pipe = DiTPipeline.from_pretrained(target)
+    assert pipe.vae.config.scaling_factor == cfg["scaling_factor"]
+    frames = pipe("a red circle", num_inference_steps=2, relay=2, relay_steps=2, relay_upsample="pixel",
+                  output_type="np").frames
+    assert frames.shape == (1, 9, 64, 64, 3)
+    ref = DiffusionPipeline.from_pretrained(target)
+    assert type(ref).__name__ == "CogVideoXPipeline" and ref.vae.config.scaling_factor == cfg["scaling_factor"]

@@ -22,6 +22,9 @@ from dit.train.models import build_bundle
 from dit.train.objectives import low_resolution
 
 
+ENCODE_BATCH = 32
+
+
 @torch.no_grad()
 def build_cache(cfg: TrainConfig) -> Path:
     """Encode every item of the configured source into cfg.data.cache; returns the folder."""
@@ -35,20 +38,29 @@ def build_cache(cfg: TrainConfig) -> Path:
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = []
-    for i in tqdm(range(len(source)), desc="cache", unit="item"):
-        item = source[i]
-        video = item["video"][None]  # (1, F, 3, H, W)
-        mean, std = bundle.encode_posterior(video)
-        tensors = {"latent_mean": mean[0], "latent_std": std[0]}
-        if cfg.objective.kind == "relay":
-            low_mean, low_std = bundle.encode_posterior(low_resolution(video, cfg.objective.scale_factor))
-            tensors.update(low_mean=low_mean[0], low_std=low_std[0])
-        cond = bundle.encode_text([item["caption"]], torch.device("cpu"))
-        tensors.update({f"cond.{k}": v[0] for k, v in cond.items()})
-        name = f"{i:08d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name)
-        files.append(name)
+    files = [f"{i:08d}.safetensors" for i in range(len(source))]
+    bar = tqdm(total=len(source), desc="cache", unit="item")
+    for start in range(0, len(source), ENCODE_BATCH):
+        # Items of one bucket are encoded together (the VAE and text encoder see a batch; each item's result
+        # equals its own encode up to float rounding), then written one file per item.
+        chunk = range(start, min(start + ENCODE_BATCH, len(source)))
+        by_bucket: dict[int, list[int]] = {}
+        for i in chunk:
+            by_bucket.setdefault(source.bucket_of[i], []).append(i)
+        for indices in by_bucket.values():
+            items = [source[i] for i in indices]
+            video = torch.stack([it["video"] for it in items])  # (n, F, 3, H, W)
+            mean, std = bundle.encode_posterior(video)
+            tensors = {"latent_mean": mean, "latent_std": std}
+            if cfg.objective.kind == "relay":
+                low_mean, low_std = bundle.encode_posterior(low_resolution(video, cfg.objective.scale_factor))
+                tensors.update(low_mean=low_mean, low_std=low_std)
+            cond = bundle.encode_text([it["caption"] for it in items], torch.device("cpu"))
+            tensors.update({f"cond.{k}": v for k, v in cond.items()})
+            for j, i in enumerate(indices):
+                save_file({k: v[j].contiguous() for k, v in tensors.items()}, tmp / files[i])
+            bar.update(len(indices))
+    bar.close()
     empty = bundle.encode_text([""], torch.device("cpu"))
     save_file({k: v[0].contiguous() for k, v in empty.items()}, tmp / "empty_caption.safetensors")
     index = {"buckets": [list(b) for b in source.buckets], "files": files, "bucket_of": list(source.bucket_of)}

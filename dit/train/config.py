@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 FAMILIES = ("cogvideox", "sd3")
-OBJECTIVES = ("v_prediction_zero_snr", "flow_matching", "relay")
+OBJECTIVES = ("v_prediction_zero_snr", "flow_matching", "relay", "autoencoder")
 SOURCES = ("shapes", "folder")
 CAPTION_FORMATS = ("txt", "csv", "jsonl")
 MIXED_PRECISION = ("no", "bf16")
@@ -56,7 +56,8 @@ class TextEncoderConfig:
 class ModelConfig:
     """Either `pretrained` (a diffusers pipeline folder: transformer, vae, text encoder(s), tokenizer(s),
     scheduler) or a model from scratch: `transformer_preset` or `transformer` (an inline config dict with the
-    diffusers class's keys), plus `vae_preset`/`vae` and `text_encoder`. `lora` trains an adapter only."""
+    diffusers class's keys), plus `vae_preset`/`vae` (a new VAE) or `vae_pretrained` (a trained VAE folder, e.g.
+    an autoencoder run's `final/vae`) and `text_encoder`. `lora` trains an adapter only."""
 
     family: str = "cogvideox"
     pretrained: str | None = None
@@ -64,6 +65,7 @@ class ModelConfig:
     transformer: dict[str, Any] | None = None
     vae_preset: str | None = None
     vae: dict[str, Any] | None = None
+    vae_pretrained: str | None = None
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     lora: LoraConfig | None = None
 
@@ -77,6 +79,9 @@ class ObjectiveConfig:
     relay: CogView3's relay super-resolution loss on the `relay_path` schedule, from `relay_t` of
     `num_train_timesteps`, with block noise of `block_size` mixed in at weight `noise_alpha`; the low-resolution
     input is the video downscaled by `scale_factor` and upscaled again (bilinear) before VAE encoding.
+    autoencoder: trains the VAE itself (not the transformer): L1 reconstruction of a posterior sample plus
+    `kl_weight` x the KL divergence to N(0, I) (both averaged per element); the export sets the VAE's
+    scaling_factor so that scaled latents have unit RMS on the training data.
     """
 
     kind: str = "v_prediction_zero_snr"
@@ -93,6 +98,7 @@ class ObjectiveConfig:
     block_size: int = 2
     noise_alpha: float = 0.15
     scale_factor: int = 2
+    kl_weight: float = 1e-4
 
 
 @dataclass
@@ -287,7 +293,7 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
             raise ValueError(f"model.pretrained: {m.pretrained!r} has no model_index.json (a diffusers pipeline folder)")
         if m.transformer is not None or m.transformer_preset is not None:
             raise ValueError("model: give either pretrained or transformer/transformer_preset, not both")
-    elif m.transformer is None and m.transformer_preset is None:
+    elif m.transformer is None and m.transformer_preset is None and cfg.objective.kind != "autoencoder":
         raise ValueError("model: give pretrained (a diffusers folder), transformer (a config) or transformer_preset")
     if m.transformer is not None and m.transformer_preset is not None:
         raise ValueError("model: give either transformer or transformer_preset, not both")
@@ -295,6 +301,10 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
         _choice("model.transformer_preset", m.transformer_preset, TRANSFORMER_PRESETS)
     if m.pretrained is None and m.family == "sd3":
         raise ValueError("model.family 'sd3' trains from a diffusers StableDiffusion3Pipeline folder: set model.pretrained")
+    if m.vae_pretrained is not None:
+        if m.pretrained is not None or m.vae is not None or m.vae_preset is not None:
+            raise ValueError("model.vae_pretrained: give it alone (not with pretrained, vae or vae_preset)")
+        m.vae_pretrained = _existing(base, m.vae_pretrained, "model.vae_pretrained", folder=True)
     if m.lora is not None:
         _positive("model.lora.rank", m.lora.rank)
         _positive("model.lora.alpha", m.lora.alpha)
@@ -311,6 +321,13 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _positive("objective.block_size", o.block_size)
     _positive("objective.scale_factor", o.scale_factor)
     _positive("objective.noise_alpha", o.noise_alpha, zero=True)
+    _positive("objective.kl_weight", o.kl_weight, zero=True)
+    if o.kind == "autoencoder":
+        if m.family != "cogvideox" or m.pretrained is not None or m.lora is not None or m.vae_pretrained is not None:
+            raise ValueError("objective.kind 'autoencoder' trains a new CogVideoX-style VAE: model.family cogvideox "
+                             "with vae_preset or vae, no pretrained, vae_pretrained or lora")
+        if d.cache is not None:
+            raise ValueError("data.cache holds latents; objective.kind 'autoencoder' trains on pixels: remove data.cache")
     if m.family == "sd3" and o.kind == "v_prediction_zero_snr":
         raise ValueError("objective.kind 'v_prediction_zero_snr' does not fit model.family 'sd3'; accepted: flow_matching, relay")
     if m.transformer is not None:
@@ -362,7 +379,7 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _positive("train.validation_items", t.validation_items)
     if t.validate_every is not None:
         _positive("train.validate_every", t.validate_every)
-        if o.kind != "relay" and not t.validation_prompts:
+        if o.kind not in ("relay", "autoencoder") and not t.validation_prompts:
             raise ValueError("train.validation_prompts: give at least one prompt when train.validate_every is set")
     _positive("parallel.ring_degree", p.ring_degree)
     _positive("parallel.ulysses_degree", p.ulysses_degree)

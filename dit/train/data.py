@@ -35,25 +35,27 @@ Bucket = tuple[int, int, int]  # (height, width, frames)
 
 
 class ShapesSource:
-    """The procedural shapes dataset (dit.data.shapes) at the data config's size; one bucket."""
+    """The procedural shapes dataset (dit.data.shapes) at the data config's size, or spread over `data.buckets`
+    (item i is rendered at bucket i mod len(buckets): the same clips at several sizes, e.g. to train a VAE that
+    serves both a base stage and its relay stage)."""
 
     def __init__(self, cfg: DataConfig):
         from dit.data import ShapesConfig, ShapesDataset
 
-        shapes = {"height": cfg.height, "width": cfg.width, "num_frames": cfg.frames, **cfg.shapes}
+        self.buckets: list[Bucket] = [tuple(b) for b in cfg.buckets] or [(cfg.height, cfg.width, cfg.frames)]
         try:
-            self.dataset = ShapesDataset(ShapesConfig.from_dict(shapes))
+            self.datasets = [ShapesDataset(ShapesConfig.from_dict({"height": h, "width": w, "num_frames": f,
+                                                                   **cfg.shapes}))
+                             for h, w, f in self.buckets]
         except ValueError as e:
             raise ValueError(f"data.shapes: {e}") from None
-        c = self.dataset.config
-        self.buckets: list[Bucket] = [(c.height, c.width, c.num_frames)]
-        self.bucket_of = [0] * len(self.dataset)
+        self.bucket_of = [i % len(self.buckets) for i in range(len(self.datasets[0]))]
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.bucket_of)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.dataset[i]
+        item = self.datasets[self.bucket_of[i]][i]
         return {"video": item["video"], "caption": item["caption"]}
 
 

@@ -139,7 +139,9 @@ def _scratch_cogvideox(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBun
     tokenizer = build_word_tokenizer(caption_words(), max_length=te.max_length)
     encoder = build_tiny_t5_encoder(len(tokenizer), te.d_model, num_layers=te.num_layers, num_heads=te.num_heads,
                                     seed=te.seed)
-    if cfg.transformer_preset is not None:
+    if cfg.transformer_preset is None and cfg.transformer is None:
+        tcfg = None  # an autoencoder run: the VAE alone is trained
+    elif cfg.transformer_preset is not None:
         family, preset = _transformer_presets()[cfg.transformer_preset]
         if family != "cogvideox":
             raise ValueError(f"model.transformer_preset {cfg.transformer_preset!r} is not a CogVideoX preset")
@@ -147,14 +149,18 @@ def _scratch_cogvideox(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBun
     else:
         tcfg = dict(cfg.transformer or {})
     for key, want in (("text_embed_dim", te.d_model), ("max_text_seq_length", te.max_length)):
-        if tcfg.get(key) != want:
+        if tcfg is not None and tcfg.get(key) != want:
             raise ValueError(f"model.transformer.{key} is {tcfg.get(key)!r} but the text encoder gives {want} "
                              f"(model.text_encoder.{'d_model' if key == 'text_embed_dim' else 'max_length'})")
     try:
-        transformer = CogVideoXTransformer3DModel(**tcfg)
+        transformer = CogVideoXTransformer3DModel(**tcfg) if tcfg is not None else None
     except TypeError as e:
         raise ValueError(f"model.transformer: {e}") from None
-    if cfg.vae_preset is not None:
+    if cfg.vae_pretrained is not None:
+        from vae3d import load_vae
+
+        vae = load_vae(cfg.vae_pretrained)
+    elif cfg.vae_preset is not None:
         if cfg.vae_preset not in VAE_PRESETS and cfg.vae_preset != "micro":
             raise ValueError(f"model.vae_preset: unknown value {cfg.vae_preset!r}; accepted: micro, "
                              f"{', '.join(sorted(VAE_PRESETS))}")
@@ -164,7 +170,7 @@ def _scratch_cogvideox(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBun
             vae = CausalVAE3D(**(cfg.vae or VAE_TINY))
         except TypeError as e:
             raise ValueError(f"model.vae: {e}") from None
-    if vae.config.latent_channels != transformer.config.in_channels:
+    if transformer is not None and vae.config.latent_channels != transformer.config.in_channels:
         raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels but the transformer's in_channels "
                          f"is {transformer.config.in_channels}")
     return ModelBundle("cogvideox", transformer, vae.eval(), [tokenizer], [encoder.eval()],

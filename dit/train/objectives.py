@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import samplers
 from dit.train.config import ObjectiveConfig
@@ -61,6 +61,27 @@ class Objective:
         dev, dt = z0.device, z0.dtype
         return samplers.diffusion_loss(model_fn, z0, t.to(dev, torch.float32), alpha.to(dev, dt), sigma.to(dev, dt),
                                        self.prediction, noise=noise)
+
+
+class AutoencoderStep(nn.Module):
+    """The VAE's training forward as one module call, so that a DDP / FSDP wrapper sees a single forward:
+    video (B, 3, F, H, W) in [-1, 1] -> (reconstruction of a posterior sample, posterior mean, log-variance)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        dist = self.vae.encode(video).latent_dist
+        return self.vae.decode(dist.sample(generator=generator)).sample, dist.mean, dist.logvar
+
+
+def autoencoder_loss(step: nn.Module, video: Tensor, generator: torch.Generator, kl_weight: float) -> Tensor:
+    """L1 reconstruction + kl_weight x KL(q(z|x) || N(0, I)), each averaged per element.
+    `step` is an AutoencoderStep (possibly wrapped); video (B, 3, F, H, W) in [-1, 1]."""
+    recon, mean, logvar = step(video, generator=generator)
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return (recon.float() - video.float()).abs().mean() + kl_weight * kl.float()
 
 
 def low_resolution(video: Tensor, factor: int) -> Tensor:

@@ -24,7 +24,7 @@ from dit.train import checkpoint as ckpt
 from dit.train.config import TrainConfig
 from dit.train.data import BatchStream, build_source, make_loader
 from dit.train.models import ModelBundle, build_bundle
-from dit.train.objectives import Objective, low_resolution
+from dit.train.objectives import AutoencoderStep, Objective, autoencoder_loss, low_resolution
 from dit.train.parallel import enable_context_parallel, layout_for
 
 
@@ -52,11 +52,17 @@ class Trainer:
         set_seed(t.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         self.bundle: ModelBundle = build_bundle(cfg.model, cfg.objective)
         self.objective = Objective(cfg.objective)
-        transformer = self.bundle.transformer
-        if t.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        enable_context_parallel(transformer, cfg.parallel, self.layout)
-        self.params = [p for p in transformer.parameters() if p.requires_grad]
+        # An autoencoder run trains the VAE (wrapped so that one module call gives what the loss needs); every
+        # other objective trains the transformer.
+        self.trains_vae = cfg.objective.kind == "autoencoder"
+        if self.trains_vae:
+            trained = AutoencoderStep(self.bundle.vae.requires_grad_(True).train())
+        else:
+            trained = self.bundle.transformer
+            if t.gradient_checkpointing:
+                trained.enable_gradient_checkpointing()
+            enable_context_parallel(trained, cfg.parallel, self.layout)
+        self.params = [p for p in trained.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model: nothing to train (no parameter requires grad)")
         o = cfg.optim
@@ -66,7 +72,7 @@ class Trainer:
         self.lr_scheduler = get_scheduler(o.lr_schedule, optimizer, num_warmup_steps=o.warmup_steps,
                                           num_training_steps=t.steps)
         self._check_distributed_type()
-        self.model, self.optimizer = acc.prepare(transformer, optimizer)
+        self.model, self.optimizer = acc.prepare(trained, optimizer)
         for module in self.bundle.frozen_modules():
             module.to(acc.device)
         self.ema = ckpt.EMA(self.params, t.ema_decay) if t.ema_decay is not None else None
@@ -139,6 +145,17 @@ class Trainer:
             captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
         return z0, z_low, b.encode_text(captions, device)
 
+    def _loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        if self.trains_vae:
+            video = batch["video"].to(self.accelerator.device).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W) -> (B, 3, F, H, W)
+            return autoencoder_loss(self.model, video, g, self.cfg.objective.kl_weight)
+        z0, z_low, cond = self._latents(batch, g)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.bundle.forward(self.model, x, t, cond)
+
+        return self.objective.loss(model_fn, z0, g, z_low=z_low)
+
     def train_step(self, batches) -> float:
         """One optimizer step over grad_accumulation micro-batches; returns the mean loss over all DP ranks."""
         acc, ga = self.accelerator, self.cfg.optim.grad_accumulation
@@ -147,15 +164,10 @@ class Trainer:
         for micro in range(ga):
             batch = next(batches)
             g = step_generator(self.cfg.train.seed, self.layout.dp_rank, self.step, micro)
-            z0, z_low, cond = self._latents(batch, g)
-
-            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.bundle.forward(self.model, x, t, cond)
-
             sync = micro == ga - 1
             ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
-                loss = self.objective.loss(model_fn, z0, g, z_low=z_low)
+                loss = self._loss(batch, g)
                 acc.backward(loss / ga)
             total += loss.detach() / ga
         if self.cfg.optim.max_grad_norm is not None:
@@ -263,7 +275,10 @@ class Trainer:
         if self._sharded():
             acc.print("validation skipped under FSDP / ZeRO-3 (not supported yet)")
             return
-        if acc.is_main_process and self.objective.needs_low_res:
+        if acc.is_main_process and self.trains_vae:
+            with self._with_ema() as model:
+                self._validate_autoencoder(model.vae, self.output / "validation" / f"step-{self.step:08d}")
+        elif acc.is_main_process and self.objective.needs_low_res:
             with self._with_ema() as model:
                 model.eval()
                 self._validate_relay(model, self.output / "validation" / f"step-{self.step:08d}")
@@ -289,20 +304,48 @@ class Trainer:
                 model.train()
         acc.wait_for_everyone()
 
+    def _validate_autoencoder(self, vae, folder: Path) -> None:
+        """Reconstructions (posterior mean) of the first validation_items clips: input and output videos, and the
+        PSNR of each in metrics.json."""
+        folder.mkdir(parents=True, exist_ok=True)
+        n, device, psnr = min(self.cfg.train.validation_items, len(self.source)), self.accelerator.device, []
+        for i in range(n):
+            video = self.source[i]["video"][None].to(device)  # (1, F, 3, H, W) in [-1, 1]
+            recon = vae.decode(vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist.mode()).sample
+            recon = recon.permute(0, 2, 1, 3, 4).clamp(-1, 1)  # (1, 3, F, H, W) -> (1, F, 3, H, W)
+            mse = float(((recon - video) / 2).pow(2).mean())
+            psnr.append(round(10 * math.log10(1 / max(mse, 1e-12)), 3))
+            for name, clip in (("input", video), ("reconstruction", recon)):
+                frames = (clip[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2  # (F, H, W, 3) in [0, 1]
+                _write_media(frames, folder / f"{i:02d}-{name}.mp4")
+        (folder / "metrics.json").write_text(json.dumps({"psnr": psnr}, indent=2) + "\n")
+
+    @torch.no_grad()
+    def latent_scale(self, vae, items: int = 64) -> float:
+        """1 / RMS of posterior samples over the first `items` clips (E z^2 = mean^2 + var, averaged): the
+        scaling_factor that gives the diffusion model unit-RMS latents, as SD's 0.18215 was measured."""
+        device, total, count = self.accelerator.device, 0.0, 0
+        for i in range(min(items, len(self.source))):
+            video = self.source[i]["video"][None].to(device).permute(0, 2, 1, 3, 4)  # (1, 3, F, H, W)
+            dist = vae.encode(video).latent_dist
+            total += float((dist.mean.pow(2) + dist.var).sum())
+            count += dist.mean.numel()
+        return 1.0 / math.sqrt(total / count)
+
     def _validate_relay(self, model, folder: Path) -> None:
         """The relay stage on the first validation_items clips: input (upsampled low resolution), output, target."""
         import samplers
         t, b, device = self.cfg.train, self.bundle, self.accelerator.device
         folder.mkdir(parents=True, exist_ok=True)
         n = min(t.validation_items, len(self.source))
-        items = [self.source[i] for i in range(n)]
+        # With a latent cache the clips come from the source the cache was built from (item i is the same clip).
+        pixels = build_source(self.cfg.data, self.cfg.train.seed, use_cache=False) if self.cfg.data.cache else self.source
+        items = [pixels[i] for i in range(n)]
         ext = "mp4" if b.family == "cogvideox" else "png"
         g = torch.Generator().manual_seed(t.seed)
         o = self.cfg.objective
         schedule = samplers.relay_schedule(self.objective.path, o.relay_t, min(t.validation_steps, o.relay_t))
         for i, item in enumerate(items):
-            if "cached" in item:
-                raise ValueError("relay validation decodes clips from the data; it cannot run from data.cache")
             video = item["video"][None].to(device)  # (1, F, 3, H, W)
             low = low_resolution(video, o.scale_factor)
             z_low = b.encode_posterior(low)[0]
@@ -330,8 +373,9 @@ class Trainer:
         return image[:, None].clamp(-1, 1)
 
     def export(self) -> Path:
-        """OUTPUT/final/: `pipeline/` (full fine-tune: a diffusers pipeline folder) or `lora/` (LoRA weights that
-        diffusers' load_lora_weights reads), from the EMA weights when EMA is on. Written to a temporary folder
+        """OUTPUT/final/: `pipeline/` (full fine-tune: a diffusers pipeline folder), `lora/` (LoRA weights that
+        diffusers' load_lora_weights reads) or `vae/` (an autoencoder run, with its measured scaling_factor), from
+        the EMA weights when EMA is on. Written to a temporary folder
         and renamed."""
         acc = self.accelerator
         final = self.output / "final"
@@ -346,7 +390,10 @@ class Trainer:
 
             shutil.rmtree(tmp, ignore_errors=True)
             with self._with_ema() as model:
-                if self.cfg.model.lora is not None:
+                if self.trains_vae:
+                    model.vae.register_to_config(scaling_factor=self.latent_scale(model.vae))
+                    model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+                elif self.cfg.model.lora is not None:
                     save_lora(model, self.bundle.family, tmp / "lora")
                 elif self.cfg.train.save_pipeline:
                     self.bundle.pipeline(model).save_pretrained(tmp / "pipeline")
