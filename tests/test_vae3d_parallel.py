@@ -5,7 +5,7 @@ one frame batch, and so do input and weight gradients (averaged over ranks, as D
 statistics: decode and encode equal diffusers' AutoencoderKLCogVideoX (frame-batched). Frame counts
 the world size does not divide: 17 frames = 5 latents ([3, 2] over 2 ranks, [2, 1, 1, 1] over 4, so
 ranks with fewer frames than a convolution's halo), 33 frames = 9 latents, and an even latent count
-(no image frame in the decoder).
+(no image frame in the decoder). Also: 2 replicas x 2-way sharding on 4 processes, and the ValueErrors.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def _check_all(rank: int, world: int, parity_frames: tuple[int, ...]) -> None:
     parity = _check_parity(ref, vae, world, parity_frames)
     if world == 4:
         _check_errors(vae, world)
+        _check_data_parallel(vae, rank)
     if rank == 0:  # shown with -s
         print(f"\n{world} ranks: exact max|sharded - whole| {exact:.3g}; gradients max|sharded - whole| / "
               f"max(1, |whole|) {grads:.3g}; parity max|sharded - diffusers| {parity:.3g}")
@@ -149,8 +150,25 @@ def _check_errors(vae, world: int) -> None:
         vae.enable_tiling(tile_sample_min_height=8, tile_sample_min_width=8)
         with pytest.raises(ValueError, match="tiling .* and time sharding together are not supported"):
             vae.decode(torch.zeros(1, 4, 9, 2, 2))
+        vae.disable_tiling()
     with pytest.raises(ValueError, match="world size 3 .* must divide the world size 4"):
         vae.enable_parallelism(ContextParallelConfig(ring_degree=3))
+    vae.disable_parallelism()
+
+
+def _check_data_parallel(vae, rank: int) -> None:
+    """4 processes = 2 replicas x 2-way time sharding (consecutive ranks): each replica encodes its own clip."""
+    from dit.parallel import ContextParallelConfig
+
+    x = _video(9, seed=10 + rank // 2)  # the replicas' clips differ
+    with torch.no_grad():
+        _whole(vae, True)
+        ref = vae.encode(x).latent_dist.mean
+        vae.enable_parallelism(ContextParallelConfig(ring_degree=2))
+        assert dist.get_world_size(vae.time_parallel.group) == 2
+        _close(vae.encode(x).latent_dist.mean, ref, f"dp x cp rank {rank}")
+        vae.disable_parallelism()
+        _whole(vae, False)
 
 
 def test_two_ranks():
