@@ -10,6 +10,8 @@ that the apply can be fused into the next causal convolution a few frames at a t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,43 +26,63 @@ def _inplace() -> bool:
     return not torch.is_grad_enabled()
 
 
+# stats(x, groups) -> (var, mean), each (B, G, T) or (B, G, 1) in fp32: the GroupNorm statistics
+# of x (B, C, T, H, W) per frame, when they are not simply x's own (a time shard's: vae3d.parallel).
+NormStats = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def group_var_mean(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean of x (B, C, ...) per (batch, group), in fp32: two (B, G) tensors.
+
+    fp16/bf16 inputs are upcast one group at a time, so no full fp32 copy is made.
+    """
+    xg = x.reshape(x.shape[0], groups, -1)  # (B, G, C/G * T * H * W)
+    if x.dtype == torch.float32:
+        return torch.var_mean(xg, dim=-1, correction=0)
+    stats = [torch.var_mean(xg[:, i].float(), dim=-1, correction=0) for i in range(groups)]
+    return torch.stack([v for v, _ in stats], 1), torch.stack([m for _, m in stats], 1)
+
+
 def group_norm_transform(
-    norm: nn.GroupNorm, x: torch.Tensor, act: bool = True
+    norm: nn.GroupNorm, x: torch.Tensor, act: bool = True, stats: NormStats | None = None
 ) -> FrameTransform:
     """GroupNorm (+ SiLU) of ``x`` (B, C, T, H, W) as a frame-wise transform.
 
-    Mean and variance are computed once over the whole batch in fp32 (also for fp16/bf16 inputs,
-    one group at a time so no full fp32 copy is made); the returned function normalises any frame
-    range with them.
+    Mean and variance are computed once over the whole batch in fp32 (or given per frame by
+    ``stats``); the returned function normalises any frame range with them.
     """
     b, c = x.shape[:2]
     g = norm.num_groups
-    xg = x.reshape(b, g, -1)  # (B, G, C/G * T * H * W)
-    if x.dtype == torch.float32:
-        var, mean = torch.var_mean(xg, dim=-1, correction=0)
+    if stats is None:
+        var, mean = (v[..., None] for v in group_var_mean(x, g))  # (B, G, 1): one for all frames
     else:
-        stats = [torch.var_mean(xg[:, i].float(), dim=-1, correction=0) for i in range(g)]
-        var = torch.stack([v for v, _ in stats], 1)
-        mean = torch.stack([m for _, m in stats], 1)
-    rstd = torch.rsqrt(var + norm.eps)  # (B, G)
-    # Fold normalisation and affine into one per-channel scale and shift: y = x * a + s.
-    scale = rstd.repeat_interleave(c // g, dim=1)  # (B, C)
+        var, mean = stats(x, g)  # (B, G, T) or (B, G, 1)
+    rstd = torch.rsqrt(var + norm.eps)
+    # Fold normalisation and affine into one per-channel (and per-frame) scale and shift: y = x * a + s.
+    scale = rstd.repeat_interleave(c // g, dim=1)  # (B, C, T or 1)
     shift = -mean.repeat_interleave(c // g, dim=1) * scale
     if norm.affine:
-        scale = scale * norm.weight.float()
-        shift = shift * norm.weight.float() + norm.bias.float()
-    scale = scale[:, :, None, None, None]
-    shift = shift[:, :, None, None, None]
+        scale = scale * norm.weight.float()[:, None]
+        shift = shift * norm.weight.float()[:, None] + norm.bias.float()[:, None]
+    scale = scale[:, :, :, None, None]  # (B, C, T or 1, 1, 1)
+    shift = shift[:, :, :, None, None]
+    per_frame = scale.shape[2] > 1
     dtype = x.dtype  # the closure keeps only what it needs, not x
     low = dtype != torch.float32
 
     def apply(s: torch.Tensor, a: int, b_: int) -> torch.Tensor:
-        y = torch.addcmul(shift, s.float() if low else s, scale)  # fp32 math for fp16/bf16 inputs
+        sc, sh = (scale[:, :, a:b_], shift[:, :, a:b_]) if per_frame else (scale, shift)
+        y = torch.addcmul(sh, s.float() if low else s, sc)  # fp32 math for fp16/bf16 inputs
         if low:
             y = y.to(dtype)
         return F.silu(y, inplace=_inplace()) if act else y
 
     return apply
+
+
+def cache_stats(cache: ConvCache | None) -> NormStats | None:
+    """The norm statistics a call's cache asks for: a time shard's, else None (the batch's own)."""
+    return cache.shard.norm_stats if cache is not None and cache.shard is not None else None
 
 
 def _latent_index(frames: int, latent_frames: int) -> list[int]:
@@ -89,9 +111,14 @@ class SpatialNorm3D(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
         self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
 
-    def transform(self, f: torch.Tensor, zq: torch.Tensor, act: bool = True) -> FrameTransform:
-        """Frame-wise SpatialNorm (+ SiLU) of f (B, C, T, H, W) conditioned on zq (B, Z, Tz, h, w)."""
-        norm = group_norm_transform(self.norm_layer, f, act=False)
+    def transform(
+        self, f: torch.Tensor, zq: torch.Tensor, act: bool = True, stats: NormStats | None = None
+    ) -> FrameTransform:
+        """Frame-wise SpatialNorm (+ SiLU) of f (B, C, T, H, W) conditioned on zq (B, Z, Tz, h, w).
+
+        zq holds the latent frames of f's frames (a time shard's own latents when sharded).
+        """
+        norm = group_norm_transform(self.norm_layer, f, act=False, stats=stats)
         y = self.conv_y(zq)  # (B, C, Tz, h, w)
         b = self.conv_b(zq)
         index = torch.tensor(_latent_index(f.shape[2], zq.shape[2]), device=f.device)
@@ -143,14 +170,17 @@ class ResnetBlock3D(nn.Module):
         # diffusers' non-causal 1x1x1 shortcut (a plain Conv3d, named conv_shortcut).
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def _norm_act(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None) -> FrameTransform:
+    def _norm_act(
+        self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, stats: NormStats | None
+    ) -> FrameTransform:
         if isinstance(norm, SpatialNorm3D):
-            return norm.transform(x, zq)
-        return group_norm_transform(norm, x)
+            return norm.transform(x, zq, stats=stats)
+        return group_norm_transform(norm, x, stats=stats)
 
     def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None) -> torch.Tensor:
-        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq))
-        tf2 = self._norm_act(self.norm2, h, zq)
+        stats = cache_stats(cache)
+        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats))
+        tf2 = self._norm_act(self.norm2, h, zq, stats)
         if self.dropout.p > 0 and self.training:
             norm_act2 = tf2
             tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
@@ -201,8 +231,8 @@ class Downsample3D(nn.Module):
 class Upsample3D(nn.Module):
     """Double H and W (nearest, then 3x3 conv); optionally double time by repeating frames.
 
-    At the start of a video with an odd frame count (and for a single frame) the first frame is
-    the image frame and is not repeated. A repeated frame gives the same convolution output, so
+    When x's first frame is the video's image frame (``image_first``: the caller decides, from the
+    latent count of the batch or, for a time shard, of the whole clip) it is not repeated. A repeated frame gives the same convolution output, so
     each source frame is convolved once and written twice.
     """
 
@@ -211,12 +241,11 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.compress_time = compress_time
 
-    def forward(self, x: torch.Tensor, at_start: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, image_first: bool) -> torch.Tensor:
         b, c, t, h, w = x.shape
         repeats = [1] * t
         if self.compress_time:
-            single_first = at_start and t % 2 == 1
-            repeats = [1 if (i == 0 and single_first) else 2 for i in range(t)]
+            repeats = [1 if (i == 0 and image_first) else 2 for i in range(t)]
         out = x.new_empty(b, self.conv.out_channels, sum(repeats), 2 * h, 2 * w)
         step = max(1, frames_per_step(x) // 4)  # the interpolated input is 4x bigger
         j = 0

@@ -19,10 +19,14 @@ temporaries, instead of four full-size tensors.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .parallel import TimeShard
 
 # Bytes of input per convolution call when streaming (no autograd): a call's temporaries are a
 # few times this, so large frames go one or two at a time while small ones (tiny models, tiles)
@@ -44,12 +48,15 @@ class ConvCache:
 
     ``frames[conv]`` holds the last ``k_t - 1`` frames of that convolution's padded input;
     ``at_start`` is True while the batch being processed begins the video (its first frame is the
-    causal image frame: padded by replication, never pooled with another frame).
+    causal image frame: padded by replication, never pooled with another frame). ``shard`` is set
+    when the batch is one rank's time shard (``vae3d.parallel``): the frames before it then come
+    from the ranks before it instead of from ``frames``, and norm statistics are the shard's.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shard: TimeShard | None = None) -> None:
         self.frames: dict[nn.Module, torch.Tensor] = {}
         self.at_start = True
+        self.shard = shard
 
 
 def _identity(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -86,6 +93,11 @@ class CausalConv3d(nn.Module):
         tf = transform or _identity
         p, t = self.time_pad, x.shape[2]
         previous = cache.frames.get(self) if cache is not None else None
+        if cache is not None and cache.shard is not None and p > 0:
+            # The halo is what a carried cache holds, sent by the ranks before this one (rank 0:
+            # the copies of its first frame); a shard is one whole call, nothing to carry on.
+            previous = cache.shard.halo(x, tf, p)
+            cache = None
         if torch.is_grad_enabled() or p == 0:
             # Plain path (training, 1x1x1 convs): one padded tensor, one convolution.
             h = tf(x, 0, t)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
@@ -21,8 +22,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from . import streaming
-from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, group_norm_transform
+from . import parallel, streaming
+from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, cache_stats, group_norm_transform
 from .causal_conv import CausalConv3d, ConvCache
 
 DOWN_BLOCK = "CogVideoXDownBlock3D"
@@ -119,7 +120,8 @@ class Encoder3D(nn.Module):
                 h = block.downsamplers[0](h, at_start)  # (B, C, T', H / 2, W / 2)
         for resnet in self.mid_block.resnets:
             h = resnet(h, None, cache)
-        return self.conv_out(h, cache, group_norm_transform(self.norm_out, h))  # (B, 2 * latent, T', h, w)
+        tf = group_norm_transform(self.norm_out, h, stats=cache_stats(cache))
+        return self.conv_out(h, cache, tf)  # (B, 2 * latent, T', h, w)
 
 
 class Decoder3D(nn.Module):
@@ -148,7 +150,11 @@ class Decoder3D(nn.Module):
         self.conv_out = CausalConv3d(prev, out_channels, kernel_size=3)
 
     def forward(self, z: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        # z's first frame is the image frame (never repeated in time) when this batch starts the video
+        # with an odd latent count (diffusers' rule); a time shard knows it from the whole clip instead.
+        shard = cache.shard if cache is not None else None
         at_start = cache is None or cache.at_start
+        image_first = shard.image_first if shard is not None else at_start and z.shape[2] % 2 == 1
         h = self.conv_in(z, cache)  # (B, C, T, h, w)
         for resnet in self.mid_block.resnets:
             h = resnet(h, z, cache)
@@ -156,8 +162,9 @@ class Decoder3D(nn.Module):
             for resnet in block.resnets:
                 h = resnet(h, z, cache)
             if block.upsamplers is not None:
-                h = block.upsamplers[0](h, at_start)  # (B, C, T', 2h, 2w)
-        return self.conv_out(h, cache, self.norm_out.transform(h, z))  # (B, 3, T', H, W)
+                h = block.upsamplers[0](h, image_first)  # (B, C, T', 2h, 2w)
+        tf = self.norm_out.transform(h, z, stats=cache_stats(cache))
+        return self.conv_out(h, cache, tf)  # (B, 3, T', H, W)
 
 
 # Named configurations. "cogvideox" is diffusers' default (CogVideoX-2b/5b VAE); the others are
@@ -242,6 +249,8 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
         self.tile_sample_min_width = sample_width // 2
         self.tile_overlap_factor_height = 1 / 6
         self.tile_overlap_factor_width = 1 / 5
+        # Set by enable_parallelism: encode/decode are then time-sharded over a process group.
+        self.time_parallel: parallel.TimeParallel | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CausalVAE3D":
@@ -294,6 +303,32 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
+    def enable_parallelism(
+        self,
+        config: parallel.ParallelConfig,
+        *,
+        group: dist.ProcessGroup | None = None,
+        norm_stats: str = "exact",
+    ) -> None:
+        """Shard encode/decode along time over ``config.world_size`` ranks (``vae3d.parallel``).
+
+        ``config``: a ``dit.parallel.ContextParallelConfig``; its ring x ulysses ranks form one time
+        axis. ``group``: the process group sharing each clip (default: the whole world, or with more
+        ranks than the config, consecutive blocks of them as ``dit.parallel`` lays them out).
+        ``norm_stats``: "exact" (default; equals the unsharded model on the whole clip) or "parity"
+        (equals the single-process frame-batched result, i.e. diffusers'). Every rank passes the
+        whole input and gets the whole output.
+        """
+        device_type = next(self.parameters()).device.type
+        self.time_parallel = parallel.time_parallel(config, group, norm_stats, device_type)
+
+    def disable_parallelism(self) -> None:
+        self.time_parallel = None
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.time_parallel is not None
+
     # -- encode / decode -------------------------------------------------------------------------
 
     @apply_forward_hook
@@ -302,7 +337,7 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
     ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         """Video (B, C, 1 + 4k, H, W) in [-1, 1] -> posterior over latents (B, latent, 1 + k, H/8, W/8)."""
         streaming.check_video(self, x)
-        moments = streaming.encode(self, x)
+        moments = parallel.encode(self, x) if self.is_parallel else streaming.encode(self, x)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -313,7 +348,7 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
         With diffusers' frame batching an even F gives 4F frames (no image frame), as diffusers does.
         """
         streaming.check_latents(self, z)
-        video = streaming.decode(self, z)
+        video = parallel.decode(self, z) if self.is_parallel else streaming.decode(self, z)
         return DecoderOutput(sample=video) if return_dict else (video,)
 
     def forward(
