@@ -236,6 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for r, path in batch:
         start = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(r.seed)
+        _shard_vae_decode(pipe, r.frames)
         out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                    num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                    output_type="np", **({"solver": args.solver} if args.solver else {}),
@@ -277,6 +278,26 @@ def _setup_parallel(pipe, args: argparse.Namespace) -> bool:
                                                               ulysses_degree=args.ulysses_degree))
     pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
     return dist.get_rank() == 0
+
+
+def _shard_vae_decode(pipe, num_frames: int) -> None:
+    """Under torchrun, split the VAE decode along time when the clip has at least one of diffusers' frame
+    batches per rank ("parity" statistics: the frames equal the single-process ones); otherwise every rank
+    decodes the whole clip."""
+    import torch.distributed as dist
+
+    from dit.parallel import ContextParallelConfig
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    vae = pipe.vae
+    latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    batches = max(latent_frames // vae.num_latent_frames_batch_size, 1)
+    world = dist.get_world_size()
+    if batches >= world:
+        vae.enable_parallelism(ContextParallelConfig(ring_degree=1, ulysses_degree=world), norm_stats="parity")
+    else:
+        vae.disable_parallelism()
 
 
 def _quiet_libraries() -> None:

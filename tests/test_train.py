@@ -171,6 +171,14 @@ def test_every_train_config_parses(tmp_path, cogvideox_folder, sd3_folder, media
     (lambda d: d["data"].update(shapes={"colour": ["red"]}), "data.shapes: unknown shapes config key(s) ['colour']"),
     (lambda d: d["model"].update(transformer_preset=None, transformer={"num_layer": 2}),
      "unknown config key 'model.transformer.num_layer'; accepted: num_attention_heads,"),
+    (lambda d: d["objective"].update(kind="autoencoder") or d["model"].update(lora={"rank": 4}),
+     "objective.kind 'autoencoder' trains a CogVideoX-style VAE"),
+    (lambda d: d["objective"].update(kind="autoencoder") or d["data"].update(cache="/tmp/c"),
+     "data.cache holds latents; objective.kind 'autoencoder' trains on pixels"),
+    (lambda d: d["objective"].update(l2_weight=-1), "objective.l2_weight: must be >= 0, got -1.0"),
+    (lambda d: d["model"].update(vae_pretrained="/no/vae"), "model.vae_pretrained: give it alone"),
+    (lambda d: d["model"].update(vae_preset=None, vae_pretrained="/no/vae"),
+     "model.vae_pretrained: folder '/no/vae' does not exist"),
 ])
 def test_bad_configs_are_one_line_errors_naming_the_key(tmp_path, capsys, mutate, message):
     from dit.cli import main
@@ -435,7 +443,7 @@ def test_in_process_resume_with_grad_accumulation_matches_an_uninterrupted_run(t
 
 def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path):
     """configs/demo/*.yaml through dit.demo.build with two steps each: the VAE stage trains the VAE (and
-    measures its scaling factor), the base stage trains on it, the relay stage starts from the base weights, and
+    measures its scaling factor), the next one trains it further, the base stage trains on it, the relay stage starts from the base weights, and
     the assembled folder generates with --relay in both our pipeline and diffusers'."""
     from diffusers import DiffusionPipeline
 
@@ -448,15 +456,32 @@ def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path)
     cfg = json.loads((vae_final / "vae" / "config.json").read_text())
     assert cfg["_class_name"] == "CausalVAE3D" and cfg["scaling_factor"] != 1.0
     assert json.loads(next((tmp_path / "vae" / "validation").glob("*/metrics.json")).read_text())["psnr"]
+    ft_final = build.run_stage("vae-ft", tmp_path, small)  # fine-tunes the stage-1 VAE (vae_pretrained)
+    assert json.loads((ft_final / "vae" / "config.json").read_text())["latent_channels"] == cfg["latent_channels"]
     build.run_stage("base", tmp_path, small)
     build.run_stage("relay", tmp_path, small)
     assert build.run_stage("relay", tmp_path, small) == tmp_path / "relay" / "final"  # done: skipped
     target = build.assemble(tmp_path, tmp_path / "demo")
     assert json.loads((target / "generation_config.json").read_text())["relay_upsample"] == "pixel"
     pipe = DiTPipeline.from_pretrained(target)
-    assert pipe.vae.config.scaling_factor == cfg["scaling_factor"]
+    ft_scale = json.loads((ft_final / "vae" / "config.json").read_text())["scaling_factor"]
+    assert pipe.vae.config.scaling_factor == ft_scale
     frames = pipe("a red circle", num_inference_steps=2, relay=2, relay_steps=2, relay_upsample="pixel",
                   output_type="np").frames
     assert frames.shape == (1, 9, 64, 64, 3)
     ref = DiffusionPipeline.from_pretrained(target)
-    assert type(ref).__name__ == "CogVideoXPipeline" and ref.vae.config.scaling_factor == cfg["scaling_factor"]
+    assert type(ref).__name__ == "CogVideoXPipeline" and ref.vae.config.scaling_factor == ft_scale
+
+
+def test_autoencoder_loss_is_l1_plus_l2_plus_kl_per_element():
+    from dit.train.objectives import autoencoder_loss
+
+    video = torch.zeros(1, 3, 1, 2, 2)
+    recon = torch.full_like(video, 0.5)
+    mean, logvar = torch.ones(1, 4, 1, 1, 1), torch.zeros(1, 4, 1, 1, 1)  # KL per element = 0.5 * 1
+
+    def step(x, generator=None):
+        return recon, mean, logvar
+
+    loss = autoencoder_loss(step, video, torch.Generator(), kl_weight=0.1, l2_weight=2.0)
+    assert float(loss) == pytest.approx(0.5 + 2.0 * 0.25 + 0.1 * 0.5)

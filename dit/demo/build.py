@@ -1,7 +1,8 @@
 """Build the embedded demo model: `python -m dit.demo.build` from the repository root.
 
-Three `dit train` runs from configs/demo/ (the VAE, the base transformer, the relay super-resolution
-transformer; each stage's latent cache is built first), then the pieces are assembled into one diffusers-format
+Four `dit train` runs from configs/demo/ (the VAE; the VAE trained further at a new learning rate, mostly at
+32x32; the base transformer; the relay super-resolution transformer; the transformer stages' latent caches are
+built first), then the pieces are assembled into one diffusers-format
 CogVideoX pipeline folder (with `relay_transformer/` and `generation_config.json`) at dit/assets/demo.
 
 Every stage resumes: a finished stage (its `final/` exists) is skipped, an interrupted one continues from its
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-STAGES = ("vae", "base", "relay")
+STAGES = ("vae", "vae-ft", "base", "relay")
 TARGET = Path(__file__).resolve().parents[1] / "assets" / "demo"
 # What `dit generate` uses when no option overrides it (read from generation_config.json in the folder).
 GENERATION_CONFIG = {
@@ -46,10 +47,12 @@ def _add_time(workdir: Path, key: str, seconds: float) -> None:
 def stage_paths(name: str, workdir: Path) -> dict[str, str]:
     """The config keys that place a stage under `workdir` and chain it to the previous stage's output."""
     out = {"output_dir": str(workdir / name)}
-    if name != "vae":
+    if name in ("base", "relay"):
         out["data.cache"] = str(workdir / f"cache-{name}")
-    if name == "base":
+    if name == "vae-ft":
         out["model.vae_pretrained"] = str(workdir / "vae" / "final" / "vae")
+    if name == "base":
+        out["model.vae_pretrained"] = str(workdir / "vae-ft" / "final" / "vae")
     if name == "relay":
         out["model.pretrained"] = str(workdir / "base" / "final" / "pipeline")
     return out

@@ -79,8 +79,9 @@ class ObjectiveConfig:
     relay: CogView3's relay super-resolution loss on the `relay_path` schedule, from `relay_t` of
     `num_train_timesteps`, with block noise of `block_size` mixed in at weight `noise_alpha`; the low-resolution
     input is the video downscaled by `scale_factor` and upscaled again (bilinear) before VAE encoding.
-    autoencoder: trains the VAE itself (not the transformer): L1 reconstruction of a posterior sample plus
-    `kl_weight` x the KL divergence to N(0, I) (both averaged per element); the export sets the VAE's
+    autoencoder: trains the VAE itself (not the transformer): L1 reconstruction of a posterior sample, plus
+    `l2_weight` x its squared error (which weighs the large errors of small objects more), plus `kl_weight` x
+    the KL divergence to N(0, I) (all averaged per element); the export sets the VAE's
     scaling_factor so that scaled latents have unit RMS on the training data.
     """
 
@@ -99,6 +100,7 @@ class ObjectiveConfig:
     noise_alpha: float = 0.15
     scale_factor: int = 2
     kl_weight: float = 1e-4
+    l2_weight: float = 0.0
 
 
 @dataclass
@@ -322,10 +324,11 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _positive("objective.scale_factor", o.scale_factor)
     _positive("objective.noise_alpha", o.noise_alpha, zero=True)
     _positive("objective.kl_weight", o.kl_weight, zero=True)
+    _positive("objective.l2_weight", o.l2_weight, zero=True)
     if o.kind == "autoencoder":
-        if m.family != "cogvideox" or m.pretrained is not None or m.lora is not None or m.vae_pretrained is not None:
-            raise ValueError("objective.kind 'autoencoder' trains a new CogVideoX-style VAE: model.family cogvideox "
-                             "with vae_preset or vae, no pretrained, vae_pretrained or lora")
+        if m.family != "cogvideox" or m.pretrained is not None or m.lora is not None:
+            raise ValueError("objective.kind 'autoencoder' trains a CogVideoX-style VAE: model.family cogvideox "
+                             "with vae_preset, vae or vae_pretrained (to fine-tune it), no pretrained or lora")
         if d.cache is not None:
             raise ValueError("data.cache holds latents; objective.kind 'autoencoder' trains on pixels: remove data.cache")
     if m.family == "sd3" and o.kind == "v_prediction_zero_snr":

@@ -76,12 +76,14 @@ class AutoencoderStep(nn.Module):
         return self.vae.decode(dist.sample(generator=generator)).sample, dist.mean, dist.logvar
 
 
-def autoencoder_loss(step: nn.Module, video: Tensor, generator: torch.Generator, kl_weight: float) -> Tensor:
-    """L1 reconstruction + kl_weight x KL(q(z|x) || N(0, I)), each averaged per element.
-    `step` is an AutoencoderStep (possibly wrapped); video (B, 3, F, H, W) in [-1, 1]."""
+def autoencoder_loss(step: nn.Module, video: Tensor, generator: torch.Generator, kl_weight: float,
+                     l2_weight: float = 0.0) -> Tensor:
+    """L1 + l2_weight x squared reconstruction error + kl_weight x KL(q(z|x) || N(0, I)), each averaged per
+    element. `step` is an AutoencoderStep (possibly wrapped); video (B, 3, F, H, W) in [-1, 1]."""
     recon, mean, logvar = step(video, generator=generator)
+    err = recon.float() - video.float()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return (recon.float() - video.float()).abs().mean() + kl_weight * kl.float()
+    return err.abs().mean() + l2_weight * err.pow(2).mean() + kl_weight * kl.float()
 
 
 def low_resolution(video: Tensor, factor: int) -> Tensor:

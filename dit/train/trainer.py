@@ -148,7 +148,8 @@ class Trainer:
     def _loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
         if self.trains_vae:
             video = batch["video"].to(self.accelerator.device).permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W) -> (B, 3, F, H, W)
-            return autoencoder_loss(self.model, video, g, self.cfg.objective.kl_weight)
+            o = self.cfg.objective
+            return autoencoder_loss(self.model, video, g, o.kl_weight, o.l2_weight)
         z0, z_low, cond = self._latents(batch, g)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

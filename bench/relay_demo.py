@@ -1,0 +1,120 @@
+"""Relay stage of the embedded demo model: does it keep the base result, and does block noise matter?
+
+Two measurements, printed as JSON (issue 5's trained-model checks):
+1. Generation (text -> 32x32 base -> relay 2x -> 64x64), `--prompts` grid prompts: the relay output averaged
+   over 2x2 blocks against the base result (mean absolute difference in [0, 1] pixels and PSNR), next to the
+   same distance between two seeds' base results (the scale of "unrelated"); with block noise (the trained
+   noise_alpha) and with white noise (noise_alpha 0) at the relay start.
+2. Super-resolution of real clips (procedural shapes at 64x64, downscaled 2x and upscaled back, as in training):
+   PSNR of the relay output against the true 64x64 clip, with block noise and with white noise, same seeds;
+   and the mean absolute difference between the two outputs.
+
+Run: `python -m bench.relay_demo [--prompts 40] [--clips 32]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import torch
+
+import samplers
+from bench.common import emit
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(1 / max(float(np.mean((a - b) ** 2)), 1e-12))
+
+
+def pool2(x: np.ndarray) -> np.ndarray:
+    """(F, 2H, 2W, 3) -> (F, H, W, 3), mean over 2x2 blocks."""
+    f, h, w, c = x.shape
+    return x.reshape(f, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def generation(pipe, defaults: dict, prompts: list[str], alpha: float) -> dict:
+    relay = {k: v for k, v in defaults.items() if k.startswith("relay_")}
+    relay["relay_noise_alpha"] = alpha
+    kw = dict(num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
+              output_type="np")
+    diff, ref, ps = [], [], []
+    for k, prompt in enumerate(prompts):
+        base = pipe(prompt=prompt, generator=torch.Generator().manual_seed(k), **kw).frames[0]
+        other = pipe(prompt=prompt, generator=torch.Generator().manual_seed(10_000 + k), **kw).frames[0]
+        high = pipe(prompt=prompt, generator=torch.Generator().manual_seed(k), relay=2, **relay, **kw).frames[0]
+        diff.append(float(np.abs(pool2(high) - base).mean()))
+        ref.append(float(np.abs(other - base).mean()))
+        ps.append(psnr(pool2(high), base))
+    return {"pooled_relay_vs_base_mad": float(np.mean(diff)), "other_seed_vs_base_mad": float(np.mean(ref)),
+            "pooled_relay_vs_base_psnr": float(np.mean(ps))}
+
+
+@torch.no_grad()
+def super_resolution(pipe, defaults: dict, clips: int) -> dict:
+    from dit.data import ShapesConfig, ShapesDataset
+    from dit.train.objectives import low_resolution
+
+    data = ShapesDataset(ShapesConfig(seed=12345, length=clips, height=64, width=64, num_frames=9, split="all",
+                                      antialias=2))
+    vae, scale = pipe.vae, pipe.vae.config.scaling_factor
+    path = samplers.train_path_from_config(dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
+    schedule = samplers.relay_schedule(path, defaults["relay_start"], defaults["relay_steps"])
+    stage = pipe.relay_transformer or pipe.transformer
+    out: dict[str, list] = {"block": [], "white": [], "input": [], "block_vs_white_mad": []}
+    for i in range(clips):
+        item = data[i]
+        video = item["video"][None]  # (1, F, 3, H, W) in [-1, 1]
+        low = low_resolution(video, 2)
+        z_low = vae.encode(low.permute(0, 2, 1, 3, 4)).latent_dist.mode() * scale  # (1, C, F', h, w)
+        z_low = z_low.permute(0, 2, 1, 3, 4)  # (1, F', C, h, w)
+        text = pipe.encode_prompt([item["caption"]], max_sequence_length=stage.config.max_text_seq_length)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return stage(hidden_states=x, encoder_hidden_states=text, timestep=t.reshape(-1).expand(x.shape[0]),
+                         return_dict=False)[0].float()
+
+        denoiser = samplers.Denoiser(model_fn, "v_prediction")
+        target = (video[0].permute(0, 2, 3, 1).numpy() + 1) / 2  # (F, H, W, 3) in [0, 1]
+        results = {}
+        for name, alpha in (("block", defaults.get("relay_noise_alpha", 0.15)), ("white", 0.0)):
+            z = samplers.sample_relay(denoiser, z_low, schedule, block_size=2, noise_alpha=alpha,
+                                      generator=torch.Generator().manual_seed(i))
+            frames = vae.decode(z.permute(0, 2, 1, 3, 4) / scale).sample.clamp(-1, 1)  # (1, 3, F, H, W)
+            results[name] = (frames[0].permute(1, 2, 3, 0).numpy() + 1) / 2
+            out[name].append(psnr(results[name], target))
+        out["input"].append(psnr((low[0].permute(0, 2, 3, 1).numpy() + 1) / 2, target))
+        out["block_vs_white_mad"].append(float(np.abs(results["block"] - results["white"]).mean()))
+    return {"psnr_block_noise": float(np.mean(out["block"])), "psnr_white_noise": float(np.mean(out["white"])),
+            "psnr_bilinear_input": float(np.mean(out["input"])),
+            "block_vs_white_mad": float(np.mean(out["block_vs_white_mad"])),
+            "block_better_fraction": float(np.mean(np.asarray(out["block"]) > np.asarray(out["white"])))}
+
+
+def main() -> None:
+    from dit.cli import DEMO_MODEL
+    from dit.demo.evaluate import prompt_grid
+    from dit.pipeline import DiTPipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = DiTPipeline.from_pretrained(DEMO_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = json.loads((DEMO_MODEL / "generation_config.json").read_text())
+    grid = prompt_grid()
+    prompts = [g.prompt for g in grid[:: max(1, len(grid) // args.prompts)]][: args.prompts]
+    alpha = defaults.get("relay_noise_alpha", 0.15)
+    emit({"bench": "relay_demo", "prompts": len(prompts), "clips": args.clips,
+          "generation_block_noise": generation(pipe, defaults, prompts, alpha),
+          "generation_white_noise": generation(pipe, defaults, prompts, 0.0),
+          "super_resolution": super_resolution(pipe, defaults, args.clips)})
+
+
+if __name__ == "__main__":
+    main()
