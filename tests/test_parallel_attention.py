@@ -67,3 +67,5 @@ def test_config_validation():
         ContextParallelConfig(ring_degree=0)
     with pytest.raises(ValueError, match="unknown ring_impl 'tree'"):
         ContextParallelConfig(ring_impl="tree")
+    with pytest.raises(ValueError, match="cfg_degree must be 1 or 2, got 4"):
+        ContextParallelConfig(cfg_degree=4)

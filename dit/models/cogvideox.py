@@ -489,9 +489,9 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
         text_pos, video_pos = (None if t is None else t.to(dtype) for t in self._positions(n_text, *grid, device))
         x = self.patch_embed(encoder_hidden_states.to(dtype), hidden_states.to(dtype), text_pos, video_pos)  # (B, T + N, D)
         x = self.embedding_dropout(x)
-        if self.is_parallel:  # context parallel: this rank's text and video tokens, and their rotations
+        if self.is_parallel:  # context parallel: this rank's batch half (CFG), text and video tokens, rotations
             text, video = self._cp_shard(x[:, :n_text], x[:, n_text:])
-            x, n_text = torch.cat([text, video], dim=1), text.shape[1]
+            x, n_text, temb = torch.cat([text, video], dim=1), text.shape[1], self._cfg_split(temb)
             rope = None if rope is None else self._cp_shard_rows(rope)
 
         for block in self.transformer_blocks:
@@ -505,7 +505,7 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
         video = modulate(self.norm_out.norm(video), m.shift, m.scale)
         video = self.proj_out(video)  # (B, N, C_out pt p p)
         if self.is_parallel:
-            video = self._cp_gather(video, grid[0] * grid[1] * grid[2])  # (B, N_r, ..) shards -> (B, N, ..)
+            video = self._cp_gather(video, grid[0] * grid[1] * grid[2])  # (B / cfg, N_r, ..) shards -> (B, N, ..)
         out = unpatchify_3d(video, p, pt, f, h, w)  # (B, F, C_out, H, W)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
