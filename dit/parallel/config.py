@@ -21,12 +21,16 @@ class ContextParallelConfig:
     (simpler, memory O(L) for K/V).
     cfg_degree: CFG parallelism (as in xDiT): 2 runs the [uncond; cond] halves of a classifier-free-guidance batch on
     two groups of ring x ulysses ranks and all-gathers the batch at the end, so guidance costs no extra time.
+    head_chunks: attention runs over the heads in this many chunks, each through its own all-to-alls (and ring), so
+    only one chunk's head-sharded q/k/v exist at a time; None: with Ulysses one head per rank per chunk (least
+    memory), without it 1; 1: all heads at once (fewest collectives). Must divide heads / ulysses_degree; exact.
     """
 
     ring_degree: int = 1
     ulysses_degree: int = 1
     ring_impl: str = "p2p"
     cfg_degree: int = 1
+    head_chunks: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("ring_degree", "ulysses_degree", "cfg_degree"):
@@ -35,6 +39,9 @@ class ContextParallelConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.ring_impl not in RING_IMPLS:
             raise ValueError(f"unknown ring_impl {self.ring_impl!r}; accepted: {', '.join(RING_IMPLS)}")
+        if self.head_chunks is not None and (isinstance(self.head_chunks, bool) or not isinstance(self.head_chunks, int)
+                                             or self.head_chunks < 1):
+            raise ValueError(f"head_chunks must be None or an integer >= 1, got {self.head_chunks!r}")
         if self.cfg_degree not in (1, 2):  # guidance batches have two halves; more groups would have nothing to do
             raise ValueError(f"cfg_degree must be 1 or 2, got {self.cfg_degree}")
 
