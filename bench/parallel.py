@@ -1,9 +1,11 @@
 """Per-rank peak memory and time of context-parallel attention and a whole CogVideoX forward at cp = 1, 2, 4.
 
 A long sequence (default: 226 text + 13 x 28 x 45 = 16,380 video tokens, CogVideoX-like 4 layers x 8 heads x 64).
-Each cp degree runs in fresh gloo CPU processes; memory is each rank's growth in resident memory during the
-measured call (peak ru_maxrss minus the resident size just before it), so weights and the full replicated
-inputs are excluded and what remains is what context parallelism divides: activations and attention buffers.
+Each cp degree runs in fresh gloo CPU processes. Time is a call under the default allocator. Memory is a further
+call's peak resident growth with every allocation above 128 KiB a fresh mmap (glibc M_MMAP_THRESHOLD, heap trimmed
+first, peak VmHWM reset), so the resident size follows the live tensors: with glibc's default the warm-up's freed
+heap is reused unseen and earlier phases' peaks (ru_maxrss never falls) leak into later ones. Weights and the full
+replicated inputs are excluded; what remains is what context parallelism divides: activations and attention buffers.
 Also counts the collectives issued per transformer layer. Prints one JSON line.
 Run: `python -m bench.parallel` (`--quick` for a small smoke run; `--mode ulysses|ring|usp`).
 """
@@ -11,8 +13,8 @@ Run: `python -m bench.parallel` (`--quick` for a small smoke run; `--mode ulysse
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
-import resource
 import time
 
 import torch
@@ -21,20 +23,29 @@ import torch.distributed as dist
 from bench.common import emit
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _live_allocations() -> None:
+    """Make the resident size follow live allocations: large ones mmap'd (freed at once), free heap returned."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD; fixing it also stops glibc from raising it dynamically
+    libc.malloc_trim(0)
 
 
-def _measure(fn):
-    before = _rss_mb()
+def _measure(fn) -> tuple[float, float]:
+    """(seconds of one call, peak resident growth in MB of another under _live_allocations)."""
     start = time.perf_counter()
     fn()
-    return round(time.perf_counter() - start, 3), round(max(0.0, _peak_mb() - before), 1)
+    seconds = time.perf_counter() - start
+    _live_allocations()
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM, the peak resident size, to the current one
+    fn()
+    return round(seconds, 3), round(max(0.0, _status_mb("VmHWM") - before), 1)
 
 
 def _config(world: int, mode: str):
@@ -105,7 +116,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         model(**inputs)  # warm-up
         calls.update(dict.fromkeys(calls, 0))  # count the measured forward only
         result["forward_s"], result["forward_mb"] = _measure(lambda: model(**inputs))
-        result["collectives_per_layer"] = {k: v / layers for k, v in calls.items()}
+        result["collectives_per_layer"] = {k: v / (2 * layers) for k, v in calls.items()}  # 2 calls measured
     queue.put(result)
     dist.barrier()
     dist.destroy_process_group()
@@ -150,7 +161,8 @@ def main() -> None:
         r["attention_mem_ratio"] = round(r["attention_mb_max_rank"] / max(base["attention_mb_max_rank"], 1e-9), 3)
         r["forward_mem_ratio"] = round(r["forward_mb_max_rank"] / max(base["forward_mb_max_rank"], 1e-9), 3)
     emit({"bench": "parallel", "mode": args.mode, "quick": args.quick, "rows": rows,
-          "memory_method": "per rank: peak ru_maxrss minus resident size before the call (gloo CPU processes)"})
+          "memory_method": "per rank: peak VmHWM minus VmRSS before the call, allocations > 128 KiB mmap'd, "
+                           "heap trimmed (gloo CPU processes)"})
 
 
 if __name__ == "__main__":

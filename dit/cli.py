@@ -201,6 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps = args.steps or defaults.get("num_inference_steps", 50)
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0)
     fps = args.fps or defaults.get("fps", 8)
+    if args.cfg_degree == 2 and not guidance > 1:  # without guidance the batch has no second half to run
+        raise CLIError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
+                       f"got {guidance}")
     # The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled).
     relay_options = {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
     todo = []
@@ -250,32 +253,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
             **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
             "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
+            "cfg_parallel": args.cfg_degree,
         })
         print(str(path))
     return 0
 
 
 def _setup_parallel(pipe, args: argparse.Namespace) -> bool:
-    """Context parallelism under torchrun (WORLD_SIZE > 1): ring x ulysses must equal the world size.
+    """Context parallelism under torchrun (WORLD_SIZE > 1): cfg x ring x ulysses must equal the world size.
 
     Returns whether this process writes the outputs (rank 0, or the only process)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    degrees = args.ring_degree * args.ulysses_degree
+    degrees = args.cfg_degree * args.ring_degree * args.ulysses_degree
+    product = (f"--cfg-degree {args.cfg_degree} x --ring-degree {args.ring_degree} x "
+               f"--ulysses-degree {args.ulysses_degree}")
     if world == 1:
         if degrees != 1:
-            raise CLIError(f"--ring-degree {args.ring_degree} x --ulysses-degree {args.ulysses_degree} = {degrees} "
-                           "processes; launch with `torchrun --nproc_per_node N -m dit generate ...`")
+            raise CLIError(f"{product} = {degrees} processes; "
+                           "launch with `torchrun --nproc_per_node N -m dit generate ...`")
         return True
     if degrees != world:
-        raise CLIError(f"--ring-degree x --ulysses-degree = {degrees} must equal the torchrun world size {world}")
+        raise CLIError(f"{product} = {degrees} must equal the torchrun world size {world}")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     from dit.parallel import ContextParallelConfig
 
-    pipe.transformer.enable_parallelism(ContextParallelConfig(ring_degree=args.ring_degree,
-                                                              ulysses_degree=args.ulysses_degree))
+    pipe.transformer.enable_parallelism(ContextParallelConfig(
+        ring_degree=args.ring_degree, ulysses_degree=args.ulysses_degree, cfg_degree=args.cfg_degree))
     pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
     return dist.get_rank() == 0
 
@@ -386,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ulysses-degree", type=_positive_int, default=1,
                      help="context parallelism over attention heads (under torchrun; must divide the head count)")
     gen.add_argument("--ring-degree", type=_positive_int, default=1,
-                     help="ring attention degree (under torchrun); ring x ulysses = number of processes")
+                     help="ring attention degree (under torchrun); cfg x ring x ulysses = number of processes")
+    gen.add_argument("--cfg-degree", type=int, choices=(1, 2), default=1,
+                     help="2: the unconditional and conditional halves of guidance on two process groups "
+                          "(under torchrun; needs --guidance > 1)")
     gen.set_defaults(func=cmd_generate)
     train = sub.add_parser("train", help="train a model from a YAML config (run under `accelerate launch`)",
                            description="Train from a strict YAML config.")

@@ -155,6 +155,17 @@ def test_parallel_degrees_without_torchrun_is_a_clear_error(model, tmp_path, cap
     assert code == 2 and "launch with `torchrun" in capsys.readouterr().err
 
 
+def test_cfg_parallel_needs_guidance_and_torchrun(model, tmp_path, capsys):
+    out = str(tmp_path / "x.mp4")
+    assert main(["generate", "a cat", "-o", out, "--model", str(model), "--cfg-degree", "2", *ARGS]) == 2
+    assert "--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, got 1.0" \
+        in capsys.readouterr().err
+    assert main(["generate", "a cat", "-o", out, "--model", str(model), "--cfg-degree", "2", *ARGS,
+                 "--guidance", "6"]) == 2
+    assert "--cfg-degree 2 x --ring-degree 1 x --ulysses-degree 1 = 2 processes; launch with `torchrun" \
+        in capsys.readouterr().err
+
+
 def test_an_image_pipeline_folder_is_a_clear_error_before_loading(tmp_path, capsys):
     from tiny import tiny_sd3_pipeline
 

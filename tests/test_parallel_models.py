@@ -1,6 +1,7 @@
 """Whole transformers under context parallelism equal the single-process model: outputs, input gradients and
-weight gradients (averaged over ranks, as DDP does) within 1e-5, for Ulysses, ring and USP meshes,
-with token counts the world size does not divide (13 text tokens; 45 video / 20 image tokens)."""
+weight gradients (averaged over ranks, as DDP does) within 1e-5, for Ulysses, ring and USP meshes and CFG
+parallel (the batch of 2 split over two rank groups), with token counts the world size does not divide
+(13 text tokens; 45 video / 20 image tokens)."""
 
 import pytest
 import torch
@@ -75,9 +76,10 @@ def _check_models(rank, world, meshes):
         ref_out = model(**inputs, return_dict=False)[0]
         out_grad = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(3))
         ref = _run(model, inputs, grad_inputs, out_grad)
-        for i, (ring, ulysses) in enumerate(meshes):
-            name = f"{build.__name__} ring={ring} ulysses={ulysses}"
-            model.enable_parallelism(ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+        for i, mesh in enumerate(meshes):
+            ring, ulysses, cfg = (*mesh, 1)[:3]  # (ring, ulysses) or (ring, ulysses, cfg)
+            name = f"{build.__name__} ring={ring} ulysses={ulysses} cfg={cfg}"
+            model.enable_parallelism(ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, cfg_degree=cfg))
             if i == 0:
                 model.enable_gradient_checkpointing()  # shard sizes must survive the recomputation
             out, in_grads, w_grads = _run(model, inputs, grad_inputs, out_grad)
@@ -96,6 +98,51 @@ def test_two_ranks():
 
 def test_four_ranks():
     run_distributed(_check_models, 4, [(1, 4), (4, 1), (2, 2)])
+
+
+def test_cfg_parallel_two_ranks():
+    run_distributed(_check_models, 2, [(1, 1, 2)])
+
+
+def test_cfg_parallel_with_ulysses_and_ring():
+    run_distributed(_check_models, 4, [(1, 2, 2), (2, 1, 2)])
+
+
+def _cfg_odd_batch(rank, world):
+    from dit.parallel import ContextParallelConfig
+
+    model, inputs, _ = _cogvideox()
+    model.enable_parallelism(ContextParallelConfig(cfg_degree=2))
+    assert model._cp.context.cfg_rank == rank and model._cp.context.rank == 0
+    one = {k: v[:1] for k, v in inputs.items()}
+    with pytest.raises(ValueError, match="cfg_degree 2 halves .* but the batch is 1"):
+        model(**one)
+
+
+def test_cfg_parallel_batch_not_divisible_is_a_clear_error():
+    run_distributed(_cfg_odd_batch, 2)
+
+
+def _cfg_pipeline(rank, world, folder):
+    """Our CogVideoX pipeline with guidance: CFG parallel on 2 ranks gives the single-process frames."""
+    from dit.parallel import ContextParallelConfig
+    from dit.pipeline import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle moving left", negative_prompt="blue square", num_frames=9, height=32, width=32,
+                num_inference_steps=3, guidance_scale=6.0, output_type="np", max_sequence_length=16)
+    ref = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+    pipe.transformer.enable_parallelism(ContextParallelConfig(cfg_degree=2))
+    got = pipe(generator=torch.Generator().manual_seed(0), **call).frames
+    assert abs(got - ref).max() <= 1e-5, f"rank {rank}: max abs diff {abs(got - ref).max():.3g}"
+
+
+def test_cfg_parallel_pipeline_same_frames(tmp_path):
+    from tests.tiny import tiny_cogvideox_pipeline
+
+    tiny_cogvideox_pipeline(tmp_path, rotary=True)
+    run_distributed(_cfg_pipeline, 2, tmp_path)
 
 
 def _head_mismatch(rank, world):

@@ -190,6 +190,7 @@ class CogVideoXAttention(nn.Module):
         # LayerNorm writes a fresh tensor in the input's logical order, so q and k come out (B, H, L, Dh)
         # contiguous; the CPU attention kernel runs measurably faster on that layout (bf16: ~14%).
         q, k, v = self.norm_q(qkv[0]), self.norm_k(qkv[1]), qkv[2].contiguous()  # (B, H, L, Dh) each
+        del qkv  # q, k, v are copies: the (B, L, 3 H Dh) projection need not live through the attention
         if rope is not None:  # video tokens only; (N, Dh/2) rotations broadcast over batch and heads
             apply_rope_(q[:, :, n_text:], rope)
             apply_rope_(k[:, :, n_text:], rope)
@@ -485,14 +486,16 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
         if cfg.use_rotary_positional_embeddings:
             cos, sin = image_rotary_emb if image_rotary_emb is not None else self._rope(*grid, device)
             rope = rope_as_complex(cos.to(device), sin.to(device))  # (N, Dh/2)
+            del cos, sin  # full-length tables: under context parallelism only this rank's rows may stay alive
 
         text_pos, video_pos = (None if t is None else t.to(dtype) for t in self._positions(n_text, *grid, device))
         x = self.patch_embed(encoder_hidden_states.to(dtype), hidden_states.to(dtype), text_pos, video_pos)  # (B, T + N, D)
         x = self.embedding_dropout(x)
-        if self.is_parallel:  # context parallel: this rank's text and video tokens, and their rotations
+        if self.is_parallel:  # context parallel: this rank's batch half (CFG), text and video tokens, rotations
             text, video = self._cp_shard(x[:, :n_text], x[:, n_text:])
-            x, n_text = torch.cat([text, video], dim=1), text.shape[1]
-            rope = None if rope is None else self._cp_shard_rows(rope)
+            x, n_text, temb = torch.cat([text, video], dim=1), text.shape[1], self._cfg_split(temb)
+            del text, video  # views of the full-length embedding, which would otherwise live through every block
+            rope = None if rope is None else self._cp_shard_rows(rope).clone()  # (N_r, Dh/2), not a view of (N, ..)
 
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -505,7 +508,7 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
         video = modulate(self.norm_out.norm(video), m.shift, m.scale)
         video = self.proj_out(video)  # (B, N, C_out pt p p)
         if self.is_parallel:
-            video = self._cp_gather(video, grid[0] * grid[1] * grid[2])  # (B, N_r, ..) shards -> (B, N, ..)
+            video = self._cp_gather(video, grid[0] * grid[1] * grid[2])  # (B / cfg, N_r, ..) shards -> (B, N, ..)
         out = unpatchify_3d(video, p, pt, f, h, w)  # (B, F, C_out, H, W)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 

@@ -201,19 +201,20 @@ class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
         temb = self.time_text_embed(broadcast_timestep(timestep, b, latents.device), pooled)  # (B, D)
         c = self.context_embedder(text)  # (B, M, D)
         n_img = x.shape[1]
-        if self.is_parallel:  # context parallel: this rank's image and text tokens
+        if self.is_parallel:  # context parallel: this rank's batch half (CFG), image and text tokens
             x, c = self._cp_shard(x, c)
+            temb = self._cfg_split(temb)
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip:
                 c, x = checkpointed(self, block, x, c, temb)
             if controlnet is not None and not block.context_pre_only:
                 # ControlNet residuals: evenly spread over the blocks (diffusers' interval rule).
                 residual = controlnet[int(i / (len(self.transformer_blocks) / len(controlnet)))]
-                x = x + (self._cp_shard_rows(residual, 1) if self.is_parallel else residual)
+                x = x + (self._cp_shard_rows(self._cfg_split(residual), 1) if self.is_parallel else residual)
         m = self.norm_out(temb)
         x = self.proj_out(modulate(layer_norm(x, EPS), m.shift, m.scale))  # (B, N, p*p*C)
         if self.is_parallel:
-            x = self._cp_gather(x, n_img)  # (B, N_r, ..) shards -> (B, N, ..)
+            x = self._cp_gather(x, n_img)  # (B / cfg, N_r, ..) shards -> (B, N, ..)
         # SD3 orders each token's outputs as (p1, p2, c).
         return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h // p, w=w // p, p1=p, p2=p)
 

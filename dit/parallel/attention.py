@@ -199,12 +199,25 @@ class ContextParallelAttention:
                 f"use a ulysses_degree that divides it (e.g. {max(d for d in range(1, u + 1) if q.shape[1] % d == 0)}) "
                 "and put the rest in ring_degree"
             )
+        per_rank = q.shape[1] // u
+        chunks = cfg.head_chunks or (per_rank if u > 1 else 1)
+        if per_rank % chunks:
+            raise ValueError(f"head_chunks {chunks} must divide the {per_rank} heads per Ulysses rank "
+                             f"({q.shape[1]} heads / ulysses_degree {u})")
         r0 = ctx.ring_rank * u
         u_sizes = sizes[r0: r0 + u]  # the shards of my Ulysses group
         ring_sizes = [sum(sizes[r * u:(r + 1) * u]) for r in range(cfg.ring_degree)]
-        if u > 1:
-            q, k, v = (seq_to_heads(t, u_sizes, ctx.ulysses_group) for t in (q, k, v))
-        out = ring_attention(q, k, v, sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl)
-        if u > 1:
-            out = heads_to_seq(out, u_sizes, ctx.ulysses_group)
-        return out
+        b, h, l_r, d = q.shape
+        # Written chunk by chunk in (B, L_r, H, D) so that the caller's (B, L_r, H D) view of it needs no copy.
+        out = q.new_empty(b, l_r, h, d)
+        step = h // chunks
+        for start in range(0, h, step):  # heads are independent: a chunk's all-to-all buffers die before the next
+            qc, kc, vc = (t[:, start:start + step] for t in (q, k, v))  # (B, H/chunks, L_r, D) views
+            if u > 1:
+                qc, kc, vc = (seq_to_heads(t, u_sizes, ctx.ulysses_group) for t in (qc, kc, vc))
+            o = ring_attention(qc, kc, vc, sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl)
+            del qc, kc, vc
+            if u > 1:
+                o = heads_to_seq(o, u_sizes, ctx.ulysses_group)  # (B, H/chunks, L_r, D)
+            out[:, :, start:start + step] = o.transpose(1, 2)
+        return out.transpose(1, 2)  # (B, H, L_r, D)

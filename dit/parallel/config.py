@@ -12,64 +12,85 @@ RING_IMPLS = ("p2p", "allgather")
 
 @dataclass(frozen=True)
 class ContextParallelConfig:
-    """How a sequence is split over ranks: ring_degree x ulysses_degree = the context-parallel world.
+    """How a batch and its sequence are split over ranks: cfg_degree x ring_degree x ulysses_degree processes.
 
     ulysses_degree: DeepSpeed-Ulysses (all-to-all from sequence shards to head shards); needs the head count
     divisible by it. ring_degree: ring attention (K/V passed round the ring, partial results merged in fp32 by
     log-sum-exp). Both > 1 is USP (Fang & Zhao 2024) on a 2-D mesh, ulysses the inner (fast) dimension.
     ring_impl: "p2p", a true ring with send/recv (memory O(L / P) per rank), or "allgather", K/V gathered once
     (simpler, memory O(L) for K/V).
+    cfg_degree: CFG parallelism (as in xDiT): 2 runs the [uncond; cond] halves of a classifier-free-guidance batch on
+    two groups of ring x ulysses ranks and all-gathers the batch at the end, so guidance costs no extra time.
+    head_chunks: attention runs over the heads in this many chunks, each through its own all-to-alls (and ring), so
+    only one chunk's head-sharded q/k/v exist at a time; None: with Ulysses one head per rank per chunk (least
+    memory), without it 1; 1: all heads at once (fewest collectives). Must divide heads / ulysses_degree; exact.
     """
 
     ring_degree: int = 1
     ulysses_degree: int = 1
     ring_impl: str = "p2p"
+    cfg_degree: int = 1
+    head_chunks: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("ring_degree", "ulysses_degree"):
+        for name in ("ring_degree", "ulysses_degree", "cfg_degree"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.ring_impl not in RING_IMPLS:
             raise ValueError(f"unknown ring_impl {self.ring_impl!r}; accepted: {', '.join(RING_IMPLS)}")
+        if self.head_chunks is not None and (isinstance(self.head_chunks, bool) or not isinstance(self.head_chunks, int)
+                                             or self.head_chunks < 1):
+            raise ValueError(f"head_chunks must be None or an integer >= 1, got {self.head_chunks!r}")
+        if self.cfg_degree not in (1, 2):  # guidance batches have two halves; more groups would have nothing to do
+            raise ValueError(f"cfg_degree must be 1 or 2, got {self.cfg_degree}")
 
     @property
     def world_size(self) -> int:
+        """Ranks sharing one sequence (ring x ulysses): the context-parallel group."""
         return self.ring_degree * self.ulysses_degree
+
+    @property
+    def process_count(self) -> int:
+        """Ranks running one model call: cfg x ring x ulysses."""
+        return self.cfg_degree * self.world_size
 
 
 class ParallelContext:
-    """The (dp, ring, ulysses) DeviceMesh of a config, with this rank's coordinates and groups.
+    """The (dp, cfg, ring, ulysses) DeviceMesh of a config, with this rank's coordinates and groups.
 
-    The context-parallel group is ring x ulysses consecutive ranks (so it sits on one node's fast links); the
-    world may hold several such groups (data parallel x context parallel, for training), each running its own
-    sequence. `cp_group` spans one context-parallel group; `ring_group` and `ulysses_group` lie inside it.
+    The context-parallel group is ring x ulysses consecutive ranks (so it sits on one node's fast links); cfg_degree
+    such groups run the halves of one guidance batch, and the world may hold several such replicas (data parallel,
+    for training), each running its own inputs. `cp_group` spans one context-parallel group; `ring_group` and
+    `ulysses_group` lie inside it; `cfg_group` joins the ranks of equal ring x ulysses position across the cfg groups.
     """
 
     def __init__(self, config: ContextParallelConfig, *, device_type: str = "cpu"):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("context parallelism needs torch.distributed initialised first (torchrun / accelerate)")
         world = dist.get_world_size()
-        if world % config.world_size:
+        if world % config.process_count:
             raise ValueError(
-                f"ring_degree x ulysses_degree = {config.ring_degree} x {config.ulysses_degree} = {config.world_size} "
-                f"must divide the world size {world}"
+                f"cfg_degree x ring_degree x ulysses_degree = {config.cfg_degree} x {config.ring_degree} x "
+                f"{config.ulysses_degree} = {config.process_count} must divide the world size {world}"
             )
         self.config = config
-        self.dp_size = world // config.world_size
+        self.dp_size = world // config.process_count
         self.mesh: DeviceMesh = init_device_mesh(
-            device_type, (self.dp_size, config.ring_degree, config.ulysses_degree),
-            mesh_dim_names=("dp", "ring", "ulysses"),
+            device_type, (self.dp_size, config.cfg_degree, config.ring_degree, config.ulysses_degree),
+            mesh_dim_names=("dp", "cfg", "ring", "ulysses"),
         )
         self.ring_group = self.mesh.get_group("ring")
         self.ulysses_group = self.mesh.get_group("ulysses")
-        if self.dp_size == 1:
+        self.cfg_group = self.mesh.get_group("cfg")
+        if config.process_count == world and config.cfg_degree == 1:
             self.cp_group = dist.group.WORLD
         else:  # the ring x ulysses sub-mesh as one group
             self.cp_group = self.mesh["ring", "ulysses"]._flatten("cp").get_group("cp")
         self.rank = dist.get_rank(self.cp_group)
         self.ring_rank = dist.get_rank(self.ring_group)
         self.ulysses_rank = dist.get_rank(self.ulysses_group)
+        self.cfg_rank = dist.get_rank(self.cfg_group)
 
     @property
     def world_group(self) -> dist.ProcessGroup:

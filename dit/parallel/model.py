@@ -5,9 +5,13 @@ Every rank passes the full inputs and gets the full output. After the patch embe
 to match, the blocks run on the local shards with `ContextParallelAttention` as their attention backend (every
 op but attention is token-local), and the output tokens are gathered back in order.
 
-Gradients: the gather's backward is a reduce-scatter, so when all ranks of a context-parallel group compute the
-same loss the local gradients are P times the true contribution; averaging over the group (what DDP's
-all-reduce does across all ranks) gives exactly the single-process gradient.
+CFG parallel (cfg_degree 2): before the sequence split, each cfg group also keeps its contiguous half of the
+batch (the pipelines concatenate [uncond; cond]), and the output is all-gathered along the batch after the
+sequence gather. Every op of the model is per sample, so the halves are independent.
+
+Gradients: each gather's backward is a reduce-scatter, so when all ranks compute the same loss the local
+gradients are (cfg x P) times the true contribution of their batch half and sequence shard; averaging over all
+ranks (what DDP's all-reduce does) gives exactly the single-process gradient.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class ContextParallelMixin:
     _cp: _CPState | None = None
 
     def enable_parallelism(self, config: ContextParallelConfig, *, device_type: str | None = None) -> None:
-        """Run this model context-parallel over the initialised process group (ring x ulysses = world size)."""
+        """Run this model context-parallel over the initialised process group (cfg x ring x ulysses ranks per
+        model call; a multiple of them is data parallel)."""
         if not isinstance(config, ContextParallelConfig):
             raise ValueError(f"enable_parallelism takes a ContextParallelConfig, got {type(config).__name__}")
         heads = self.config.num_attention_heads
@@ -66,16 +71,27 @@ class ContextParallelMixin:
             self._cp.streams[stream] = ContextParallelAttention(self._cp.context)
         return self._cp.streams[stream]
 
+    def _cfg_split(self, x: Tensor) -> Tensor:
+        """This cfg group's contiguous part of the batch of a (B, ...) tensor: (B / cfg_degree, ...)."""
+        ctx = self._cp.context
+        parts = ctx.config.cfg_degree
+        if parts == 1:
+            return x
+        if x.shape[0] % parts:
+            raise ValueError(f"CFG parallel splits the batch into cfg_degree {parts} halves [uncond; cond], but the "
+                             f"batch is {x.shape[0]}; pass a guidance batch (guidance scale > 1) or use cfg_degree 1")
+        return x.chunk(parts)[ctx.cfg_rank]
+
     def _cp_shard(self, *streams: Tensor) -> list[Tensor]:
-        """This rank's shard of each (B, L_i, ...) token stream; declares the shard sizes to the attention
-        backends (joint: every stream's shard on each rank; per stream: that stream's)."""
+        """This rank's shard of each (B, L_i, ...) token stream, (B / cfg, L_i_r, ...); declares the shard sizes
+        to the attention backends (joint: every stream's shard on each rank; per stream: that stream's)."""
         ctx = self._cp.context
         world, index = ctx.world_size, ctx.shard_index
         per_stream = [split_sizes(s.shape[1], world) for s in streams]
         self._cp.attention.set_sizes([sum(sizes[r] for sizes in per_stream) for r in range(world)])
         for i, attention in self._cp.streams.items():
             attention.set_sizes(per_stream[i])
-        return [shard(s, 1, index, world) for s in streams]
+        return [shard(self._cfg_split(s), 1, index, world) for s in streams]
 
     def _cp_shard_rows(self, table: Tensor, dim: int = 0) -> Tensor:
         """This rank's rows of a per-token table (positions, rotations) of the full stream."""
@@ -83,6 +99,7 @@ class ContextParallelMixin:
         return shard(table, dim, ctx.shard_index, ctx.world_size)
 
     def _cp_gather(self, x: Tensor, full_length: int) -> Tensor:
-        """The full (B, L, ...) stream from every rank's (B, L_r, ...) shard, in order."""
+        """The full (B, L, ...) stream from every rank's (B / cfg, L_r, ...) shard, in order."""
         ctx = self._cp.context
-        return gather(x, 1, split_sizes(full_length, ctx.world_size), ctx.world_group)
+        x = gather(x, 1, split_sizes(full_length, ctx.world_size), ctx.world_group)  # (B / cfg, L, ...)
+        return gather(x, 0, [x.shape[0]] * ctx.config.cfg_degree, ctx.cfg_group)  # (B, L, ...)
