@@ -25,7 +25,12 @@ Callback = Callable[[int, Tensor, Tensor], "Tensor | None"]
 
 def randn(shape: torch.Size | tuple[int, ...], *, generator: torch.Generator | None, device: torch.device,
           dtype: torch.dtype) -> Tensor:
-    """Gaussian noise drawn like diffusers' randn_tensor: on the generator's device, then moved."""
+    """Gaussian noise drawn like diffusers' randn_tensor: on the generator's device, then moved. A list of
+    generators draws batch element i from generator i (so a sample does not depend on its batch)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}; give one per batch element")
+        return torch.cat([randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 

@@ -194,3 +194,16 @@ def test_samplers_imports_neither_dit_nor_vae3d():
     pattern = re.compile(r"^\s*(from|import)\s+(dit|vae3d)\b", re.MULTILINE)
     for path in pathlib.Path(S.__file__).parent.glob("*.py"):
         assert not pattern.search(path.read_text()), f"{path} imports dit or vae3d"
+
+
+def test_randn_with_one_generator_per_batch_element_matches_separate_draws():
+    from samplers.solvers import randn
+
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    both = randn((2, 3, 4), generator=gens, device=torch.device("cpu"), dtype=torch.float32)
+    for i, s in enumerate((3, 4)):
+        alone = randn((1, 3, 4), generator=torch.Generator().manual_seed(s), device=torch.device("cpu"),
+                      dtype=torch.float32)
+        assert torch.equal(both[i:i + 1], alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        randn((3, 4), generator=gens, device=torch.device("cpu"), dtype=torch.float32)

@@ -451,7 +451,7 @@ def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path)
     from dit.pipeline import DiTPipeline
 
     small = {"train.steps": 2, "train.batch_size": 2, "train.validate_every": 2, "train.checkpoint_every": 2,
-             "train.validation_steps": 2, "train.validation_items": 1, "data.shapes.length": 8}
+             "train.validation_steps": 2, "train.validation_items": 1, "data.shapes.length": 16}
     vae_final = build.run_stage("vae", tmp_path, small)
     cfg = json.loads((vae_final / "vae" / "config.json").read_text())
     assert cfg["_class_name"] == "CausalVAE3D" and cfg["scaling_factor"] != 1.0
