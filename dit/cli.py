@@ -204,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cfg_degree == 2 and not guidance > 1:  # without guidance the batch has no second half to run
         raise CLIError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
                        f"got {guidance}")
+    _check_parallel_degrees(args)
     # The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled).
     relay_options = {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
     todo = []
@@ -259,23 +260,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_parallel_degrees(args: argparse.Namespace) -> int:
+    """cfg x ring x ulysses against the torchrun world size (checked before any weights load); returns the world."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    degrees = args.cfg_degree * args.ring_degree * args.ulysses_degree
+    product = (f"--cfg-degree {args.cfg_degree} x --ring-degree {args.ring_degree} x "
+               f"--ulysses-degree {args.ulysses_degree}")
+    if world == 1 and degrees != 1:
+        raise CLIError(f"{product} = {degrees} processes; launch with `torchrun --nproc_per_node N -m dit generate ...`")
+    if world > 1 and degrees != world:
+        raise CLIError(f"{product} = {degrees} must equal the torchrun world size {world}")
+    return world
+
+
 def _setup_parallel(pipe, args: argparse.Namespace) -> bool:
     """Context parallelism under torchrun (WORLD_SIZE > 1): cfg x ring x ulysses must equal the world size.
 
     Returns whether this process writes the outputs (rank 0, or the only process)."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    degrees = args.cfg_degree * args.ring_degree * args.ulysses_degree
-    product = (f"--cfg-degree {args.cfg_degree} x --ring-degree {args.ring_degree} x "
-               f"--ulysses-degree {args.ulysses_degree}")
-    if world == 1:
-        if degrees != 1:
-            raise CLIError(f"{product} = {degrees} processes; "
-                           "launch with `torchrun --nproc_per_node N -m dit generate ...`")
+    if _check_parallel_degrees(args) == 1:
         return True
-    if degrees != world:
-        raise CLIError(f"{product} = {degrees} must equal the torchrun world size {world}")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     from dit.parallel import ContextParallelConfig

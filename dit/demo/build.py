@@ -36,6 +36,14 @@ def _times(workdir: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _reset_time(workdir: Path, key: str) -> None:
+    times = _times(workdir)
+    if times.pop(key, None) is not None:
+        tmp = workdir / ".build_times.json.tmp"
+        tmp.write_text(json.dumps(times, indent=2) + "\n")
+        os.replace(tmp, workdir / "build_times.json")
+
+
 def _add_time(workdir: Path, key: str, seconds: float) -> None:
     times = _times(workdir)
     times[key] = round(times.get(key, 0.0) + seconds, 1)
@@ -67,8 +75,14 @@ def run_stage(name: str, workdir: Path, overrides: dict[str, object] | None = No
     cfg = load_config(CONFIGS / f"{name}.yaml", overrides={**stage_paths(name, workdir), **(overrides or {})})
     final = Path(cfg.output_dir) / "final"
     if (final / "trainer_state.json").is_file():
+        done = json.loads((final / "trainer_state.json").read_text())["step"]
+        if done != cfg.train.steps:
+            raise ValueError(f"{final} holds {done} steps but configs/demo/{name}.yaml asks for {cfg.train.steps}; "
+                             f"move {cfg.output_dir} away to train the stage again")
         print(f"[demo] {name}: done ({final})")
         return final
+    if not (Path(cfg.output_dir) / "checkpoints").is_dir():
+        _reset_time(workdir, f"{name}_train_s")  # a fresh run: an earlier, abandoned run's time does not count
     if cfg.data.cache is not None and not (Path(cfg.data.cache) / "index.json").is_file():
         from dit.train.cache import build_cache
 

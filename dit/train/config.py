@@ -331,6 +331,9 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
                              "with vae_preset, vae or vae_pretrained (to fine-tune it), no pretrained or lora")
         if d.cache is not None:
             raise ValueError("data.cache holds latents; objective.kind 'autoencoder' trains on pixels: remove data.cache")
+        if p.ring_degree * p.ulysses_degree != 1:
+            raise ValueError("parallel: context parallelism shards the transformer's sequence; an autoencoder run "
+                             "trains the VAE: set ring_degree and ulysses_degree to 1")
     if m.family == "sd3" and o.kind == "v_prediction_zero_snr":
         raise ValueError("objective.kind 'v_prediction_zero_snr' does not fit model.family 'sd3'; accepted: flow_matching, relay")
     if m.transformer is not None:
