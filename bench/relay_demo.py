@@ -15,7 +15,6 @@ Run: `python -m bench.relay_demo [--prompts 40] [--clips 32]`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import numpy as np
@@ -36,8 +35,9 @@ def pool2(x: np.ndarray) -> np.ndarray:
 
 
 def generation(pipe, defaults: dict, prompts: list[str], alpha: float) -> dict:
-    relay = {k: v for k, v in defaults.items() if k.startswith("relay_")}
-    relay["relay_noise_alpha"] = alpha
+    from dit.cli import relay_defaults
+
+    relay = dict(relay_defaults(defaults), relay_noise_alpha=alpha)
     kw = dict(num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
               output_type="np")
     diff, ref, ps = [], [], []
@@ -94,7 +94,7 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
 
 
 def main() -> None:
-    from dit.cli import DEMO_MODEL
+    from dit.cli import DEMO_MODEL, generation_defaults
     from dit.demo.evaluate import prompt_grid
     from dit.pipeline import DiTPipeline
 
@@ -106,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = DiTPipeline.from_pretrained(DEMO_MODEL)
     pipe.set_progress_bar_config(disable=True)
-    defaults = json.loads((DEMO_MODEL / "generation_config.json").read_text())
+    defaults = generation_defaults(DEMO_MODEL)
     grid = prompt_grid()
     prompts = [g.prompt for g in grid[:: max(1, len(grid) // args.prompts)]][: args.prompts]
     alpha = defaults.get("relay_noise_alpha", 0.15)

@@ -171,11 +171,17 @@ def _model_folder(model: str | None) -> Path:
 RELAY_DEFAULT_KEYS = ("relay_steps", "relay_start", "relay_upsample", "relay_noise_alpha")
 
 
-def _generation_defaults(folder: Path) -> dict[str, Any]:
+def generation_defaults(folder: Path) -> dict[str, Any]:
     """Optional `generation_config.json` in a model folder: its recommended steps, guidance, size, fps and relay
     settings (RELAY_DEFAULT_KEYS, used with --relay)."""
     path = folder / "generation_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def relay_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled),
+    as pipeline keyword arguments."""
+    return {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -197,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for folder in {p.parent for p in paths}:
         check_writable(folder)
     folder = _model_folder(args.model)
-    defaults = _generation_defaults(folder)
+    defaults = generation_defaults(folder)
     steps = args.steps or defaults.get("num_inference_steps", 50)
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0)
     fps = args.fps or defaults.get("fps", 8)
@@ -205,8 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
                        f"got {guidance}")
     _check_parallel_degrees(args)
-    # The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled).
-    relay_options = {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
+    relay_options = relay_defaults(defaults)
     todo = []
     for r, p in zip(requests, paths):
         if args.overwrite or not p.exists():
@@ -298,12 +303,13 @@ def _shard_vae_decode(pipe, num_frames: int) -> None:
     import torch.distributed as dist
 
     from dit.parallel import ContextParallelConfig
+    from vae3d.streaming import frame_batches
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     vae = pipe.vae
     latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-    batches = max(latent_frames // vae.num_latent_frames_batch_size, 1)
+    batches = len(frame_batches(latent_frames, vae.num_latent_frames_batch_size, vae.frame_batching))
     world = dist.get_world_size()
     if batches >= world:
         vae.enable_parallelism(ContextParallelConfig(ring_degree=1, ulysses_degree=world), norm_stats="parity")

@@ -32,7 +32,9 @@ def demo():
 
 @pytest.fixture(scope="module")
 def defaults():
-    return json.loads((DEMO_MODEL / "generation_config.json").read_text())
+    from dit.cli import generation_defaults
+
+    return generation_defaults(DEMO_MODEL)
 
 
 def _generate(pipe, defaults, prompt=PROMPT, seed=0, **kw):
@@ -64,7 +66,9 @@ def test_dit_generate_without_model_uses_the_demo(tmp_path, defaults):
 
 
 def test_relay_2_doubles_the_size_and_keeps_the_base_result(tmp_path, demo, defaults):
-    relay = {k: v for k, v in defaults.items() if k.startswith("relay_")}
+    from dit.cli import relay_defaults
+
+    relay = relay_defaults(defaults)
     base = _generate(demo, defaults)
     high = _generate(demo, defaults, relay=2, **relay)
     assert high.shape == (base.shape[0], 2 * base.shape[1], 2 * base.shape[2], 3)

@@ -176,6 +176,8 @@ def test_every_train_config_parses(tmp_path, cogvideox_folder, sd3_folder, media
     (lambda d: d["objective"].update(kind="autoencoder") or d["data"].update(cache="/tmp/c"),
      "data.cache holds latents; objective.kind 'autoencoder' trains on pixels"),
     (lambda d: d["objective"].update(l2_weight=-1), "objective.l2_weight: must be >= 0, got -1.0"),
+    (lambda d: d["objective"].update(kind="autoencoder") or d.update(parallel={"ulysses_degree": 2}),
+     "parallel: context parallelism shards the transformer's sequence; an autoencoder run trains the VAE"),
     (lambda d: d["model"].update(vae_pretrained="/no/vae"), "model.vae_pretrained: give it alone"),
     (lambda d: d["model"].update(vae_preset=None, vae_pretrained="/no/vae"),
      "model.vae_pretrained: folder '/no/vae' does not exist"),
@@ -461,6 +463,8 @@ def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path)
     build.run_stage("base", tmp_path, small)
     build.run_stage("relay", tmp_path, small)
     assert build.run_stage("relay", tmp_path, small) == tmp_path / "relay" / "final"  # done: skipped
+    with pytest.raises(ValueError, match="holds 2 steps but configs/demo/relay.yaml asks for 3"):
+        build.run_stage("relay", tmp_path, {**small, "train.steps": 3})
     target = build.assemble(tmp_path, tmp_path / "demo")
     assert json.loads((target / "generation_config.json").read_text())["relay_upsample"] == "pixel"
     pipe = DiTPipeline.from_pretrained(target)

@@ -36,20 +36,22 @@ def _times(workdir: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _write_times(workdir: Path, times: dict[str, float]) -> None:
+    tmp = workdir / ".build_times.json.tmp"
+    tmp.write_text(json.dumps(times, indent=2) + "\n")
+    os.replace(tmp, workdir / "build_times.json")
+
+
 def _reset_time(workdir: Path, key: str) -> None:
     times = _times(workdir)
     if times.pop(key, None) is not None:
-        tmp = workdir / ".build_times.json.tmp"
-        tmp.write_text(json.dumps(times, indent=2) + "\n")
-        os.replace(tmp, workdir / "build_times.json")
+        _write_times(workdir, times)
 
 
 def _add_time(workdir: Path, key: str, seconds: float) -> None:
     times = _times(workdir)
     times[key] = round(times.get(key, 0.0) + seconds, 1)
-    tmp = workdir / ".build_times.json.tmp"
-    tmp.write_text(json.dumps(times, indent=2) + "\n")
-    os.replace(tmp, workdir / "build_times.json")
+    _write_times(workdir, times)
 
 
 def stage_paths(name: str, workdir: Path) -> dict[str, str]:

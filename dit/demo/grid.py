@@ -47,7 +47,7 @@ def grade_pipeline(pipe, grid: list[GridPrompt], *, steps: int, guidance: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dit.cli import DEMO_MODEL, _generation_defaults
+    from dit.cli import DEMO_MODEL, generation_defaults, relay_defaults
     from dit.pipeline import DiTPipeline
 
     parser = argparse.ArgumentParser(prog="python -m dit.demo.grid", description=__doc__.splitlines()[0])
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--failures", action="store_true", help="list every failed prompt")
     args = parser.parse_args(argv)
     folder = Path(args.model)
-    defaults = _generation_defaults(folder)
+    defaults = generation_defaults(folder)
     steps, guidance = defaults.get("num_inference_steps", 25), defaults.get("guidance_scale", 4.0)
     torch.manual_seed(0)
     pipe = DiTPipeline.from_pretrained(folder)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {"height": defaults.get("height"), "width": defaults.get("width"),
                              "num_frames": defaults.get("num_frames")}
     if args.relay:
-        extra.update(relay=args.relay, **{k: v for k, v in defaults.items() if k.startswith("relay_")})
+        extra.update(relay=args.relay, **relay_defaults(defaults))
     start = time.perf_counter()
     result = grade_pipeline(pipe, grid, steps=steps, guidance=guidance, seed=args.seed, **extra)
     result = {"model": str(folder), "prompts": len(grid), "steps": steps, "guidance": guidance, "relay": args.relay,
