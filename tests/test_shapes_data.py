@@ -72,6 +72,25 @@ def test_object_stays_inside_and_moves_as_captioned():
         assert dx == pytest.approx(expected[0] * travel, abs=0.25) and dy == pytest.approx(expected[1] * travel, abs=0.25)
 
 
+def test_position_jitter_narrows_the_start_band_and_changes_nothing_else():
+    def draw(jitter: float) -> list:
+        return [sample_attributes(dataclasses.replace(SMALL, length=200, position_jitter=jitter), i) for i in range(200)]
+
+    full, centred, narrow = draw(1.0), draw(0.0), draw(0.3)
+    for (a, p), (b, q), (c, r) in zip(full, centred, narrow):
+        assert a == b == c  # same attributes, template, size: only the start moves
+        assert {k: v for k, v in p.items() if k != "start"} == {k: v for k, v in r.items() if k != "start"}
+        # 0 centres the path in the frame: the middle of the path is the frame's centre.
+        ux, uy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}[a.motion]
+        dist = SMALL.travel * (SMALL.width if ux else SMALL.height)
+        assert q["start"][0] + ux * dist / 2 == pytest.approx(SMALL.width / 2)
+        assert q["start"][1] + uy * dist / 2 == pytest.approx(SMALL.height / 2)
+        # In between, the uniform draw's offset from the centre, scaled by the jitter.
+        for axis in (0, 1):
+            assert r["start"][axis] - q["start"][axis] == pytest.approx(0.3 * (p["start"][axis] - q["start"][axis]))
+    assert len({p["start"] for _, p in full}) == 200  # 1.0 still draws from the whole free room
+
+
 def test_render_rejects_a_path_that_leaves_the_frame():
     attrs = ShapeAttributes("red", "circle", "right", "black")
     with pytest.raises(ValueError, match="leaves the 32x32 frame"):
@@ -139,6 +158,8 @@ def test_config_validation_names_value_and_accepted():
         ShapesConfig(colours=("blue",), backgrounds=("blue",))
     with pytest.raises(ValueError, match="travel=0.7"):
         ShapesConfig(travel=0.7)
+    with pytest.raises(ValueError, match=r"position_jitter=1.5 must be in \[0, 1\]"):
+        ShapesConfig(position_jitter=1.5)
     with pytest.raises(ValueError, match=r"unknown shapes config key\(s\) \['frames'\]; accepted: seed"):
         ShapesConfig.from_dict({"frames": 9})
     with pytest.raises(ValueError, match="height='32' must be an integer"):

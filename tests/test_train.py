@@ -318,6 +318,10 @@ def test_every_train_config_smoke_runs_with_a_tiny_model(path, tmp_path, cogvide
         with pytest.raises(ValueError, match="has no index.json; build it with"):
             Trainer(cfg)
         build_cache(cfg)
+        # A cache built for other settings is refused, naming what differs.
+        stale = load_config(path, overrides={**overrides, "train.seed": cfg.train.seed + 1})
+        with pytest.raises(ValueError, match="does not match this config: it was built with other seed; delete"):
+            Trainer(stale)
     trainer = Trainer(cfg)
     final = trainer.run()
     out = Path(cfg.output_dir)

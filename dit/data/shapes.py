@@ -111,6 +111,8 @@ class ShapesConfig:
 
     object_size: diameter of the shape as a fraction of min(height, width).
     travel: distance covered over the whole clip, as a fraction of the frame along the motion axis.
+    position_jitter: how much of the free room the start position may use, per axis: 1 draws it uniformly from
+        everywhere the path fits; 0 centres the path in the frame; in between, a centred band of that fraction.
     antialias: supersampling factor per axis for the coverage mask (1 = hard edges).
     split: "train" excludes the held-out combinations, "heldout" yields only them, "all" yields everything.
     """
@@ -123,6 +125,7 @@ class ShapesConfig:
     object_size: float = 0.3
     object_size_jitter: float = 0.0
     travel: float = 0.4
+    position_jitter: float = 1.0
     antialias: int = 4
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = FOREGROUND_COLOURS
@@ -142,7 +145,7 @@ class ShapesConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be an integer")
-        for name in ("object_size", "object_size_jitter", "travel", "heldout_fraction"):
+        for name in ("object_size", "object_size_jitter", "travel", "position_jitter", "heldout_fraction"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be a number")
@@ -160,6 +163,8 @@ class ShapesConfig:
             raise ValueError(f"antialias={self.antialias} must be in 1..16")
         if not 0.05 <= self.object_size <= 0.8:
             raise ValueError(f"object_size={self.object_size} must be in [0.05, 0.8] (fraction of the frame)")
+        if not 0.0 <= self.position_jitter <= 1.0:
+            raise ValueError(f"position_jitter={self.position_jitter} must be in [0, 1] (fraction of the free room)")
         if not 0.0 <= self.object_size_jitter < 0.5:
             raise ValueError(f"object_size_jitter={self.object_size_jitter} must be in [0, 0.5)")
         largest = self.object_size * (1 + self.object_size_jitter)
@@ -402,8 +407,12 @@ def sample_attributes(config: ShapesConfig, index: int) -> tuple[ShapeAttributes
     lo_y = radius + my + max(0.0, -uy * dist)
     hi_y = config.height - radius - my - max(0.0, uy * dist)
     assert lo_x <= hi_x + 1e-9 and lo_y <= hi_y + 1e-9, "config validation should guarantee the path fits"
-    x0 = lo_x + (hi_x - lo_x) * rng.random()
-    y0 = lo_y + (hi_y - lo_y) * rng.random()
+    # Two draws whatever position_jitter is, so every other parameter of sample i stays the same.
+    u = rng.random(2)
+    if config.position_jitter != 1.0:  # 1.0 keeps the uniform draw bit for bit
+        u = 0.5 + (u - 0.5) * config.position_jitter
+    x0 = lo_x + (hi_x - lo_x) * u[0]
+    y0 = lo_y + (hi_y - lo_y) * u[1]
     params = dict(template=template, phrase=phrase, object_size=size, start=(x0, y0), travel=config.travel)
     return attrs, params
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dit.train.config import TrainConfig
-from dit.train.data import build_source
+from dit.train.data import build_source, cache_fingerprint
 from dit.train.models import build_bundle
 from dit.train.objectives import low_resolution
 
@@ -63,7 +63,8 @@ def build_cache(cfg: TrainConfig) -> Path:
     bar.close()
     empty = bundle.encode_text([""], torch.device("cpu"))
     save_file({k: v[0].contiguous() for k, v in empty.items()}, tmp / "empty_caption.safetensors")
-    index = {"buckets": [list(b) for b in source.buckets], "files": files, "bucket_of": list(source.bucket_of)}
+    index = {"buckets": [list(b) for b in source.buckets], "files": files, "bucket_of": list(source.bucket_of),
+             "fingerprint": cache_fingerprint(cfg)}
     (tmp / "index.json").write_text(json.dumps(index) + "\n")
     if target.exists():
         target.rmdir()  # an empty folder the user made for it; a non-empty one makes rmdir fail loudly

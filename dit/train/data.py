@@ -9,6 +9,7 @@ group share the data-parallel rank and therefore read the same batch.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dit.train.config import DataConfig
+from dit.train.config import DataConfig, TrainConfig
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".webm", ".avi", ".mkv")
@@ -199,16 +200,45 @@ class FolderSource:
         return {"video": resize_crop(video, h, w), "caption": caption}
 
 
-class CacheSource:
-    """Precomputed latents (posterior mean and std) and text conditioning, written by `build_cache`."""
+def cache_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything a cached item depends on: the data settings (minus the loader's own knobs), the encoders
+    (model settings other than the transformer, which the cache does not touch), the relay input's scale, and
+    the seed (a folder source's frame draws). `build_cache` stores it; a cache that does not match is refused."""
+    data = dataclasses.asdict(cfg.data)
+    for key in ("cache", "num_workers", "caption_dropout"):
+        data.pop(key)
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("transformer", "transformer_preset",
+                                                                                  "lora")}
+    relay_scale = cfg.objective.scale_factor if cfg.objective.kind == "relay" else None
+    # A JSON round trip, so a fingerprint compares equal to the one read back from index.json.
+    return json.loads(json.dumps({"data": data, "model": model, "relay_scale_factor": relay_scale,
+                                  "seed": cfg.train.seed}))
 
-    def __init__(self, folder: str):
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class CacheSource:
+    """Precomputed latents (posterior mean and std) and text conditioning, written by `build_cache`.
+    `fingerprint` (from `cache_fingerprint`): the run's settings, checked against the ones the cache was built
+    with, so a stale cache is an error rather than silently training on other data."""
+
+    def __init__(self, folder: str, fingerprint: dict[str, Any] | None = None):
         self.folder = Path(folder)
         index_path = self.folder / "index.json"
         if not index_path.is_file():
             raise ValueError(f"data.cache: {str(self.folder)!r} has no index.json; build it with "
                              "`dit train CONFIG --build-cache`")
         index = json.loads(index_path.read_text())
+        if fingerprint is not None and index.get("fingerprint") != fingerprint:
+            built = index.get("fingerprint")
+            what = ("it records no settings (built before caches did)" if built is None else
+                    "it was built with other " + ", ".join(_differing_keys(built, fingerprint)))
+            raise ValueError(f"data.cache: {str(self.folder)!r} does not match this config: {what}; delete it "
+                             "and rebuild (`dit train CONFIG --build-cache`), or set data.cache to a new folder")
         self.buckets: list[Bucket] = [tuple(b) for b in index["buckets"]]
         self.files: list[str] = index["files"]
         self.bucket_of: list[int] = index["bucket_of"]
@@ -227,9 +257,10 @@ class CacheSource:
         return load_file(self.folder / "empty_caption.safetensors")
 
 
-def build_source(cfg: DataConfig, seed: int, *, use_cache: bool = True):
+def build_source(cfg: DataConfig, seed: int, *, use_cache: bool = True,
+                 fingerprint: dict[str, Any] | None = None):
     if cfg.cache is not None and use_cache:
-        return CacheSource(cfg.cache)
+        return CacheSource(cfg.cache, fingerprint)
     return ShapesSource(cfg) if cfg.source == "shapes" else FolderSource(cfg, seed)
 
 

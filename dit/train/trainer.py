@@ -22,7 +22,7 @@ import torch
 
 from dit.train import checkpoint as ckpt
 from dit.train.config import TrainConfig
-from dit.train.data import BatchStream, build_source, make_loader
+from dit.train.data import BatchStream, build_source, cache_fingerprint, make_loader
 from dit.train.models import ModelBundle, build_bundle
 from dit.train.objectives import AutoencoderStep, Objective, autoencoder_loss, low_resolution
 from dit.train.parallel import enable_context_parallel, layout_for
@@ -81,7 +81,7 @@ class Trainer:
         acc.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
-        self.source = build_source(cfg.data, t.seed)
+        self.source = build_source(cfg.data, t.seed, fingerprint=cache_fingerprint(cfg))
         self.stream = BatchStream(tuple(self.source.bucket_of), t.batch_size, self.layout.dp_rank,
                                   self.layout.dp_size, t.seed)
         self.step = 0
