@@ -1,7 +1,7 @@
 """The embedded demo model (dit/assets/demo): it ships, loads in both pipelines, follows its prompts.
 
-The prompt-grid check runs on every 10th grid prompt by default (55 prompts, seen and held-out); the whole grid
-(550) is the `slow` test. `python -m dit.demo.grid` prints the same rates as JSON (README figures).
+The prompt-grid check generates the whole grid (550 prompts, seen and held-out, about a minute on 2 cores);
+`python -m dit.demo.grid` prints the same rates as JSON (README figures).
 """
 
 import json
@@ -72,14 +72,19 @@ def test_relay_2_doubles_the_size_and_keeps_the_base_result(tmp_path, demo, defa
     base = _generate(demo, defaults)
     high = _generate(demo, defaults, relay=2, **relay)
     assert high.shape == (base.shape[0], 2 * base.shape[1], 2 * base.shape[2], 3)
-    # Low frequencies: the relay output averaged over 2x2 blocks is close to the base result (a different
-    # seed's base result is the scale of "unrelated").
+    # Low frequencies: the relay output averaged over 2x2 blocks is close to the base result. The scale of
+    # "unrelated" is another prompt on the same background (a different seed of the same prompt is not: this
+    # model draws the object's path from a narrow band, so two seeds differ little; measured 0.017 against
+    # 0.024 for the relay and 0.069 for the other prompt).
     f, h, w, _ = base.shape
     low = high.reshape(f, h, 2, w, 2, 3).mean(axis=(2, 4))
-    other = _generate(demo, defaults, seed=1)
-    assert np.abs(low - base).mean() < 0.35 * np.abs(other - base).mean()
-    assert evaluate_clip(high).score(evaluate_clip(base).__dict__) == {"colour": True, "background": True,
-                                                                       "motion": True}
+    other = _generate(demo, defaults, prompt="a red circle moving left on a blue background")
+    assert np.abs(low - base).mean() < 0.5 * np.abs(other - base).mean()
+    est_base, est_high = evaluate_clip(base), evaluate_clip(high)
+    assert est_high.score(est_base.__dict__) == {"colour": True, "background": True, "motion": True}
+    # The object's track, per frame, in base pixels (measured: within 1.2 px; it travels about 13 px).
+    track = np.abs(np.asarray(est_high.centroids) / 2 - np.asarray(est_base.centroids))
+    assert track.max() < 2.0, track
     out = tmp_path / "relay.gif"
     assert main(["generate", PROMPT, "-o", str(out), "--relay", "2"]) == 0
     side = json.loads((tmp_path / "relay.gif.json").read_text())
@@ -108,10 +113,6 @@ def _check_grid(demo, defaults, grid):
     assert "heldout" in result  # reported, not held to the target
 
 
-def test_prompt_grid_subset_follows_the_prompts(demo, defaults):
-    _check_grid(demo, defaults, prompt_grid()[::10])
-
-
-@pytest.mark.slow
-def test_prompt_grid_full(demo, defaults):
+def test_prompt_grid_follows_the_prompts(demo, defaults):
+    # All 550 prompts (about a minute on 2 cores): seen combinations held to >= 90% per attribute.
     _check_grid(demo, defaults, prompt_grid())
