@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# outputs/demo.mp4 is replaced on each run: without --overwrite, a new PROMPT would be skipped as already written.
 demo: setup
-	$(VENV)/bin/dit generate "$(PROMPT)" -o outputs/demo.mp4 $(if $(MODEL),--model $(MODEL))
+	$(VENV)/bin/dit generate "$(PROMPT)" -o outputs/demo.mp4 --overwrite $(if $(MODEL),--model $(MODEL))
 
 # Retrain the embedded demo model from scratch (VAE, base transformer, relay stage) into dit/assets/demo;
 # resumes where it stopped. See docs/demo_model.md.

@@ -1,8 +1,8 @@
 """Relay 2x (N steps at H x W, then M relay steps at 2H x 2W) against direct generation at 2H x 2W (N steps).
 
 One CogVideoX-style transformer (random weights), our samplers, no CFG. Prints JSON: wall time of each way,
-transformer FLOPs of each way (FLOPs of one forward at each size, counted by torch's FlopCounterMode, times the
-number of forwards), and the ratios. Run: `python -m bench.relay` (add `--quick` for a smoke run).
+transformer FLOPs of each way (FLOPs of one forward at each size, counted by torch's FlopCounterMode on the meta
+device, times the number of forwards), and the ratios. Run: `python -m bench.relay` (add `--quick` for a smoke run).
 """
 
 from __future__ import annotations
@@ -22,19 +22,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="N, base and direct steps")
     parser.add_argument("--relay-steps", type=int, default=10, help="M, relay steps")
     parser.add_argument("--relay-start", type=int, default=500, help="T_r")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--size", type=int, default=16, help="base latent height = width (relay: twice that)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    heads, head_dim, layers = (2, 16, 1) if args.quick else (8, 64, 4)
-    frames, size = (2, 8) if args.quick else (5, 16)  # latent frames and base latent size (H' = W')
+    # What decides the ratio is how attention (quadratic in tokens) weighs against the linear layers (quadratic in
+    # width): CogVideoX-2B at 49x480x704 has ~8.9 relay tokens per unit of width (17,160 / 1920); `--heads 2`
+    # (width 128, 1280 relay tokens: 10 per unit) has about its proportions at a size this CPU runs.
+    heads, head_dim, layers = (2, 16, 1) if args.quick else (args.heads, args.head_dim, args.layers)
+    frames, size = (2, 8) if args.quick else (5, args.size)  # latent frames and base latent size (H' = W')
     steps, relay_steps = (4, 2) if args.quick else (args.steps, args.relay_steps)
-    model = CogVideoXTransformer3DModel(
+    config = dict(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16, time_embed_dim=128,
         text_embed_dim=128, num_layers=layers, sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
         patch_size=2, max_text_seq_length=32, use_rotary_positional_embeddings=True,
-    ).eval()
+    )
+    model = CogVideoXTransformer3DModel(**config).eval()
     text = torch.randn(1, 32, 128)
     spec = samplers.from_diffusers_config({"_class_name": "CogVideoXDDIMScheduler", "prediction_type": "v_prediction",
                                            "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps)
@@ -57,16 +65,12 @@ def main() -> None:
         return samplers.sample_relay(denoiser, samplers.upsample(base, 2), relay, block_size=2,
                                      generator=torch.Generator().manual_seed(0))
 
-    def forward_flops(x):
-        with FlopCounterMode(display=False) as counter:
-            model_fn(x, torch.tensor(500))
-        return counter.get_total_flops()
-
     full_size = None if args.quick else full_size_flops_ratio(steps, relay_steps)
     with torch.inference_mode():
-        f_lo, f_hi = forward_flops(lo), forward_flops(hi)
-        t_direct = median_time(direct, warmup=0, reps=1)
-        t_relay = median_time(relayed, warmup=0, reps=1)
+        f_lo, f_hi = meta_forward_flops(config, lo.shape, text.shape), meta_forward_flops(config, hi.shape, text.shape)
+        reps = 1 if args.quick else 3  # one run of each varies by ~10% on a shared CPU
+        t_direct = median_time(direct, warmup=0, reps=reps)
+        t_relay = median_time(relayed, warmup=0, reps=reps)
     flops_direct, flops_relay = steps * f_hi, steps * f_lo + relay_steps * f_hi
     emit({
         "bench": "relay", "model": {"layers": layers, "heads": heads, "head_dim": head_dim, "text_tokens": 32},
@@ -80,22 +84,25 @@ def main() -> None:
     })
 
 
+def meta_forward_flops(config: dict, latent_shape: tuple, text_shape: tuple) -> int:
+    """FLOPs of one transformer forward, counted on the meta device (no weights, no compute). On the meta device
+    FlopCounterMode counts scaled_dot_product_attention; on CPU it counts 0 for it (torch 2.13: the fused CPU
+    kernel has no FLOP formula), which would leave attention, the part relay saves most on, out of the ratio."""
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(**config).eval()
+        with FlopCounterMode(display=False) as counter:
+            model(hidden_states=torch.empty(latent_shape), encoder_hidden_states=torch.empty(text_shape),
+                  timestep=torch.tensor([500]), return_dict=False)
+    return counter.get_total_flops()
+
+
 def full_size_flops_ratio(steps: int, relay_steps: int) -> dict:
     """FLOPs of CogVideoX-2B at 49 x 480 x 704 (13 x 60 x 88 latents, 226 text tokens), direct against relay 2x
-    from 240 x 352, counted on the meta device (no weights, no compute): where attention dominates."""
+    from 240 x 352: where attention dominates."""
     from dit.models.cogvideox import COGVIDEOX_2B
 
-    with torch.device("meta"):
-        model = CogVideoXTransformer3DModel(**COGVIDEOX_2B).eval()
-        text = torch.empty(1, 226, 4096)
-
-        def flops(h: int, w: int) -> int:
-            with FlopCounterMode(display=False) as counter:
-                model(hidden_states=torch.empty(1, 13, 16, h, w), encoder_hidden_states=text,
-                      timestep=torch.tensor([500]), return_dict=False)
-            return counter.get_total_flops()
-
-        lo, hi = flops(30, 44), flops(60, 88)  # width 45 does not divide by the patch; 44 is the nearest
+    # Width 45 does not divide by the patch; 44 is the nearest.
+    lo, hi = (meta_forward_flops(COGVIDEOX_2B, (1, 13, 16, h, w), (1, 226, 4096)) for h, w in ((30, 44), (60, 88)))
     return {"tflops_per_forward": {"240x352": round(lo / 1e12, 2), "480x704": round(hi / 1e12, 2)},
             "flops_ratio": round((steps * lo + relay_steps * hi) / (steps * hi), 3)}
 
