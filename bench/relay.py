@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.size < 2 or args.size % 2:
+        parser.error(f"--size {args.size}: the base latent must divide by the patch size 2 (e.g. {max(2, args.size + 1)})")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # What decides the ratio is how attention (quadratic in tokens) weighs against the linear layers (quadratic in

@@ -57,8 +57,9 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
     from dit.data import ShapesConfig, ShapesDataset
     from dit.train.objectives import low_resolution
 
+    # Object paths from the same centred band as the relay stage's training clips (configs/demo/relay.yaml).
     data = ShapesDataset(ShapesConfig(seed=12345, length=clips, height=64, width=64, num_frames=9, split="all",
-                                      antialias=2))
+                                      antialias=2, position_jitter=0.3))
     vae, scale = pipe.vae, pipe.vae.config.scaling_factor
     path = samplers.train_path_from_config(dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
     schedule = samplers.relay_schedule(path, defaults["relay_start"], defaults["relay_steps"])

@@ -320,7 +320,7 @@ def test_every_train_config_smoke_runs_with_a_tiny_model(path, tmp_path, cogvide
         build_cache(cfg)
         # A cache built for other settings is refused, naming what differs.
         stale = load_config(path, overrides={**overrides, "train.seed": cfg.train.seed + 1})
-        with pytest.raises(ValueError, match="does not match this config: it was built with other seed; delete"):
+        with pytest.raises(ValueError, match=f"does not match this config: it differs in seed: cache {cfg.train.seed}, config {cfg.train.seed + 1}; delete"):
             Trainer(stale)
     trainer = Trainer(cfg)
     final = trainer.run()
@@ -340,6 +340,39 @@ def test_every_train_config_smoke_runs_with_a_tiny_model(path, tmp_path, cogvide
             assert written
     if cfg.train.tensorboard:
         assert any((out / "logs").glob("events.out.tfevents.*"))
+
+
+def test_cache_fingerprint_ignores_defaults_seeds_unused_and_folder_locations(tmp_path):
+    import shutil
+
+    from dit.train.data import CacheSource, _differences, cache_fingerprint
+
+    def cfg(**overrides):
+        return load_config(ROOT / "configs/train/tiny-cpu.yaml", overrides={"output_dir": str(tmp_path / "o"),
+                                                                            **overrides})
+
+    base = cache_fingerprint(cfg())
+    # A default written out, and a training seed the shapes source does not use, change nothing.
+    assert cache_fingerprint(cfg(**{"data.shapes": {"seed": 0, "length": 512, "antialias": 2,
+                                                    "position_jitter": 1.0}, "train.seed": 7})) == base
+    other = cache_fingerprint(cfg(**{"data.shapes": {"seed": 0, "length": 512, "antialias": 2,
+                                                     "position_jitter": 0.3}}))
+    assert _differences(base, other) == ["data.shapes.position_jitter: cache default, config 0.3"]
+    # A trained VAE folder counts by what it holds, not where it is.
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text('{"scaling_factor": 0.9}')
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 64)
+    here = cache_fingerprint(cfg(**{"model.vae_preset": None, "model.vae_pretrained": str(vae)}))
+    shutil.copytree(vae, tmp_path / "moved")
+    assert cache_fingerprint(cfg(**{"model.vae_preset": None, "model.vae_pretrained": str(tmp_path / "moved")})) == here
+    (vae / "config.json").write_text('{"scaling_factor": 0.8}')  # retrained in place: a new scaling factor
+    assert cache_fingerprint(cfg(**{"model.vae_preset": None, "model.vae_pretrained": str(vae)})) != here
+    # A cache from before fingerprints is refused too.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.json").write_text(json.dumps({"buckets": [], "files": [], "bucket_of": []}))
+    with pytest.raises(ValueError, match="it records no settings"):
+        CacheSource(str(tmp_path / "old"), base)
 
 
 # ------------------------------------------------------------------------------------------------ exports

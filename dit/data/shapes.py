@@ -411,8 +411,8 @@ def sample_attributes(config: ShapesConfig, index: int) -> tuple[ShapeAttributes
     u = rng.random(2)
     if config.position_jitter != 1.0:  # 1.0 keeps the uniform draw bit for bit
         u = 0.5 + (u - 0.5) * config.position_jitter
-    x0 = lo_x + (hi_x - lo_x) * u[0]
-    y0 = lo_y + (hi_y - lo_y) * u[1]
+    x0 = float(lo_x + (hi_x - lo_x) * u[0])
+    y0 = float(lo_y + (hi_y - lo_y) * u[1])
     params = dict(template=template, phrase=phrase, object_size=size, start=(x0, y0), travel=config.travel)
     return attrs, params
 

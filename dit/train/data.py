@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -200,25 +201,95 @@ class FolderSource:
         return {"video": resize_crop(video, h, w), "caption": caption}
 
 
+def _non_default(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields whose values differ from their defaults (nested dataclasses likewise): a setting
+    written out at its default, or a field added later with a default, leaves a fingerprint unchanged."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            if nested := _non_default(value):
+                out[f.name] = nested
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value != default:
+            out[f.name] = value
+    return out
+
+
+def _folder_contents(path: str, subfolders: tuple[str, ...] = (".",)) -> str:
+    """A digest of what a folder holds (file names, sizes, and the text of its JSON files), not of where it is:
+    moving a folder keeps it; retraining a model in place changes it when a size or a config value changes
+    (our VAE export rewrites scaling_factor), not when only weight values change."""
+    root, digest = Path(path), hashlib.sha256()
+    for sub in subfolders:
+        base = root / sub
+        for p in sorted(base.rglob("*")) if base.is_dir() else ():
+            if p.is_file():
+                digest.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\0".encode())
+                if p.suffix == ".json":
+                    digest.update(p.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# What a cached item reads from a `model.pretrained` pipeline folder: the VAE, the text encoders and tokenizers.
+_ENCODER_SUBFOLDERS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                       "tokenizer_3")
+
+
 def cache_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """Everything a cached item depends on: the data settings (minus the loader's own knobs), the encoders
-    (model settings other than the transformer, which the cache does not touch), the relay input's scale, and
-    the seed (a folder source's frame draws). `build_cache` stores it; a cache that does not match is refused."""
-    data = dataclasses.asdict(cfg.data)
+    """Everything a cached item depends on: the data settings (minus the loader's own knobs; a data folder by its
+    contents), the encoders (model settings other than the transformer's; model folders by their contents), the
+    relay input's scale, and the seed where the source uses it (a folder's frame draws). Settings at their
+    defaults are left out. `build_cache` stores it; a cache that does not match is refused."""
+    from dit.data import ShapesConfig
+
+    data = _non_default(cfg.data)
     for key in ("cache", "num_workers", "caption_dropout"):
-        data.pop(key)
-    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("transformer", "transformer_preset",
-                                                                                  "lora")}
-    relay_scale = cfg.objective.scale_factor if cfg.objective.kind == "relay" else None
+        data.pop(key, None)
+    if cfg.data.source == "shapes":
+        data.pop("shapes", None)
+        if shapes := _non_default(ShapesConfig.from_dict(cfg.data.shapes)):
+            data["shapes"] = shapes
+    if cfg.data.folder is not None:
+        data["folder"] = _folder_contents(cfg.data.folder)
+    model = _non_default(cfg.model)
+    for key in ("transformer", "transformer_preset", "lora"):
+        model.pop(key, None)
+    if cfg.model.pretrained is not None:
+        model["pretrained"] = _folder_contents(cfg.model.pretrained, _ENCODER_SUBFOLDERS)
+    if cfg.model.vae_pretrained is not None:
+        model["vae_pretrained"] = _folder_contents(cfg.model.vae_pretrained)
+    out: dict[str, Any] = {"data": data, "model": model}
+    if cfg.objective.kind == "relay":
+        out["relay_scale_factor"] = cfg.objective.scale_factor
+    if cfg.data.source == "folder":
+        out["seed"] = cfg.train.seed
     # A JSON round trip, so a fingerprint compares equal to the one read back from index.json.
-    return json.loads(json.dumps({"data": data, "model": model, "relay_scale_factor": relay_scale,
-                                  "seed": cfg.train.seed}))
+    return json.loads(json.dumps(out))
 
 
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def _differences(built: Any, now: Any, prefix: str = "") -> list[str]:
+    """'key: cache X, config Y' for every leaf where two fingerprints differ."""
+    if isinstance(built, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(built) | set(now))
+                for d in _differences(built.get(k, _DEFAULT), now.get(k, _DEFAULT), f"{prefix}{k}.")]
+    return [] if built == now else [f"{prefix.rstrip('.')}: cache {built!r}, config {now!r}"]
+
+
+class _Default:
+    """Stands for a setting a fingerprint leaves out because it is at its default."""
+
+    def __repr__(self) -> str:
+        return "default"
+
+
+_DEFAULT = _Default()
 
 
 class CacheSource:
@@ -236,7 +307,7 @@ class CacheSource:
         if fingerprint is not None and index.get("fingerprint") != fingerprint:
             built = index.get("fingerprint")
             what = ("it records no settings (built before caches did)" if built is None else
-                    "it was built with other " + ", ".join(_differing_keys(built, fingerprint)))
+                    "it differs in " + "; ".join(_differences(built, fingerprint)))
             raise ValueError(f"data.cache: {str(self.folder)!r} does not match this config: {what}; delete it "
                              "and rebuild (`dit train CONFIG --build-cache`), or set data.cache to a new folder")
         self.buckets: list[Bucket] = [tuple(b) for b in index["buckets"]]

@@ -81,7 +81,7 @@ class Trainer:
         acc.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
-        self.source = build_source(cfg.data, t.seed, fingerprint=cache_fingerprint(cfg))
+        self.source = build_source(cfg.data, t.seed, fingerprint=cache_fingerprint(cfg) if cfg.data.cache else None)
         self.stream = BatchStream(tuple(self.source.bucket_of), t.batch_size, self.layout.dp_rank,
                                   self.layout.dp_size, t.seed)
         self.step = 0

@@ -1,0 +1,18 @@
+"""bench/relay.py's FLOP count: attention must be in it (on CPU, FlopCounterMode counts 0 for fused SDPA)."""
+
+from bench.relay import meta_forward_flops
+
+CONFIG = dict(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=128,
+              text_embed_dim=128, num_layers=1, sample_width=16, sample_height=16, sample_frames=17, patch_size=2,
+              max_text_seq_length=32, use_rotary_positional_embeddings=True)
+
+
+def test_forward_flops_include_attention():
+    text = (1, 32, 128)
+    lo = meta_forward_flops(CONFIG, (1, 5, 16, 16, 16), text)  # 320 video + 32 text tokens
+    hi = meta_forward_flops(CONFIG, (1, 5, 16, 32, 32), text)  # 1280 + 32
+    linear_only = (1280 + 32) / (320 + 32)  # what the ratio would be with attention left out
+    # Closed form for the attention products alone (QK^T and PV, 2 FLOPs per multiply-add, 2 heads x 64).
+    attention = [2 * 2 * n * n * 128 for n in (352, 1312)]
+    assert hi - lo > attention[1] - attention[0]
+    assert hi / lo > 1.5 * linear_only
