@@ -7,7 +7,8 @@ Two measurements, printed as JSON (issue 5's trained-model checks):
    noise_alpha) and with white noise (noise_alpha 0) at the relay start.
 2. Super-resolution of real clips (procedural shapes at 64x64, downscaled 2x and upscaled back, as in training):
    PSNR of the relay output against the true 64x64 clip, with block noise and with white noise, same seeds;
-   and the mean absolute difference between the two outputs.
+   the mean absolute difference between the two outputs; and the PSNR of the true clip's own VAE round trip
+   (the ceiling for any output of this VAE).
 
 Run: `python -m bench.relay_demo [--prompts 40] [--clips 32]`.
 """
@@ -64,7 +65,7 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
     path = samplers.train_path_from_config(dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
     schedule = samplers.relay_schedule(path, defaults["relay_start"], defaults["relay_steps"])
     stage = pipe.relay_transformer or pipe.transformer
-    out: dict[str, list] = {"block": [], "white": [], "input": [], "block_vs_white_mad": []}
+    out: dict[str, list] = {"block": [], "white": [], "input": [], "vae": [], "block_vs_white_mad": []}
     for i in range(clips):
         item = data[i]
         video = item["video"][None]  # (1, F, 3, H, W) in [-1, 1]
@@ -87,9 +88,13 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
             results[name] = (frames[0].permute(1, 2, 3, 0).numpy() + 1) / 2
             out[name].append(psnr(results[name], target))
         out["input"].append(psnr((low[0].permute(0, 2, 3, 1).numpy() + 1) / 2, target))
+        # The ceiling for anything decoded by this VAE: the true clip encoded and decoded.
+        z_true = vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist.mode()
+        roundtrip = vae.decode(z_true).sample.clamp(-1, 1)[0].permute(1, 2, 3, 0).numpy()
+        out["vae"].append(psnr((roundtrip + 1) / 2, target))
         out["block_vs_white_mad"].append(float(np.abs(results["block"] - results["white"]).mean()))
     return {"psnr_block_noise": float(np.mean(out["block"])), "psnr_white_noise": float(np.mean(out["white"])),
-            "psnr_bilinear_input": float(np.mean(out["input"])),
+            "psnr_bilinear_input": float(np.mean(out["input"])), "psnr_vae_roundtrip": float(np.mean(out["vae"])),
             "block_vs_white_mad": float(np.mean(out["block_vs_white_mad"])),
             "block_better_fraction": float(np.mean(np.asarray(out["block"]) > np.asarray(out["white"])))}
 
