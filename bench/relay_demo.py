@@ -2,7 +2,8 @@
 
 Two measurements, printed as JSON (issue 5's trained-model checks):
 1. Generation (text -> 32x32 base -> relay 2x -> 64x64), `--prompts` grid prompts: the relay output averaged
-   over 2x2 blocks against the base result (mean absolute difference in [0, 1] pixels and PSNR), next to the
+   over 2x2 blocks against the base result (mean absolute difference in [0, 1] pixels and PSNR; the largest
+   per-frame offset of the object's centroid, in base pixels), next to the
    same distance between two seeds' base results (the scale of "unrelated"); with block noise (the trained
    noise_alpha) and with white noise (noise_alpha 0) at the relay start.
 2. Super-resolution of real clips (procedural shapes at 64x64, downscaled 2x and upscaled back, as in training):
@@ -35,13 +36,26 @@ def pool2(x: np.ndarray) -> np.ndarray:
     return x.reshape(f, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def track_offset_px(base: np.ndarray, high: np.ndarray) -> float | None:
+    """Largest per-frame distance, in base pixels, between the object's centroid in the relay output (F, 2H, 2W, 3)
+    and in the base result (F, H, W, 3), as `dit.demo.evaluate` reads them; None when either has a frame in
+    which no object is found."""
+    from dit.demo.evaluate import evaluate_clip
+
+    c_base, c_high = evaluate_clip(base).centroids, evaluate_clip(high).centroids
+    if None in c_base or None in c_high:
+        return None
+    high_in_base_px = (np.asarray(c_high) + 0.5) / 2 - 0.5  # pixel centres: 2x grid -> 1x grid
+    return float(np.abs(high_in_base_px - np.asarray(c_base)).max())
+
+
 def generation(pipe, defaults: dict, prompts: list[str], alpha: float) -> dict:
     from dit.cli import relay_defaults
 
     relay = dict(relay_defaults(defaults), relay_noise_alpha=alpha)
     kw = dict(num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
               output_type="np")
-    diff, ref, ps = [], [], []
+    diff, ref, ps, track = [], [], [], []
     for k, prompt in enumerate(prompts):
         base = pipe(prompt=prompt, generator=torch.Generator().manual_seed(k), **kw).frames[0]
         other = pipe(prompt=prompt, generator=torch.Generator().manual_seed(10_000 + k), **kw).frames[0]
@@ -49,8 +63,12 @@ def generation(pipe, defaults: dict, prompts: list[str], alpha: float) -> dict:
         diff.append(float(np.abs(pool2(high) - base).mean()))
         ref.append(float(np.abs(other - base).mean()))
         ps.append(psnr(pool2(high), base))
+        track.append(track_offset_px(base, high))
     return {"pooled_relay_vs_base_mad": float(np.mean(diff)), "other_seed_vs_base_mad": float(np.mean(ref)),
-            "pooled_relay_vs_base_psnr": float(np.mean(ps))}
+            "pooled_relay_vs_base_psnr": float(np.mean(ps)),
+            "track_offset_px_mean": float(np.mean([t for t in track if t is not None])),
+            "track_offset_px_max": float(np.max([t for t in track if t is not None])),
+            "track_missing_object": sum(t is None for t in track)}
 
 
 @torch.no_grad()

@@ -48,9 +48,9 @@ def _reset_time(workdir: Path, key: str) -> None:
         _write_times(workdir, times)
 
 
-def _add_time(workdir: Path, key: str, seconds: float) -> None:
+def _add_time(workdir: Path, key: str, seconds: float, *, replace: bool = False) -> None:
     times = _times(workdir)
-    times[key] = round(times.get(key, 0.0) + seconds, 1)
+    times[key] = round((0.0 if replace else times.get(key, 0.0)) + seconds, 1)
     _write_times(workdir, times)
 
 
@@ -92,8 +92,7 @@ def run_stage(name: str, workdir: Path, overrides: dict[str, object] | None = No
         start = time.perf_counter()
         build_cache(cfg)
         # A cache is built in one go (an interrupted build starts over), so its time replaces an earlier one.
-        _reset_time(workdir, f"{name}_cache_s")
-        _add_time(workdir, f"{name}_cache_s", time.perf_counter() - start)
+        _add_time(workdir, f"{name}_cache_s", time.perf_counter() - start, replace=True)
     print(f"[demo] {name}: training {cfg.train.steps} steps into {cfg.output_dir}")
     start = time.perf_counter()
     final = train(cfg)

@@ -274,14 +274,6 @@ def cache_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
-def _differences(built: Any, now: Any, prefix: str = "") -> list[str]:
-    """'key: cache X, config Y' for every leaf where two fingerprints differ."""
-    if isinstance(built, dict) and isinstance(now, dict):
-        return [d for k in sorted(set(built) | set(now))
-                for d in _differences(built.get(k, _DEFAULT), now.get(k, _DEFAULT), f"{prefix}{k}.")]
-    return [] if built == now else [f"{prefix.rstrip('.')}: cache {built!r}, config {now!r}"]
-
-
 class _Default:
     """Stands for a setting a fingerprint leaves out because it is at its default."""
 
@@ -290,6 +282,15 @@ class _Default:
 
 
 _DEFAULT = _Default()
+
+
+def _differences(built: Any, now: Any, prefix: str = "") -> list[str]:
+    """'key: cache X, config Y' for every leaf where two fingerprints differ."""
+    if isinstance(built, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(built) | set(now))
+                for d in _differences(built.get(k, _DEFAULT), now.get(k, _DEFAULT), f"{prefix}{k}.")]
+    return [] if built == now else [f"{prefix.rstrip('.')}: cache {built!r}, config {now!r}"]
+
 
 
 class CacheSource:
