@@ -26,6 +26,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--size", type=int, default=16, help="base latent height = width (relay: twice that)")
+    parser.add_argument("--cogvideox-2b-layers", type=int, metavar="K",
+                        help="CogVideoX-2B's own layer shape (30 heads x 64, 226 text tokens of 4096) with K of its 30 "
+                             "layers, at 13 x 30 x 44 latents relayed to 13 x 60 x 88 (240x352 -> 49 x 480 x 704); "
+                             "overrides --heads/--head-dim/--layers/--size")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs of each way (the median is reported)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -37,15 +42,32 @@ def main() -> None:
     # width): CogVideoX-2B at 49x480x704 has ~8.9 relay tokens per unit of width (17,160 / 1920); `--heads 2`
     # (width 128, 1280 relay tokens: 10 per unit) has about its proportions at a size this CPU runs.
     heads, head_dim, layers = (2, 16, 1) if args.quick else (args.heads, args.head_dim, args.layers)
-    frames, size = (2, 8) if args.quick else (5, args.size)  # latent frames and base latent size (H' = W')
+    frames, height, width = (2, 8, 8) if args.quick else (5, args.size, args.size)  # base latent (F', H', W')
     steps, relay_steps = (4, 2) if args.quick else (args.steps, args.relay_steps)
+    text_tokens, text_dim = 32, 128
     config = dict(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16, time_embed_dim=128,
-        text_embed_dim=128, num_layers=layers, sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
-        patch_size=2, max_text_seq_length=32, use_rotary_positional_embeddings=True,
+        text_embed_dim=text_dim, num_layers=layers, sample_width=width, sample_height=height,
+        sample_frames=4 * frames - 3, patch_size=2, max_text_seq_length=text_tokens,
+        use_rotary_positional_embeddings=True,
     )
+    if args.cogvideox_2b_layers is not None:
+        if args.cogvideox_2b_layers < 1:
+            parser.error(f"--cogvideox-2b-layers {args.cogvideox_2b_layers}: give at least 1 (of its 30)")
+        from dit.models.cogvideox import COGVIDEOX_2B
+
+        # Every layer of the 2B model has this shape, so the ratio of K layers is the 30-layer model's up to the
+        # embeddings and output projection (linear in tokens: with fewer layers they weigh more and push the
+        # ratio up, towards 0.2 + 0.25).
+        layers = args.cogvideox_2b_layers
+        heads, head_dim = COGVIDEOX_2B["num_attention_heads"], COGVIDEOX_2B["attention_head_dim"]
+        frames, height, width = 13, 30, 44
+        text_tokens, text_dim = COGVIDEOX_2B["max_text_seq_length"], COGVIDEOX_2B["text_embed_dim"]
+        config = dict(COGVIDEOX_2B, num_layers=layers)
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: give at least 1")
     model = CogVideoXTransformer3DModel(**config).eval()
-    text = torch.randn(1, 32, 128)
+    text = torch.randn(1, text_tokens, text_dim)
     spec = samplers.from_diffusers_config({"_class_name": "CogVideoXDDIMScheduler", "prediction_type": "v_prediction",
                                            "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps)
     path = samplers.TrainPath.vp(samplers.rescale_zero_terminal_snr(samplers.snr_shift(
@@ -56,8 +78,8 @@ def main() -> None:
         return model(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]), return_dict=False)[0]
 
     denoiser = samplers.Denoiser(model_fn, "v")
-    lo = torch.randn(1, frames, 16, size, size)
-    hi = torch.randn(1, frames, 16, 2 * size, 2 * size)
+    lo = torch.randn(1, frames, 16, height, width)  # (B, F', C, H', W'): CogVideoX's latent layout
+    hi = torch.randn(1, frames, 16, 2 * height, 2 * width)
 
     def direct():
         return samplers.sample_ddim(denoiser, hi, spec.schedule)
@@ -70,14 +92,15 @@ def main() -> None:
     full_size = None if args.quick else full_size_flops_ratio(steps, relay_steps)
     with torch.inference_mode():
         f_lo, f_hi = meta_forward_flops(config, lo.shape, text.shape), meta_forward_flops(config, hi.shape, text.shape)
-        reps = 1 if args.quick else 3  # one run of each varies by ~10% on a shared CPU
+        reps = 1 if args.quick else args.reps  # one run of each varies by ~10% on a shared CPU
         t_direct = median_time(direct, warmup=0, reps=reps)
         t_relay = median_time(relayed, warmup=0, reps=reps)
     flops_direct, flops_relay = steps * f_hi, steps * f_lo + relay_steps * f_hi
     emit({
-        "bench": "relay", "model": {"layers": layers, "heads": heads, "head_dim": head_dim, "text_tokens": 32},
-        "base_latent": [frames, size, size], "relay_latent": [frames, 2 * size, 2 * size],
-        "tokens": {"base": frames * (size // 2) ** 2, "relay": frames * size**2},
+        "bench": "relay", "model": {"layers": layers, "heads": heads, "head_dim": head_dim, "text_tokens": text_tokens,
+                                    "cogvideox_2b_layer_shape": args.cogvideox_2b_layers is not None},
+        "base_latent": [frames, height, width], "relay_latent": [frames, 2 * height, 2 * width],
+        "tokens": {"base": frames * (height // 2) * (width // 2), "relay": frames * height * width}, "reps": reps,
         "N": steps, "M": relay_steps, "T_r": args.relay_start,
         "direct": {"seconds": round(t_direct, 3), "tflops": round(flops_direct / 1e12, 4)},
         "relay": {"seconds": round(t_relay, 3), "tflops": round(flops_relay / 1e12, 4)},

@@ -1,5 +1,10 @@
 """bench/relay.py's FLOP count: attention must be in it (on CPU, FlopCounterMode counts 0 for fused SDPA)."""
 
+import sys
+
+import pytest
+
+from bench import relay
 from bench.relay import meta_forward_flops
 
 CONFIG = dict(num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=128,
@@ -16,3 +21,17 @@ def test_forward_flops_include_attention():
     attention = [2 * 2 * n * n * 128 for n in (352, 1312)]
     assert hi - lo > attention[1] - attention[0]
     assert hi / lo > 1.5 * linear_only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "15"], "--size 15: the base latent must divide by the patch size 2 (e.g. 16)"),
+    (["--reps", "0"], "--reps 0: give at least 1"),
+    (["--cogvideox-2b-layers", "0"], "--cogvideox-2b-layers 0: give at least 1 (of its 30)"),
+])
+def test_bad_arguments_fail_before_any_model_is_built(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.relay", *argv])
+    monkeypatch.setattr(relay, "CogVideoXTransformer3DModel", None)  # building one would raise TypeError
+    with pytest.raises(SystemExit) as exit_info:
+        relay.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
