@@ -448,6 +448,42 @@ def test_checkpoints_are_atomic_and_a_partial_one_is_ignored(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-junk"]
 
 
+def test_ema_is_saved_as_safetensors_and_pickled_checkpoints_are_refused(tmp_path):
+    from safetensors import safe_open
+
+    from dit.train import checkpoint as ckpt
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    ema = ckpt.EMA(params, 0.9)
+    with torch.no_grad():
+        params[0].add_(1.0)
+    ema.update()
+    ema.save(tmp_path / "ema.safetensors")
+    with safe_open(tmp_path / "ema.safetensors", "pt") as f:
+        assert f.metadata() == {"decay": "0.9"} and sorted(f.keys()) == ["shadow.0", "shadow.1"]
+    other = ckpt.EMA([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))], 0.9)
+    other.load(tmp_path / "ema.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, other.shadow))
+    with pytest.raises(ValueError, match=r"EMA tensor 1 has shape \(4,\), the model's \(5,\)"):
+        ckpt.EMA([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5))], 0.9).load(
+            tmp_path / "ema.safetensors")
+
+    # Refused before accelerate is asked to load anything (no accelerator needed to get the error).
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "custom_checkpoint_0.pkl").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickles .* not loaded: they could run code"):
+        ckpt.load_checkpoint(None, old, lr_scheduler=None, ema=None)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "lr_scheduler.json").write_text("{}")
+    with pytest.raises(ValueError, match="written without an EMA and this run has train.ema_decay set"):
+        ckpt.load_checkpoint(None, new, lr_scheduler=None, ema=ema)
+    (new / "ema.safetensors").write_bytes((tmp_path / "ema.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="written with an EMA and this run has train.ema_decay null"):
+        ckpt.load_checkpoint(None, new, lr_scheduler=None, ema=None)
+
+
 def test_in_process_resume_with_grad_accumulation_matches_an_uninterrupted_run(tmp_path):
     """Data position (step x accumulation), per-micro-step noise, caption dropout, LR schedule and EMA all resume."""
     from safetensors.torch import load_file

@@ -77,8 +77,10 @@ def test_two_process_launch_trains_checkpoints_and_resumes_exactly_after_sigkill
     assert checkpoints == ["step-00000025", "step-00000030"]  # keep_last: 2
     state = json.loads((full / "checkpoints/step-00000030/trainer_state.json").read_text())
     assert state["step"] == 30 and state["data_position"] == 30 and state["world"] == 2
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= \
-        {p.name for p in (full / "checkpoints/step-00000030").iterdir()}
+    files = {p.name for p in (full / "checkpoints/step-00000030").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin",
+            "lr_scheduler.json", "ema.safetensors"} <= files
+    assert not [f for f in files if f.startswith("custom_checkpoint")]  # nothing loaded with weights_only=False
     assert (full / "final" / "pipeline" / "model_index.json").is_file()
 
     # The same run, killed (SIGKILL, whole process group) once its first checkpoint exists, then started again.

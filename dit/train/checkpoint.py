@@ -1,9 +1,14 @@
 """Checkpoints: written atomically, the last N kept, and found again for an automatic resume; plus the EMA.
 
 A checkpoint is `OUTPUT/checkpoints/step-NNNNNNNN/`. It is first written as `.tmp-step-NNNNNNNN/` (accelerate's
-save_state: model, optimizer, LR schedule, EMA, RNG states of every rank; plus `trainer_state.json`) and renamed
-when every rank has finished writing, so a folder named `step-*` is always complete: a run killed mid-write
-leaves only a `.tmp-*` folder, which the next start deletes.
+save_state: model, optimizer, RNG states of every rank; plus our `ema.safetensors`, `lr_scheduler.json` and
+`trainer_state.json`) and renamed when every rank has finished writing, so a folder named `step-*` is always
+complete: a run killed mid-write leaves only a `.tmp-*` folder, which the next start deletes.
+
+The EMA and the LR schedule are not registered with accelerate: it would pickle them and load them back with
+`torch.load(weights_only=False)`, which runs whatever code the file holds. The EMA is weights, so it is a
+safetensors file; the schedule's state is a few numbers, so JSON. (accelerate loads the optimizer and RNG files
+with `weights_only=True`, the restricted unpickler; the model is safetensors.)
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from torch import nn
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
+SCHEDULE_FILE = "lr_scheduler.json"
 
 
 class EMA:
@@ -40,14 +47,23 @@ class EMA:
         for s, p in zip(self.shadow, params):
             p.copy_(s.to(p.dtype))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"the checkpoint's EMA has {len(state['shadow'])} tensors, the model {len(self.shadow)}")
-        for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved)
+        save_file({f"shadow.{i}": s.cpu().contiguous() for i, s in enumerate(self.shadow)}, str(path),
+                  metadata={"decay": repr(self.decay)})
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path))
+        if len(saved) != len(self.shadow):
+            raise ValueError(f"{path}: the checkpoint's EMA has {len(saved)} tensors, the model {len(self.shadow)}")
+        for i, s in enumerate(self.shadow):
+            t = saved[f"shadow.{i}"]
+            if t.shape != s.shape:
+                raise ValueError(f"{path}: EMA tensor {i} has shape {tuple(t.shape)}, the model's {tuple(s.shape)}")
+            s.copy_(t)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -77,7 +93,8 @@ def remove_partial(output_dir: str | Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int, *,
+                    lr_scheduler, ema: EMA | None = None) -> Path:
     """Every rank calls this; returns the final folder. Keeps the newest `keep_last` checkpoints."""
     folder = checkpoints_dir(output_dir)
     final = folder / f"step-{step:08d}"
@@ -89,6 +106,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # The EMA and the schedule are the same on every rank (the EMA is refused with sharded parameters).
+        if ema is not None:
+            ema.save(tmp / EMA_FILE)
+        (tmp / SCHEDULE_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         _fsync_dir(tmp)
         if final.exists():  # the same step written again (a rerun after a crash between rename and prune)
@@ -101,9 +122,20 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     return final
 
 
-def load_checkpoint(accelerator, folder: Path) -> dict[str, Any]:
+def load_checkpoint(accelerator, folder: Path, *, lr_scheduler, ema: EMA | None = None) -> dict[str, Any]:
     """Restore everything save_checkpoint wrote; returns the trainer state (step, data position, ...)."""
+    if list(folder.glob("custom_checkpoint_*.pkl")) and not (folder / SCHEDULE_FILE).is_file():
+        raise ValueError(f"{folder} keeps its LR schedule and EMA as pickles (written by an earlier dit), which are "
+                         f"not loaded: they could run code. Start a new output_dir, or initialise from that run's "
+                         f"exported weights")
+    if (ema is not None) != (folder / EMA_FILE).is_file():
+        raise ValueError(f"{folder} was written {'without' if ema is not None else 'with'} an EMA and this run has "
+                         f"train.ema_decay {'set' if ema is not None else 'null'}: resume with the same setting, or "
+                         f"start a new output_dir")
     accelerator.load_state(str(folder))
+    lr_scheduler.load_state_dict(json.loads((folder / SCHEDULE_FILE).read_text()))
+    if ema is not None:
+        ema.load(folder / EMA_FILE)
     return json.loads((folder / STATE_FILE).read_text())
 
 

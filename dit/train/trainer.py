@@ -77,10 +77,8 @@ class Trainer:
             module.to(acc.device)
         self.ema = ckpt.EMA(self.params, t.ema_decay) if t.ema_decay is not None else None
         # The LR schedule is stepped once per optimizer step by us (not by accelerate, which would step it once
-        # per process), and saved with the state like the EMA.
-        acc.register_for_checkpointing(self.lr_scheduler)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+        # per process); it and the EMA are saved by ckpt.save_checkpoint, not registered with accelerate (which
+        # would pickle them).
         self.source = build_source(cfg.data, t.seed, fingerprint=cache_fingerprint(cfg) if cfg.data.cache else None)
         self.stream = BatchStream(tuple(self.source.bucket_of), t.batch_size, self.layout.dp_rank,
                                   self.layout.dp_size, t.seed)
@@ -191,7 +189,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.output)
         if latest is None:
             return
-        state = ckpt.load_checkpoint(acc, latest)
+        state = ckpt.load_checkpoint(acc, latest, lr_scheduler=self.lr_scheduler, ema=self.ema)
         self.step = int(state["step"])
         if state.get("world") not in (None, acc.num_processes):
             raise ValueError(f"{latest} was written by {state['world']} processes; resume it with the same number "
@@ -242,7 +240,8 @@ class Trainer:
                 window, start = [], time.perf_counter()
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 ckpt.save_checkpoint(acc, self.output, self.step, {"data_position": self.step * ga,
-                                                                   "world": acc.num_processes}, t.keep_last)
+                                                                   "world": acc.num_processes}, t.keep_last,
+                                     lr_scheduler=self.lr_scheduler, ema=self.ema)
             if t.validate_every is not None and (self.step % t.validate_every == 0 or self.step == t.steps):
                 self.validate()
         bar.close()
