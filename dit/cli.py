@@ -20,6 +20,7 @@ from typing import Any
 
 FORMATS = ("mp4", "gif", "webp", "png")
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
+EMBEDDED_MODEL_NAME = "embedded demo (dit/assets/demo)"  # what sidecars record when no --model was given
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -255,7 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_video(out.frames[0], path, fps)
         write_sidecar(path, {
-            **asdict(r), "model": str(folder), "steps": steps, "guidance": guidance, "fps": fps,
+            # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
+            **asdict(r), "model": str(folder) if args.model else EMBEDDED_MODEL_NAME, "steps": steps, "guidance": guidance, "fps": fps,
             "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
             **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
             "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],

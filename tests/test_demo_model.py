@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.relay_demo import pool2, track_offset_px
-from dit.cli import DEMO_MODEL, main
+from dit.cli import DEMO_MODEL, EMBEDDED_MODEL_NAME, main
 from dit.demo.evaluate import evaluate_clip, prompt_grid
 from dit.demo.grid import grade_pipeline
 
@@ -58,7 +58,7 @@ def test_dit_generate_without_model_uses_the_demo(tmp_path, defaults):
     frames = iio.imread(out)
     assert frames.shape[:3] == (defaults["num_frames"], defaults["height"], defaults["width"])
     side = json.loads((tmp_path / "demo.gif.json").read_text())
-    assert side["model"] == str(DEMO_MODEL) and side["steps"] == defaults["num_inference_steps"]
+    assert side["model"] == EMBEDDED_MODEL_NAME and side["steps"] == defaults["num_inference_steps"]
     est = evaluate_clip(frames)
     assert (est.colour, est.background, est.motion) == ("red", "blue", "right"), est
 
