@@ -31,11 +31,17 @@ def main() -> None:
                              "layers, at 13 x 30 x 44 latents relayed to 13 x 60 x 88 (240x352 -> 49 x 480 x 704); "
                              "overrides --heads/--head-dim/--layers/--size")
     parser.add_argument("--reps", type=int, default=3, help="timed runs of each way (the median is reported)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps, one run (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.size < 2 or args.size % 2:
         parser.error(f"--size {args.size}: the base latent must divide by the patch size 2 (e.g. {max(2, args.size + 1)})")
+    if args.reps < 1:
+        parser.error(f"--reps {args.reps}: give at least 1")
+    if args.cogvideox_2b_layers is not None and not 1 <= args.cogvideox_2b_layers <= 30:
+        parser.error(f"--cogvideox-2b-layers {args.cogvideox_2b_layers}: give 1 to 30 (of its 30 layers)")
+    if args.cogvideox_2b_layers is not None and args.quick:
+        parser.error("--quick and --cogvideox-2b-layers: choose one (the quick smoke run has its own tiny shapes)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # What decides the ratio is how attention (quadratic in tokens) weighs against the linear layers (quadratic in
@@ -52,8 +58,6 @@ def main() -> None:
         use_rotary_positional_embeddings=True,
     )
     if args.cogvideox_2b_layers is not None:
-        if args.cogvideox_2b_layers < 1:
-            parser.error(f"--cogvideox-2b-layers {args.cogvideox_2b_layers}: give at least 1 (of its 30)")
         from dit.models.cogvideox import COGVIDEOX_2B
 
         # Every layer of the 2B model has this shape, so the ratio of K layers is the 30-layer model's up to the
@@ -64,8 +68,6 @@ def main() -> None:
         frames, height, width = 13, 30, 44
         text_tokens, text_dim = COGVIDEOX_2B["max_text_seq_length"], COGVIDEOX_2B["text_embed_dim"]
         config = dict(COGVIDEOX_2B, num_layers=layers)
-    if args.reps < 1:
-        parser.error(f"--reps {args.reps}: give at least 1")
     model = CogVideoXTransformer3DModel(**config).eval()
     text = torch.randn(1, text_tokens, text_dim)
     spec = samplers.from_diffusers_config({"_class_name": "CogVideoXDDIMScheduler", "prediction_type": "v_prediction",

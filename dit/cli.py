@@ -257,7 +257,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_video(out.frames[0], path, fps)
         write_sidecar(path, {
             # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
-            **asdict(r), "model": str(folder) if args.model else EMBEDDED_MODEL_NAME, "steps": steps, "guidance": guidance, "fps": fps,
+            **asdict(r), "model": str(folder) if args.model is not None else EMBEDDED_MODEL_NAME, "steps": steps, "guidance": guidance, "fps": fps,
             "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
             **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
             "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],

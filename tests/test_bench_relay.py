@@ -26,11 +26,14 @@ def test_forward_flops_include_attention():
 @pytest.mark.parametrize("argv, message", [
     (["--size", "15"], "--size 15: the base latent must divide by the patch size 2 (e.g. 16)"),
     (["--reps", "0"], "--reps 0: give at least 1"),
-    (["--cogvideox-2b-layers", "0"], "--cogvideox-2b-layers 0: give at least 1 (of its 30)"),
+    (["--cogvideox-2b-layers", "0"], "--cogvideox-2b-layers 0: give 1 to 30 (of its 30 layers)"),
+    (["--cogvideox-2b-layers", "31"], "--cogvideox-2b-layers 31: give 1 to 30 (of its 30 layers)"),
+    (["--cogvideox-2b-layers", "1", "--quick"], "--quick and --cogvideox-2b-layers: choose one"),
 ])
 def test_bad_arguments_fail_before_any_model_is_built(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench.relay", *argv])
     monkeypatch.setattr(relay, "CogVideoXTransformer3DModel", None)  # building one would raise TypeError
+    monkeypatch.setattr(relay.torch, "set_num_threads", None)  # nor may the test session's threads change
     with pytest.raises(SystemExit) as exit_info:
         relay.main()
     assert exit_info.value.code == 2

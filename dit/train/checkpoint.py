@@ -54,8 +54,14 @@ class EMA:
                   metadata={"decay": repr(self.decay)})
 
     def load(self, path: Path) -> None:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        with safe_open(str(path), "pt") as f:
+            decay = (f.metadata() or {}).get("decay")
+        if decay != repr(self.decay):
+            raise ValueError(f"{path}: the checkpoint's EMA has decay {decay}, this run's train.ema_decay is "
+                             f"{self.decay}; resume with the same decay, or start a new output_dir")
         saved = load_file(str(path))
         if len(saved) != len(self.shadow):
             raise ValueError(f"{path}: the checkpoint's EMA has {len(saved)} tensors, the model {len(self.shadow)}")
@@ -111,6 +117,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
             ema.save(tmp / EMA_FILE)
         (tmp / SCHEDULE_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        for name in (EMA_FILE, SCHEDULE_FILE, STATE_FILE):  # contents on disk before the rename publishes them
+            if (tmp / name).is_file():
+                _fsync_file(tmp / name)
         _fsync_dir(tmp)
         if final.exists():  # the same step written again (a rerun after a crash between rename and prune)
             shutil.rmtree(final)
@@ -126,8 +135,8 @@ def load_checkpoint(accelerator, folder: Path, *, lr_scheduler, ema: EMA | None 
     """Restore everything save_checkpoint wrote; returns the trainer state (step, data position, ...)."""
     if list(folder.glob("custom_checkpoint_*.pkl")) and not (folder / SCHEDULE_FILE).is_file():
         raise ValueError(f"{folder} keeps its LR schedule and EMA as pickles (written by an earlier dit), which are "
-                         f"not loaded: they could run code. Start a new output_dir, or initialise from that run's "
-                         f"exported weights")
+                         f"not loaded: they could run code. This version cannot continue that run: start a new "
+                         f"output_dir (with model.pretrained: <that output_dir>/final/pipeline if the run finished)")
     if (ema is not None) != (folder / EMA_FILE).is_file():
         raise ValueError(f"{folder} was written {'without' if ema is not None else 'with'} an EMA and this run has "
                          f"train.ema_decay {'set' if ema is not None else 'null'}: resume with the same setting, or "
@@ -137,6 +146,11 @@ def load_checkpoint(accelerator, folder: Path, *, lr_scheduler, ema: EMA | None 
     if ema is not None:
         ema.load(folder / EMA_FILE)
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
