@@ -12,12 +12,12 @@ pytestmark = pytest.mark.parallel
 B, H, D = 2, 4, 16
 
 
-def _check_configs(rank, world, configs, length):
+def _check_configs(rank, world, configs, length, batch=B):
     from dit.parallel import ContextParallelAttention, ContextParallelConfig, ParallelContext, shard, split_sizes
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, length, D, generator=g) for _ in range(3))
-    dout = torch.randn(B, H, length, D, generator=g)
+    q, k, v = (torch.randn(batch, H, length, D, generator=g) for _ in range(3))
+    dout = torch.randn(batch, H, length, D, generator=g)
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = F.scaled_dot_product_attention(qr, kr, vr)
     ref.backward(dout)
@@ -48,6 +48,13 @@ def test_two_ranks_ulysses_ring_allgather():
 def test_four_ranks_all_meshes():
     run_distributed(_check_configs, 4, [(1, 4, "p2p"), (4, 1, "p2p"), (2, 2, "p2p"), (2, 2, "p2p", 1),
                                         (2, 2, "allgather")], 226 + 39)
+
+
+def test_batch_one_with_one_head_per_rank_and_chunk():
+    """Batch 1 and one head per Ulysses rank per chunk: the all-to-alls receive the sequence already in order and
+    skip the reordering copies (dit.parallel.attention.seq_to_heads / heads_to_seq)."""
+    run_distributed(_check_configs, 2, [(1, 2, "p2p"), (1, 2, "p2p", 1)], 37, 1)
+    run_distributed(_check_configs, 4, [(1, 4, "p2p"), (2, 2, "p2p")], 226 + 39, 1)
 
 
 def _head_error(rank, world):

@@ -145,6 +145,8 @@ def seq_to_heads(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tenso
     hp = h // world
     send = x.reshape(b, world, hp, l_r, d).transpose(0, 1).reshape(-1)  # (P * B * H/P * L_r * D,)
     recv = _a2a(send, [b * hp * n * d for n in sizes], [b * hp * l_r * d] * world, group)
+    if b * hp == 1:  # the pieces arrive in sequence order already: no reordering copy (one head's full length)
+        return recv.view(1, 1, sum(sizes), d)
     pieces = recv.split([b * hp * n * d for n in sizes])
     return torch.cat([p.view(b, hp, n, d) for p, n in zip(pieces, sizes)], dim=2)  # (B, H/P, L, D)
 
@@ -154,7 +156,10 @@ def heads_to_seq(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tenso
     world, rank = len(sizes), dist.get_rank(group)
     b, hp, _, d = x.shape
     l_r = sizes[rank]
-    send = torch.cat([p.reshape(-1) for p in x.split(sizes, dim=2)])  # chunks of the sequence, rank by rank
+    if b * hp == 1:  # (1, 1, L, D): the sequence chunks are already rank by rank in memory
+        send = x.reshape(-1)
+    else:
+        send = torch.cat([p.reshape(-1) for p in x.split(sizes, dim=2)])  # chunks of the sequence, rank by rank
     recv = _a2a(send, [b * hp * l_r * d] * world, [b * hp * n * d for n in sizes], group)
     return recv.view(world, b, hp, l_r, d).transpose(0, 1).reshape(b, world * hp, l_r, d)
 
