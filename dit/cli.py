@@ -257,14 +257,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_video(out.frames[0], path, fps)
         write_sidecar(path, {
             # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
-            **asdict(r), "model": str(folder) if args.model is not None else EMBEDDED_MODEL_NAME, "steps": steps, "guidance": guidance, "fps": fps,
-            "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
+            **asdict(r), "model": str(folder) if args.model is not None else EMBEDDED_MODEL_NAME, "steps": steps,
+            "guidance": guidance, "fps": fps, "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
             **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
             "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
             "cfg_parallel": args.cfg_degree,
         })
         print(str(path))
+    _end_parallel()
     return 0
+
+
+def _end_parallel() -> None:
+    """Under torchrun: wait until rank 0 has written everything, then close the process group, so that no rank
+    exits while another may still use its connections (gloo aborts a process whose peer went away)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _check_parallel_degrees(args: argparse.Namespace) -> int:

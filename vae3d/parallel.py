@@ -56,7 +56,9 @@ def _wait(y: torch.Tensor) -> torch.Tensor:
 
 def _all_gather(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """x (N, ...) from every rank -> (P * N, ...), with autograd (backward: reduce-scatter)."""
-    return _wait(fc.all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group))
+    # all_gather_single_autograd is the newer name (torch 2.13 warns on the old one); same arguments.
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return _wait(gather(x.contiguous(), 0, group))
 
 
 def gather_time(y: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
