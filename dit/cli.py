@@ -187,7 +187,6 @@ def relay_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
 
     if args.prompt is None and args.prompts_file is None:
         raise CLIError("give a PROMPT or --prompts-file FILE")
@@ -211,7 +210,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cfg_degree == 2 and not guidance > 1:  # without guidance the batch has no second half to run
         raise CLIError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
                        f"got {guidance}")
-    _check_parallel_degrees(args)
+    if _check_parallel_degrees(args) > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
     relay_options = relay_defaults(defaults)
     todo = []
     for r, p in zip(requests, paths):
@@ -239,7 +239,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.enable_model_cpu_offload(device=args.device)
     else:
         pipe.to(args.device)
-    writer = _setup_parallel(pipe, args)
+    writer, own_group = _setup_parallel(pipe, args)
+    try:
+        return _generate(pipe, args, todo, folder, steps, guidance, fps, relay_options, writer, own_group)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _generate(pipe, args: argparse.Namespace, todo: list, folder: Path, steps: int, guidance: float, fps: int,
+              relay_options: dict, writer: bool, own_group: bool) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
     for r, _ in todo:  # and every request against the loaded model before generating anything
         pipe.check_inputs(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
     batch = tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1)
@@ -264,18 +279,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "cfg_parallel": args.cfg_degree,
         })
         print(str(path))
-    _end_parallel()
-    return 0
+    if own_group:
+        # Every rank waits until rank 0 has written everything before the group is closed (by the caller), so
+        # that no rank exits while another may still use its connections (gloo aborts a process whose peer went).
+        import torch.distributed as dist
 
-
-def _end_parallel() -> None:
-    """Under torchrun: wait until rank 0 has written everything, then close the process group, so that no rank
-    exits while another may still use its connections (gloo aborts a process whose peer went away)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    return 0
 
 
 def _check_parallel_degrees(args: argparse.Namespace) -> int:
@@ -291,22 +301,27 @@ def _check_parallel_degrees(args: argparse.Namespace) -> int:
     return world
 
 
-def _setup_parallel(pipe, args: argparse.Namespace) -> bool:
+def _setup_parallel(pipe, args: argparse.Namespace) -> tuple[bool, bool]:
     """Context parallelism under torchrun (WORLD_SIZE > 1): cfg x ring x ulysses must equal the world size.
 
-    Returns whether this process writes the outputs (rank 0, or the only process)."""
+    Returns whether this process writes the outputs (rank 0, or the only process) and whether it started the
+    process group (then it also closes it; a group the caller started is left open)."""
+    import torch
     import torch.distributed as dist
 
     if _check_parallel_degrees(args) == 1:
-        return True
-    if not dist.is_initialized():
+        return True, False
+    own_group = not dist.is_initialized()
+    if own_group:
+        if args.device.startswith("cuda:"):
+            torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     from dit.parallel import ContextParallelConfig
 
     pipe.transformer.enable_parallelism(ContextParallelConfig(
         ring_degree=args.ring_degree, ulysses_degree=args.ulysses_degree, cfg_degree=args.cfg_degree))
     pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
-    return dist.get_rank() == 0
+    return dist.get_rank() == 0, own_group
 
 
 def _shard_vae_decode(pipe, num_frames: int) -> None:

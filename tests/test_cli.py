@@ -149,6 +149,23 @@ def test_generate_under_torchrun_with_context_parallelism_equals_single_process(
     assert json.loads((tmp_path / "par.png.json").read_text())["context_parallel"] == [1, 2]
 
 
+def _generate_in_callers_group(rank, world, model, out):
+    import torch.distributed as dist
+
+    os.environ["WORLD_SIZE"] = str(world)
+    assert main(["generate", "a red circle", "-o", out, "--model", model, "--seed", "5", "--ulysses-degree", "2",
+                 *ARGS]) == 0
+    assert dist.is_initialized()  # the caller's process group is still open
+    dist.barrier()
+
+
+def test_generate_leaves_a_process_group_it_did_not_start_open(model, tmp_path):
+    from distributed import run_distributed
+
+    run_distributed(_generate_in_callers_group, 2, str(model), str(tmp_path / "x.png"))
+    assert len(list((tmp_path / "x.png").iterdir())) == 9
+
+
 def test_parallel_degrees_without_torchrun_is_a_clear_error(model, tmp_path, capsys):
     code = main(["generate", "a cat", "-o", str(tmp_path / "x.mp4"), "--model", str(model), "--ulysses-degree", "2",
                  *ARGS])
