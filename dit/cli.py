@@ -222,6 +222,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not todo:
         return 0
 
+    _quiet_libraries()  # before the pipelines are imported: transformers' import-time notices are noise here too
     from dit.pipeline import CogVideoXDiTPipeline, DiTPipeline
 
     # Sizes are checked from the folder's configs before any weights are loaded.
@@ -232,7 +233,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         r.height, r.width, r.frames = CogVideoXDiTPipeline.check_folder_request(folder, r.height, r.width, r.frames)
     if args.offload and not args.device.startswith("cuda"):
         raise CLIError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device {args.device}")
-    _quiet_libraries()
     dtype = getattr(torch, DTYPES[args.dtype])
     pipe = DiTPipeline.from_pretrained(folder, torch_dtype=dtype)
     if args.offload:
