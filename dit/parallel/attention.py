@@ -216,13 +216,18 @@ class ContextParallelAttention:
         # Written chunk by chunk in (B, L_r, H, D) so that the caller's (B, L_r, H D) view of it needs no copy.
         out = q.new_empty(b, l_r, h, d)
         step = h // chunks
+        # With one head per Ulysses rank per chunk, batch elements go one at a time too (e.g. CFG's two halves):
+        # an all-to-all of one sequence for one head needs no reordering copy (seq_to_heads / heads_to_seq).
+        b_step = 1 if u > 1 and step == u else b
         for start in range(0, h, step):  # heads are independent: a chunk's all-to-all buffers die before the next
-            qc, kc, vc = (t[:, start:start + step] for t in (q, k, v))  # (B, H/chunks, L_r, D) views
-            if u > 1:
-                qc, kc, vc = (seq_to_heads(t, u_sizes, ctx.ulysses_group) for t in (qc, kc, vc))
-            o = ring_attention(qc, kc, vc, sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl)
-            del qc, kc, vc
-            if u > 1:
-                o = heads_to_seq(o, u_sizes, ctx.ulysses_group)  # (B, H/chunks, L_r, D)
-            out[:, :, start:start + step] = o.transpose(1, 2)
+            for b0 in range(0, b, b_step):
+                qc, kc, vc = (t[b0:b0 + b_step, start:start + step] for t in (q, k, v))  # (b', H/chunks, L_r, D)
+                if u > 1:
+                    qc, kc, vc = (seq_to_heads(t, u_sizes, ctx.ulysses_group) for t in (qc, kc, vc))
+                o = ring_attention(qc, kc, vc, sizes=ring_sizes, group=ctx.ring_group, scale=scale,
+                                   impl=cfg.ring_impl)
+                del qc, kc, vc
+                if u > 1:
+                    o = heads_to_seq(o, u_sizes, ctx.ulysses_group)  # (b', H/chunks, L_r, D)
+                out[b0:b0 + b_step, :, start:start + step] = o.transpose(1, 2)
         return out.transpose(1, 2)  # (B, H, L_r, D)
