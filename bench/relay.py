@@ -47,29 +47,25 @@ def main() -> None:
     # What decides the ratio is how attention (quadratic in tokens) weighs against the linear layers (quadratic in
     # width): CogVideoX-2B at 49x480x704 has ~8.9 relay tokens per unit of width (17,160 / 1920); `--heads 2`
     # (width 128, 1280 relay tokens: 10 per unit) has about its proportions at a size this CPU runs.
-    heads, head_dim, layers = (2, 16, 1) if args.quick else (args.heads, args.head_dim, args.layers)
-    frames, height, width = (2, 8, 8) if args.quick else (5, args.size, args.size)  # base latent (F', H', W')
     steps, relay_steps = (4, 2) if args.quick else (args.steps, args.relay_steps)
-    text_tokens, text_dim = 32, 128
-    config = dict(
-        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16, time_embed_dim=128,
-        text_embed_dim=text_dim, num_layers=layers, sample_width=width, sample_height=height,
-        sample_frames=4 * frames - 3, patch_size=2, max_text_seq_length=text_tokens,
-        use_rotary_positional_embeddings=True,
-    )
     if args.cogvideox_2b_layers is not None:
         from dit.models.cogvideox import COGVIDEOX_2B
 
         # Every layer of the 2B model has this shape, so the ratio of K layers is the 30-layer model's up to the
         # embeddings and output projection (linear in tokens: with fewer layers they weigh more and push the
         # ratio up, towards 0.2 + 0.25).
-        layers = args.cogvideox_2b_layers
-        heads, head_dim = COGVIDEOX_2B["num_attention_heads"], COGVIDEOX_2B["attention_head_dim"]
-        frames, height, width = 13, 30, 44
-        text_tokens, text_dim = COGVIDEOX_2B["max_text_seq_length"], COGVIDEOX_2B["text_embed_dim"]
-        config = dict(COGVIDEOX_2B, num_layers=layers)
+        config = dict(COGVIDEOX_2B, num_layers=args.cogvideox_2b_layers)
+        frames, height, width = 13, 30, 44  # base latent (F', H', W')
+    else:
+        heads, head_dim, layers = (2, 16, 1) if args.quick else (args.heads, args.head_dim, args.layers)
+        frames, height, width = (2, 8, 8) if args.quick else (5, args.size, args.size)
+        config = dict(
+            num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+            time_embed_dim=128, text_embed_dim=128, num_layers=layers, sample_width=width, sample_height=height,
+            sample_frames=4 * frames - 3, patch_size=2, max_text_seq_length=32, use_rotary_positional_embeddings=True,
+        )
     model = CogVideoXTransformer3DModel(**config).eval()
-    text = torch.randn(1, text_tokens, text_dim)
+    text = torch.randn(1, config["max_text_seq_length"], config["text_embed_dim"])
     spec = samplers.from_diffusers_config({"_class_name": "CogVideoXDDIMScheduler", "prediction_type": "v_prediction",
                                            "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps)
     path = samplers.TrainPath.vp(samplers.rescale_zero_terminal_snr(samplers.snr_shift(
@@ -99,7 +95,8 @@ def main() -> None:
         t_relay = median_time(relayed, warmup=0, reps=reps)
     flops_direct, flops_relay = steps * f_hi, steps * f_lo + relay_steps * f_hi
     emit({
-        "bench": "relay", "model": {"layers": layers, "heads": heads, "head_dim": head_dim, "text_tokens": text_tokens,
+        "bench": "relay", "model": {"layers": config["num_layers"], "heads": config["num_attention_heads"],
+                                    "head_dim": config["attention_head_dim"], "text_tokens": text.shape[1],
                                     "cogvideox_2b_layer_shape": args.cogvideox_2b_layers is not None},
         "base_latent": [frames, height, width], "relay_latent": [frames, 2 * height, 2 * width],
         "tokens": {"base": frames * (height // 2) * (width // 2), "relay": frames * height * width}, "reps": reps,

@@ -46,6 +46,17 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def default_config_folder(folder: Path) -> Path:
+    """The default AutoencoderKLCogVideoX config with random weights (seed 0), saved into folder unless there."""
+    if not (folder / "config.json").is_file():
+        import torch
+        from diffusers import AutoencoderKLCogVideoX
+
+        torch.manual_seed(0)
+        AutoencoderKLCogVideoX().save_pretrained(folder)
+    return folder
+
+
 def worker(impl: str, folder: str, latents: str, out: str | None, threads: int) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -118,12 +129,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="vae_bench_"))
-    folder = Path(args.folder) if args.folder else tmp / "vae"
-    if not (folder / "config.json").is_file():
-        from diffusers import AutoencoderKLCogVideoX
-
-        torch.manual_seed(0)
-        AutoencoderKLCogVideoX().save_pretrained(folder)
+    folder = default_config_folder(Path(args.folder) if args.folder else tmp / "vae")
 
     runs = []
     diffs = {}

@@ -8,6 +8,7 @@ overwritten without --overwrite, and a rerun skips outputs already written, so a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +189,7 @@ def relay_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     if args.prompt is None and args.prompts_file is None:
         raise CLIError("give a PROMPT or --prompts-file FILE")
@@ -210,7 +213,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.cfg_degree == 2 and not guidance > 1:  # without guidance the batch has no second half to run
         raise CLIError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
                        f"got {guidance}")
-    if _check_parallel_degrees(args) > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
+    world = _check_parallel_degrees(args)
+    if world > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
     relay_options = relay_defaults(defaults)
     todo = []
@@ -239,52 +243,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.enable_model_cpu_offload(device=args.device)
     else:
         pipe.to(args.device)
-    writer, own_group = _setup_parallel(pipe, args)
-    try:
-        return _generate(pipe, args, todo, folder, steps, guidance, fps, relay_options, writer, own_group)
-    finally:
-        if own_group:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def _generate(pipe, args: argparse.Namespace, todo: list, folder: Path, steps: int, guidance: float, fps: int,
-              relay_options: dict, writer: bool, own_group: bool) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    for r, _ in todo:  # and every request against the loaded model before generating anything
-        pipe.check_inputs(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
-    batch = tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1)
-    for r, path in batch:
-        start = time.perf_counter()
-        generator = torch.Generator(device="cpu").manual_seed(r.seed)
-        _shard_vae_decode(pipe, r.frames)
-        out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
-                   num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                   output_type="np", **({"solver": args.solver} if args.solver else {}),
-                   **({"relay": args.relay, **relay_options} if args.relay else {}))
-        if not writer:  # under torchrun every rank computes the same frames; rank 0 writes them
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_video(out.frames[0], path, fps)
-        write_sidecar(path, {
-            # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
-            **asdict(r), "model": str(folder) if args.model is not None else EMBEDDED_MODEL_NAME, "steps": steps,
-            "guidance": guidance, "fps": fps, "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
-            **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
-            "output": path.name, "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
-            "cfg_parallel": args.cfg_degree,
-        })
-        print(str(path))
-    if own_group:
-        # Every rank waits until rank 0 has written everything before the group is closed (by the caller), so
-        # that no rank exits while another may still use its connections (gloo aborts a process whose peer went).
-        import torch.distributed as dist
-
-        dist.barrier()
+    with _parallel(pipe, args, world) as writer:
+        for r, _ in todo:  # and every request against the loaded model before generating anything
+            pipe.check_inputs(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
+        batch = tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1)
+        for r, path in batch:
+            start = time.perf_counter()
+            generator = torch.Generator(device="cpu").manual_seed(r.seed)
+            _shard_vae_decode(pipe, r.frames)
+            out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
+                       num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       output_type="np", **({"solver": args.solver} if args.solver else {}),
+                       **({"relay": args.relay, **relay_options} if args.relay else {}))
+            if not writer:  # under torchrun every rank computes the same frames; rank 0 writes them
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_video(out.frames[0], path, fps)
+            write_sidecar(path, {
+                # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
+                **asdict(r), "model": str(folder) if args.model is not None else EMBEDDED_MODEL_NAME,
+                "steps": steps, "guidance": guidance, "fps": fps, "dtype": args.dtype, "solver": args.solver,
+                "relay": args.relay,
+                **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
+                "output": path.name, "version": _version(),
+                "context_parallel": [args.ring_degree, args.ulysses_degree], "cfg_parallel": args.cfg_degree,
+            })
+            print(str(path))
     return 0
 
 
@@ -301,27 +285,37 @@ def _check_parallel_degrees(args: argparse.Namespace) -> int:
     return world
 
 
-def _setup_parallel(pipe, args: argparse.Namespace) -> tuple[bool, bool]:
-    """Context parallelism under torchrun (WORLD_SIZE > 1): cfg x ring x ulysses must equal the world size.
+@contextlib.contextmanager
+def _parallel(pipe, args: argparse.Namespace, world: int) -> Iterator[bool]:
+    """Context parallelism under torchrun (world > 1, already checked against cfg x ring x ulysses).
 
-    Returns whether this process writes the outputs (rank 0, or the only process) and whether it started the
-    process group (then it also closes it; a group the caller started is left open)."""
+    Yields whether this process writes the outputs (rank 0, or the only process). A process group this starts is
+    closed at the end, also on errors, and after a barrier on success: every rank waits until rank 0 has written
+    everything, so that no rank exits while another may still use its connections (gloo aborts a process whose
+    peer went). A group the caller started is left open."""
+    if world == 1:
+        yield True
+        return
     import torch
     import torch.distributed as dist
 
-    if _check_parallel_degrees(args) == 1:
-        return True, False
     own_group = not dist.is_initialized()
     if own_group:
         if args.device.startswith("cuda:"):
             torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    from dit.parallel import ContextParallelConfig
+    try:
+        from dit.parallel import ContextParallelConfig
 
-    pipe.transformer.enable_parallelism(ContextParallelConfig(
-        ring_degree=args.ring_degree, ulysses_degree=args.ulysses_degree, cfg_degree=args.cfg_degree))
-    pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
-    return dist.get_rank() == 0, own_group
+        pipe.transformer.enable_parallelism(ContextParallelConfig(
+            ring_degree=args.ring_degree, ulysses_degree=args.ulysses_degree, cfg_degree=args.cfg_degree))
+        pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
+        yield dist.get_rank() == 0
+        if own_group:
+            dist.barrier()
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _shard_vae_decode(pipe, num_frames: int) -> None:

@@ -467,6 +467,9 @@ def test_ema_is_saved_as_safetensors_and_pickled_checkpoints_are_refused(tmp_pat
     with pytest.raises(ValueError, match="the checkpoint's EMA has decay 0.9, this run's train.ema_decay is 0.99"):
         ckpt.EMA([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4))], 0.99).load(
             tmp_path / "ema.safetensors")
+    with pytest.raises(ValueError, match="the checkpoint's EMA has 2 tensors, the model 3"):
+        ckpt.EMA([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(4)),
+                  torch.nn.Parameter(torch.zeros(1))], 0.9).load(tmp_path / "ema.safetensors")
     with pytest.raises(ValueError, match=r"EMA tensor 1 has shape \(4,\), the model's \(5,\)"):
         ckpt.EMA([torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(5))], 0.9).load(
             tmp_path / "ema.safetensors")

@@ -55,21 +55,21 @@ class EMA:
 
     def load(self, path: Path) -> None:
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(str(path), "pt") as f:
             decay = (f.metadata() or {}).get("decay")
-        if decay != repr(self.decay):
-            raise ValueError(f"{path}: the checkpoint's EMA has decay {decay}, this run's train.ema_decay is "
-                             f"{self.decay}; resume with the same decay, or start a new output_dir")
-        saved = load_file(str(path))
-        if len(saved) != len(self.shadow):
-            raise ValueError(f"{path}: the checkpoint's EMA has {len(saved)} tensors, the model {len(self.shadow)}")
-        for i, s in enumerate(self.shadow):
-            t = saved[f"shadow.{i}"]
-            if t.shape != s.shape:
-                raise ValueError(f"{path}: EMA tensor {i} has shape {tuple(t.shape)}, the model's {tuple(s.shape)}")
-            s.copy_(t)
+            if decay != repr(self.decay):
+                raise ValueError(f"{path}: the checkpoint's EMA has decay {decay}, this run's train.ema_decay is "
+                                 f"{self.decay}; resume with the same decay, or start a new output_dir")
+            if len(f.keys()) != len(self.shadow):
+                raise ValueError(f"{path}: the checkpoint's EMA has {len(f.keys())} tensors, the model "
+                                 f"{len(self.shadow)}")
+            for i, s in enumerate(self.shadow):
+                t = f.get_tensor(f"shadow.{i}")
+                if t.shape != s.shape:
+                    raise ValueError(f"{path}: EMA tensor {i} has shape {tuple(t.shape)}, the model's "
+                                     f"{tuple(s.shape)}")
+                s.copy_(t)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
