@@ -206,6 +206,72 @@ def test_diffusers_batching_prefix_at_batch_boundary(tiny):
     assert _max_diff(prefix, full[:, :, :3]) < 1e-5
 
 
+# -- the memory-lean pieces: tap streaming, phase upsampling, lazy upsampled frames -------------------
+
+
+def test_tap_streaming_carries_output_channels_and_refuses_autograd_afterwards(monkeypatch):
+    """Large frames (here: every frame, SLICE_BYTES = 1) carry k_t - 1 running sums of the *output*
+    channels between batches, not input frames; continuing such a video with autograd is an error."""
+    monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", 1)
+    torch.manual_seed(0)
+    conv = CausalConv3d(6, 2, kernel_size=3)
+    x = torch.randn(1, 6, 7, 4, 5)
+    with torch.no_grad():
+        whole = conv(x)
+        cache = ConvCache()
+        parts = [conv(x[:, :, sl], cache) for sl in (slice(0, 1), slice(1, 4), slice(4, 7))]
+        assert [tuple(s.shape) for s in cache.partials[conv]] == [(1, 2, 4, 5)] * 2
+        assert conv not in cache.frames
+    assert _max_diff(torch.cat(parts, 2), whole) < 1e-5
+    with torch.enable_grad():
+        assert _max_diff(conv(x).detach(), whole) < 1e-5  # the plain path: conv3d of the padded video
+        with pytest.raises(RuntimeError, match="without autograd"):
+            conv(x[:, :, :2], cache)
+
+
+@pytest.mark.parametrize("compress_time", [False, True])
+@pytest.mark.parametrize("image_first", [False, True])
+def test_phase_upsampling_and_lazy_frames_equal_interpolate_then_conv(compress_time, image_first):
+    """The 4-phase 2x2 form of conv3x3(nearest 2x) equals the two steps; UpsampledFrames gives any
+    frame range of the materialised output (repeated frames in time included)."""
+    from vae3d.blocks import Upsample3D, UpsampledFrames
+
+    torch.manual_seed(0)
+    up = Upsample3D(4, 6, compress_time=compress_time)
+    x = torch.randn(1, 4, 3, 5, 7)
+    f = x[:, :, 0]
+    with torch.enable_grad():
+        reference = up.conv(torch.nn.functional.interpolate(f, scale_factor=2.0, mode="nearest")).detach()
+    with torch.no_grad():
+        assert _max_diff(up.upsample(f), reference) < 1e-5
+        whole = up(x, image_first)
+        lazy = UpsampledFrames(up, x, image_first)
+        assert lazy.shape == whole.shape
+        t = whole.shape[2]
+        for a, b in [(0, t), (0, 1), (1, 3), (t - 2, t)]:
+            assert _max_diff(lazy.frames(a, b), whole[:, :, a:b]) < 1e-6
+    with torch.enable_grad():  # the autograd path materialises the upsampling as diffusers does
+        assert _max_diff(up(x, image_first).detach(), whole) < 1e-5
+
+
+def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
+    """A ResNet block fed UpsampledFrames (statistics streamed and merged, conv1 and shortcut reading
+    frames on request) equals the block fed the materialised tensor."""
+    from vae3d.blocks import ResnetBlock3D, Upsample3D, UpsampledFrames, group_var_mean, streamed_var_mean
+
+    monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", 2000)  # a few frames per step
+    torch.manual_seed(0)
+    up = Upsample3D(8, 8)
+    block = ResnetBlock3D(8, 4, groups=2, spatial_norm_dim=3).eval()
+    x, zq = torch.randn(1, 8, 9, 4, 4), torch.randn(1, 3, 3, 4, 4)
+    with torch.no_grad():
+        lazy = UpsampledFrames(up, x, image_first=True)
+        whole = up(x, image_first=True)
+        for got, want in zip(streamed_var_mean(lazy, 2), group_var_mean(whole, 2)):
+            assert _max_diff(got, want) < 1e-6
+        assert _max_diff(block(lazy, zq, ConvCache()), block(whole, zq, ConvCache())) < 1e-5
+
+
 # -- streaming, single frame ------------------------------------------------------------------------
 
 
@@ -301,7 +367,11 @@ def tiny_folder(tiny, tmp_path_factory):
     return folder
 
 
-def test_bf16_decode_close_to_fp32(tiny, tiny_folder):
+@pytest.mark.parametrize("slice_bytes", [None, 1])
+def test_bf16_decode_close_to_fp32(tiny, tiny_folder, monkeypatch, slice_bytes):
+    """Also on the tap path (slice_bytes 1), whose running sums are fp32 for bf16 inputs."""
+    if slice_bytes is not None:
+        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
     _, ours = tiny
     low = vae3d.load_vae(tiny_folder, torch_dtype=torch.bfloat16)
     assert low.decoder.conv_in.conv.weight.dtype == torch.bfloat16

@@ -18,7 +18,7 @@ from torch import nn
 
 from einops import rearrange
 
-from .causal_conv import CausalConv3d, ConvCache, FrameTransform, frames_per_step
+from .causal_conv import CausalConv3d, ConvCache, FrameSource, FrameTransform, frame_range, frames_per_step
 
 
 def _inplace() -> bool:
@@ -41,6 +41,26 @@ def group_var_mean(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Te
         return torch.var_mean(xg, dim=-1, correction=0)
     stats = [torch.var_mean(xg[:, i].float(), dim=-1, correction=0) for i in range(groups)]
     return torch.stack([v for v, _ in stats], 1), torch.stack([m for _, m in stats], 1)
+
+
+def merge_var_mean(
+    variances: torch.Tensor, means: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(var, mean) of the union of parts, from each part's (P, ...) var and mean and its share (P,) of the count.
+
+    Chan et al.'s pairwise merge: exact, and stable where a sum / sum-of-squares difference would cancel.
+    """
+    w = (weights / weights.sum()).view(-1, *[1] * (means.ndim - 1))  # (P, 1, ...)
+    mean = (w * means).sum(0)
+    return (w * (variances + (means - mean) ** 2)).sum(0), mean
+
+
+def streamed_var_mean(x: FrameSource, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``group_var_mean`` of a FrameSource (B, C, T, H, W), computed a few frames at a time: two (B, G)."""
+    t, step = x.shape[2], frames_per_step(x)
+    parts = [group_var_mean(frame_range(x, a, min(t, a + step)), groups) for a in range(0, t, step)]
+    counts = torch.tensor([min(t, a + step) - a for a in range(0, t, step)], dtype=torch.float32)
+    return merge_var_mean(torch.stack([v for v, _ in parts]), torch.stack([m for _, m in parts]), counts)
 
 
 def group_norm_transform(
@@ -177,22 +197,32 @@ class ResnetBlock3D(nn.Module):
             return norm.transform(x, zq, stats=stats)
         return group_norm_transform(norm, x, stats=stats)
 
-    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | FrameSource, zq: torch.Tensor | None, cache: ConvCache | None
+    ) -> torch.Tensor:
+        """The block on x (B, C, T, H, W); without autograd x may be a FrameSource (read frame by frame, twice)."""
         stats = cache_stats(cache)
-        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats))
+        stats1 = stats
+        if not isinstance(x, torch.Tensor) and stats is None:
+            var, mean = streamed_var_mean(x, self._groups(self.norm1))
+            stats1 = lambda _x, _g: (var[..., None], mean[..., None])  # noqa: E731 (B, G, 1), for all frames
+        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats1))
         tf2 = self._norm_act(self.norm2, h, zq, stats)
         if self.dropout.p > 0 and self.training:
             norm_act2 = tf2
             tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
         h = self.conv2(h, cache, tf2, overwrite_input=_inplace())
-        if self.conv_shortcut is None:
-            return h.add_(x) if _inplace() else h + x
+        shortcut = self.conv_shortcut or (lambda s: s)
         if not _inplace():
-            return h + self.conv_shortcut(x)
+            return h + shortcut(x)
         step = frames_per_step(x)
         for t0 in range(0, x.shape[2], step):  # no full-size shortcut temporary
-            h[:, :, t0 : t0 + step] += self.conv_shortcut(x[:, :, t0 : t0 + step])
+            h[:, :, t0 : t0 + step] += shortcut(frame_range(x, t0, min(x.shape[2], t0 + step)))
         return h
+
+    @staticmethod
+    def _groups(norm: nn.Module) -> int:
+        return (norm.norm_layer if isinstance(norm, SpatialNorm3D) else norm).num_groups
 
 
 class Downsample3D(nn.Module):
@@ -232,8 +262,13 @@ class Upsample3D(nn.Module):
     """Double H and W (nearest, then 3x3 conv); optionally double time by repeating frames.
 
     When x's first frame is the video's image frame (``image_first``: the caller decides, from the
-    latent count of the batch or, for a time shard, of the whole clip) it is not repeated. A repeated frame gives the same convolution output, so
-    each source frame is convolved once and written twice.
+    latent count of the batch or, for a time shard, of the whole clip) it is not repeated. A repeated
+    frame gives the same convolution output, so each source frame is convolved once and written twice.
+
+    Without autograd the nearest upsampling is never materialised: a 3x3 convolution of a 2x nearest
+    upsampled image is, for each of the 4 output pixel phases, a 2x2 convolution of the original
+    with the 3x3 taps summed where they fall on the same source pixel (4 x 4 taps instead of 36 per
+    source pixel: 0.44x the multiply-adds).
     """
 
     def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False) -> None:
@@ -241,19 +276,70 @@ class Upsample3D(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.compress_time = compress_time
 
+    def source_frames(self, t: int, image_first: bool) -> list[int]:
+        """The input frame of each output frame, for an input of t frames."""
+        if not self.compress_time:
+            return list(range(t))
+        return [i for i in range(t) for _ in range(1 if (i == 0 and image_first) else 2)]
+
+    def phase_weight(self) -> torch.Tensor:
+        """The 3x3 kernel as 4 phase kernels of 2x2, stacked as outputs: (4 C', C, 2, 2), phase 2a + b."""
+        # Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. source rows
+        # (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: rows of the 2-row window [i - 1 + a, i + a].
+        fold = self.conv.weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # (a, r, k)
+        k = torch.einsum("ark,oikl,bsl->aboirs", fold, self.conv.weight, fold)  # (2, 2, C', C, 2, 2)
+        return k.flatten(0, 2)
+
+    def upsample(self, f: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(nearest_2x(f)) of frames f (N, C, h, w) -> (N, C', 2h, 2w); ``weight``: phase_weight(), if at hand."""
+        if torch.is_grad_enabled():
+            return self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))
+        n, _, h, w = f.shape
+        c = self.conv.out_channels
+        y = F.conv2d(F.pad(f, (1, 1, 1, 1)), self.phase_weight() if weight is None else weight)  # (N, 4 C', h+1, w+1)
+        out = f.new_empty(n, c, 2 * h, 2 * w)
+        bias = self.conv.bias[:, None, None] if self.conv.bias is not None else 0
+        for a in (0, 1):
+            for b in (0, 1):
+                phase = y[:, (2 * a + b) * c : (2 * a + b + 1) * c, a : a + h, b : b + w]  # (N, C', h, w)
+                torch.add(phase, bias, out=out[:, :, a::2, b::2])
+        return out
+
     def forward(self, x: torch.Tensor, image_first: bool) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        repeats = [1] * t
-        if self.compress_time:
-            repeats = [1 if (i == 0 and image_first) else 2 for i in range(t)]
-        out = x.new_empty(b, self.conv.out_channels, sum(repeats), 2 * h, 2 * w)
-        step = max(1, frames_per_step(x) // 4)  # the interpolated input is 4x bigger
-        j = 0
+        b, _, t, h, w = x.shape
+        source = self.source_frames(t, image_first)
+        out = x.new_empty(b, self.conv.out_channels, len(source), 2 * h, 2 * w)
+        weight = None if torch.is_grad_enabled() else self.phase_weight()
+        step = max(1, frames_per_step(x) // 4)  # the output is 4x bigger
         for i0 in range(0, t, step):
             f = rearrange(x[:, :, i0 : i0 + step], "b c n h w -> (b n) c h w")
-            y = self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))  # (B * n, C', 2H, 2W)
-            y = rearrange(y, "(b n) c h w -> b c n h w", b=b)
-            for k, r in enumerate(repeats[i0 : i0 + step]):
-                out[:, :, j : j + r] = y[:, :, k : k + 1]
-                j += r
+            y = rearrange(self.upsample(f, weight), "(b n) c h w -> b c n h w", b=b)  # (B, C', n, 2h, 2w)
+            for j, i in enumerate(source):
+                if i0 <= i < i0 + step:
+                    out[:, :, j] = y[:, :, i - i0]
         return out
+
+
+class UpsampledFrames:
+    """An Upsample3D's output (B, C', T', 2h, 2w) as a FrameSource: computed from its input on request.
+
+    Its consumer (the next block's first ResNet block) reads it frame by frame, twice (statistics,
+    then conv1 and the shortcut), so the largest tensor of a decode, the last upsampler's
+    full-resolution output, never exists whole; the price is computing it three times.
+    """
+
+    def __init__(self, up: Upsample3D, x: torch.Tensor, image_first: bool) -> None:
+        b, _, t, h, w = x.shape
+        self.up, self.x = up, x
+        self.source = up.source_frames(t, image_first)
+        self.weight = up.phase_weight()
+        self.shape = torch.Size((b, up.conv.out_channels, len(self.source), 2 * h, 2 * w))
+        self.dtype, self.device = x.dtype, x.device
+
+    def frames(self, a: int, b: int) -> torch.Tensor:
+        """Output frames a..b-1: (B, C', b - a, 2h, 2w); a frame repeated in time is computed once."""
+        wanted = self.source[a:b]
+        first = wanted[0]
+        f = rearrange(self.x[:, :, first : wanted[-1] + 1], "b c n h w -> (b n) c h w")
+        y = rearrange(self.up.upsample(f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])
+        return y if wanted == list(range(first, wanted[-1] + 1)) else y[:, :, [i - first for i in wanted]]

@@ -22,8 +22,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from . import parallel, streaming
-from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, cache_stats, group_norm_transform
+from . import causal_conv, parallel, streaming
+from .blocks import (
+    Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, UpsampledFrames, cache_stats, group_norm_transform,
+)
 from .causal_conv import CausalConv3d, ConvCache
 
 DOWN_BLOCK = "CogVideoXDownBlock3D"
@@ -116,12 +118,36 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             for resnet in block.resnets:
                 h = resnet(h, None, cache)
+                _release_freed_memory()
             if block.downsamplers is not None:
                 h = block.downsamplers[0](h, at_start)  # (B, C, T', H / 2, W / 2)
         for resnet in self.mid_block.resnets:
             h = resnet(h, None, cache)
         tf = group_norm_transform(self.norm_out, h, stats=cache_stats(cache))
         return self.conv_out(h, cache, tf)  # (B, 2 * latent, T', h, w)
+
+
+def _release_freed_memory() -> None:
+    """Between ResNet blocks of a no-autograd pass: return the heap holes the block's temporaries left.
+
+    A block's temporaries (a few frames each) come from glibc's heap; freed, their pages stay resident
+    until trimmed, and the later (larger, full-resolution) blocks of the same frame batch would peak on
+    top of them. Trimming costs a heap walk and the page faults of reusing the memory (a few % of time).
+    """
+    if not torch.is_grad_enabled():
+        streaming.release_freed_memory()
+
+
+def _lazy_upsample(up: Upsample3D, x: torch.Tensor, shard: object) -> bool:
+    """Whether an upsampler's output is handed on as a FrameSource: without autograd, unsharded, and
+    only when it is big (over 8 x SLICE_BYTES, 64 MiB: at 128 x 128 the full-resolution one) --
+    recomputing it costs its convolution twice more, which pays only where the tensor would dominate
+    the peak."""
+    if torch.is_grad_enabled() or shard is not None:
+        return False
+    b, _, t, h, w = x.shape
+    frames = 2 * t if up.compress_time else t
+    return b * up.conv.out_channels * frames * 4 * h * w * x.dtype.itemsize > 8 * causal_conv.SLICE_BYTES
 
 
 class Decoder3D(nn.Module):
@@ -161,8 +187,13 @@ class Decoder3D(nn.Module):
         for block in self.up_blocks:
             for resnet in block.resnets:
                 h = resnet(h, z, cache)
+                _release_freed_memory()
             if block.upsamplers is not None:
-                h = block.upsamplers[0](h, image_first)  # (B, C, T', 2h, 2w)
+                up = block.upsamplers[0]
+                if _lazy_upsample(up, h, shard):
+                    h = UpsampledFrames(up, h, image_first)  # read frame by frame by the next block
+                else:
+                    h = up(h, image_first)  # (B, C, T', 2h, 2w)
         tf = self.norm_out.transform(h, z, stats=cache_stats(cache))
         return self.conv_out(h, cache, tf)  # (B, 3, T', H, W)
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-from .blocks import group_var_mean
+from .blocks import group_var_mean, merge_var_mean
 from .causal_conv import ConvCache, FrameTransform
 from .streaming import frame_batches
 
@@ -215,14 +215,10 @@ class TimeShard:
             mean = torch.stack([m for _, m in parts], 2).repeat_interleave(index, dim=2)
             return var, mean
         var, mean = group_var_mean(x, groups)  # (B, G)
-        # Chan et al.'s pairwise merge of (count, mean, variance): exact, and stable where a
-        # sum / sum-of-squares difference would cancel; the counts are proportional to the frames.
         everyone = _all_gather(torch.stack([mean, var]), self.group).unflatten(0, (self.world, 2))  # (P, 2, B, G)
+        # the ranks' counts are proportional to their frames
         w = torch.tensor(self.frame_counts(x), dtype=torch.float32, device=x.device)
-        w = (w / w.sum())[:, None, None]  # (P, 1, 1)
-        means, variances = everyone[:, 0], everyone[:, 1]
-        mean = (w * means).sum(0)
-        var = (w * (variances + (means - mean) ** 2)).sum(0)
+        var, mean = merge_var_mean(everyone[:, 1], everyone[:, 0], w)
         return var[..., None], mean[..., None]  # (B, G, 1)
 
 
