@@ -122,15 +122,19 @@ def test_parity_default_config(tmp_path, tiled):
 
 @pytest.mark.parametrize("slice_bytes", [None, 1, 300])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_causal_conv_streaming_equals_whole_and_is_causal(monkeypatch, slice_bytes, overwrite):
-    """Frame batches with the carried cache == one call == the plain autograd path; causal."""
-    if slice_bytes is not None:  # 1: one frame per convolution call; 300: a few frames per call
+@pytest.mark.parametrize("identity", [False, True])
+def test_causal_conv_streaming_equals_whole_and_is_causal(monkeypatch, slice_bytes, overwrite, identity):
+    """Frame batches with the carried cache == one call == the plain autograd path; causal. Also with
+    no transform, where the convolution reads views of the very frames it overwrites (in place)."""
+    if slice_bytes is not None:  # 1: one frame per call (time taps where C' <= C); 300: a few frames per call
         monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
     conv = CausalConv3d(4, 4 if overwrite else 5, kernel_size=3)
     x = torch.randn(1, 4, 11, 3, 3)
 
     def transform(s, a, b):  # a frame-wise transform, fused into the convolution
+        if identity:
+            return s
         return torch.tanh(s) * (1 + torch.arange(a, b).view(1, 1, -1, 1, 1))
 
     def run(v, cache=None, tf=transform):
@@ -223,6 +227,8 @@ def test_tap_streaming_carries_output_channels_and_refuses_autograd_afterwards(m
         assert [tuple(s.shape) for s in cache.partials[conv]] == [(1, 2, 4, 5)] * 2
         assert conv not in cache.frames
     assert _max_diff(torch.cat(parts, 2), whole) < 1e-5
+    with torch.no_grad(), pytest.raises(ValueError, match="does not continue the cached one"):
+        conv(x[:, :, :2, :3], cache)
     with torch.enable_grad():
         assert _max_diff(conv(x).detach(), whole) < 1e-5  # the plain path: conv3d of the padded video
         with pytest.raises(RuntimeError, match="without autograd"):
@@ -259,7 +265,7 @@ def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
     frames on request) equals the block fed the materialised tensor."""
     from vae3d.blocks import ResnetBlock3D, Upsample3D, UpsampledFrames, group_var_mean, streamed_var_mean
 
-    monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", 2000)  # a few frames per step
+    monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", 5000)  # 2 frames of 2 KB per step: parts 2, 2, 2, 2, 1
     torch.manual_seed(0)
     up = Upsample3D(8, 8)
     block = ResnetBlock3D(8, 4, groups=2, spatial_norm_dim=3).eval()
@@ -270,6 +276,9 @@ def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
         for got, want in zip(streamed_var_mean(lazy, 2), group_var_mean(whole, 2)):
             assert _max_diff(got, want) < 1e-6
         assert _max_diff(block(lazy, zq, ConvCache()), block(whole, zq, ConvCache())) < 1e-5
+        # statistics stay on the source's device (a CPU count tensor would not mix with GPU statistics)
+        var, mean = streamed_var_mean(UpsampledFrames(up.to("meta"), x.to("meta"), image_first=True), 2)
+        assert var.device.type == mean.device.type == "meta"
 
 
 # -- streaming, single frame ------------------------------------------------------------------------
@@ -282,7 +291,7 @@ def test_streamed_path_equals_plain_path(tiny, monkeypatch, slice_bytes):
     ref, ours = tiny
     if slice_bytes is not None:
         monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
-    x = _video(9, size=16, width=32)
+    x = _video(9, size=16, width=32, batch=2)
     with torch.no_grad():
         z_ref = ref.encode(x).latent_dist.mode()
         assert _max_diff(ours.encode(x).latent_dist.mode(), z_ref) < 1e-4

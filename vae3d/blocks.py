@@ -59,7 +59,7 @@ def streamed_var_mean(x: FrameSource, groups: int) -> tuple[torch.Tensor, torch.
     """``group_var_mean`` of a FrameSource (B, C, T, H, W), computed a few frames at a time: two (B, G)."""
     t, step = x.shape[2], frames_per_step(x)
     parts = [group_var_mean(frame_range(x, a, min(t, a + step)), groups) for a in range(0, t, step)]
-    counts = torch.tensor([min(t, a + step) - a for a in range(0, t, step)], dtype=torch.float32)
+    counts = torch.tensor([min(t, a + step) - a for a in range(0, t, step)], dtype=torch.float32, device=x.device)
     return merge_var_mean(torch.stack([v for v, _ in parts]), torch.stack([m for _, m in parts]), counts)
 
 
@@ -200,7 +200,8 @@ class ResnetBlock3D(nn.Module):
     def forward(
         self, x: torch.Tensor | FrameSource, zq: torch.Tensor | None, cache: ConvCache | None
     ) -> torch.Tensor:
-        """The block on x (B, C, T, H, W); without autograd x may be a FrameSource (read frame by frame, twice)."""
+        """The block on x (B, C, T, H, W); without autograd x may be a FrameSource, read frame by frame three
+        times (norm1's statistics, conv1's input, the shortcut)."""
         stats = cache_stats(cache)
         stats1 = stats
         if not isinstance(x, torch.Tensor) and stats is None:
@@ -212,7 +213,7 @@ class ResnetBlock3D(nn.Module):
             norm_act2 = tf2
             tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
         h = self.conv2(h, cache, tf2, overwrite_input=_inplace())
-        shortcut = self.conv_shortcut or (lambda s: s)
+        shortcut = self.conv_shortcut if self.conv_shortcut is not None else (lambda s: s)
         if not _inplace():
             return h + shortcut(x)
         step = frames_per_step(x)
@@ -286,9 +287,10 @@ class Upsample3D(nn.Module):
         """The 3x3 kernel as 4 phase kernels of 2x2, stacked as outputs: (4 C', C, 2, 2), phase 2a + b."""
         # Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. source rows
         # (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: rows of the 2-row window [i - 1 + a, i + a].
-        fold = self.conv.weight.new_tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # (a, r, k)
-        k = torch.einsum("ark,oikl,bsl->aboirs", fold, self.conv.weight, fold)  # (2, 2, C', C, 2, 2)
-        return k.flatten(0, 2)
+        w = self.conv.weight
+        fold = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float32, device=w.device)
+        k = torch.einsum("ark,oikl,bsl->aboirs", fold, w.float(), fold)  # (2, 2, C', C, 2, 2): summed in fp32
+        return k.flatten(0, 2).to(w.dtype)
 
     def upsample(self, f: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """conv(nearest_2x(f)) of frames f (N, C, h, w) -> (N, C', 2h, 2w); ``weight``: phase_weight(), if at hand."""
@@ -306,40 +308,45 @@ class Upsample3D(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, image_first: bool) -> torch.Tensor:
-        b, _, t, h, w = x.shape
-        source = self.source_frames(t, image_first)
-        out = x.new_empty(b, self.conv.out_channels, len(source), 2 * h, 2 * w)
-        weight = None if torch.is_grad_enabled() else self.phase_weight()
+        """x (B, C, T, h, w) -> (B, C', T', 2h, 2w), materialised a few source frames at a time."""
+        frames = UpsampledFrames(self, x, image_first)
+        out = x.new_empty(frames.shape)
         step = max(1, frames_per_step(x) // 4)  # the output is 4x bigger
-        for i0 in range(0, t, step):
-            f = rearrange(x[:, :, i0 : i0 + step], "b c n h w -> (b n) c h w")
-            y = rearrange(self.upsample(f, weight), "(b n) c h w -> b c n h w", b=b)  # (B, C', n, 2h, 2w)
-            for j, i in enumerate(source):
-                if i0 <= i < i0 + step:
-                    out[:, :, j] = y[:, :, i - i0]
+        starts = [frames.source.index(i) for i in range(x.shape[2])] + [len(frames.source)]  # first output of each
+        for i0 in range(0, x.shape[2], step):
+            a, b = starts[i0], starts[min(x.shape[2], i0 + step)]
+            out[:, :, a:b] = frames.frames(a, b)
         return out
 
 
 class UpsampledFrames:
     """An Upsample3D's output (B, C', T', 2h, 2w) as a FrameSource: computed from its input on request.
 
-    Its consumer (the next block's first ResNet block) reads it frame by frame, twice (statistics,
-    then conv1 and the shortcut), so the largest tensor of a decode, the last upsampler's
-    full-resolution output, never exists whole; the price is computing it three times.
+    Its consumer (the next block's first ResNet block) reads it frame by frame three times (norm1's
+    statistics, conv1's input, the shortcut), so the largest tensor of a decode, the last upsampler's
+    full-resolution output, never exists whole; the price is computing it three times. With time
+    upsampling (a source frame written twice), a source frame computed alone is kept until the
+    next request, so reading the frames in order one at a time computes each source frame once per pass.
     """
 
     def __init__(self, up: Upsample3D, x: torch.Tensor, image_first: bool) -> None:
         b, _, t, h, w = x.shape
         self.up, self.x = up, x
         self.source = up.source_frames(t, image_first)
-        self.weight = up.phase_weight()
+        self.weight = None if torch.is_grad_enabled() else up.phase_weight()
         self.shape = torch.Size((b, up.conv.out_channels, len(self.source), 2 * h, 2 * w))
         self.dtype, self.device = x.dtype, x.device
+        self._kept: tuple[int, torch.Tensor] | None = None  # (source frame, its output (B, C', 1, 2h, 2w))
 
     def frames(self, a: int, b: int) -> torch.Tensor:
-        """Output frames a..b-1: (B, C', b - a, 2h, 2w); a frame repeated in time is computed once."""
+        """Output frames a..b-1: (B, C', b - a, 2h, 2w); each source frame among them is computed once."""
         wanted = self.source[a:b]
-        first = wanted[0]
-        f = rearrange(self.x[:, :, first : wanted[-1] + 1], "b c n h w -> (b n) c h w")
-        y = rearrange(self.up.upsample(f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])
-        return y if wanted == list(range(first, wanted[-1] + 1)) else y[:, :, [i - first for i in wanted]]
+        lo, hi = wanted[0], wanted[-1] + 1
+        if self._kept is not None and self._kept[0] == lo and hi == lo + 1:
+            y = self._kept[1]
+        else:
+            f = rearrange(self.x[:, :, lo:hi], "b c n h w -> (b n) c h w")
+            y = rearrange(self.up.upsample(f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])
+            if self.up.compress_time and self.weight is not None and hi == lo + 1:
+                self._kept = (lo, y)  # one frame: its repeat is usually the next request
+        return y if wanted == list(range(lo, hi)) else y[:, :, [i - lo for i in wanted]]

@@ -67,8 +67,9 @@ class ConvCache:
     """State carried from one frame batch to the next.
 
     ``frames[conv]`` holds the last ``k_t - 1`` frames of that convolution's padded input (the
-    autograd path, and a first batch of one frame); ``partials[conv]`` the running sums of its next
-    ``k_t - 1`` output frames (the no-autograd path, ``CausalConv3d._taps``);
+    autograd path, the no-autograd ``_window`` path, and a first batch of one frame);
+    ``partials[conv]`` the running sums of its next ``k_t - 1`` output frames instead (the
+    no-autograd ``_taps`` path, taken on large frames);
     ``at_start`` is True while the batch being processed begins the video (its first frame is the
     causal image frame: padded by replication, never pooled with another frame). ``shard`` is set
     when the batch is one rank's time shard (``vae3d.parallel``): the frames before it then come
@@ -109,10 +110,9 @@ class CausalConv3d(nn.Module):
         """conv(transform(x)) causally: x (B, C, T, H, W) -> (B, C', T, H, W).
 
         ``cache`` carries the last frames between batches (None: a whole video in one call).
-        ``overwrite_input`` (C == C', no autograd) writes the output into x's storage: frames are
-        produced from the last to the first, and output frame t only needs input frames <= t, so
-        no input frame is overwritten before its last use. Without autograd, x may be a
-        ``FrameSource`` (its frames computed on request; never overwritten).
+        ``overwrite_input`` (C == C', no autograd) writes the output into x's storage: output frame t
+        only needs input frames <= t, and each path reads an input frame before it writes over it.
+        Without autograd, x may be a ``FrameSource`` (its frames computed on request; never overwritten).
         """
         tf = transform or _identity
         p, t = self.time_pad, x.shape[2]
@@ -153,10 +153,15 @@ class CausalConv3d(nn.Module):
         c_out = self.conv.out_channels
         inplace = overwrite_input and isinstance(x, torch.Tensor) and c_in == c_out
         out = x if inplace else torch.empty(b, c_out, t, hh, ww, dtype=x.dtype, device=x.device)
-        # Frames whose k_t tap outputs take 2 x SLICE_BYTES or more (the full-resolution ones) go through
-        # _taps: one tap of one frame at a time, running sums carried. Smaller ones through _window:
-        # conv3d over a few frames, faster on small frames (one larger matrix product), more temporaries.
-        if running or b * (p + 1) * c_out * hh * ww * x.dtype.itemsize >= 2 * SLICE_BYTES:
+        # Large frames (over half of SLICE_BYTES, so that _window would take them one at a time; at
+        # 128 x 128 in fp32 the full-resolution ones) go through _taps -- one tap of one frame at a
+        # time, running sums carried -- when those sums (fp32 or wider) take no more memory than the
+        # input frames _window would carry: not for a 3 -> 128 channel conv_in, nor at C' == C in
+        # fp16/bf16. Otherwise _window: conv3d over a few frames, faster on small frames (one larger
+        # matrix product), and with small temporaries there.
+        sums_itemsize = torch.promote_types(x.dtype, torch.float32).itemsize
+        large = frames_per_step(x) == 1
+        if running or (large and c_out * sums_itemsize <= c_in * x.dtype.itemsize):
             self._taps(x, out, cache, tf, previous)
         else:
             self._window(x, out, cache, tf, previous)
@@ -218,8 +223,8 @@ class CausalConv3d(nn.Module):
 
         Input frame j contributes tap k (a 2D convolution with the kernel's time slice k) to output
         frame j + p - k: it finishes output frame j, adds to the p - 1 after it, and starts frame
-        j + p. Those p unfinished output frames are kept as running sums (bias included, fp32), also
-        from one frame batch to the next. So no time-padded window of input frames is ever built,
+        j + p. Those p unfinished output frames are kept as running sums (bias included, in fp32 or
+        the input's wider dtype), also from one frame batch to the next. So no time-padded window of input frames is ever built,
         one tap's output of one frame exists at a time, and what is carried between batches
         is p frames of *output* channels (half the input's for the conv1 of a channel-halving block,
         3 instead of 128 for the decoder's conv_out). Outputs go into out, which may be x itself:
@@ -230,7 +235,8 @@ class CausalConv3d(nn.Module):
         c_out = self.conv.out_channels
         taps = [self.conv.weight[:, :, k].contiguous() for k in range(p + 1)]  # k_t x (C', C, kh, kw)
         padding = self.conv.padding[1:]
-        bias = self.conv.bias.float()[:, None, None] if self.conv.bias is not None else None  # (C', 1, 1)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # the sums: one rounding per output, as conv3d's
+        bias = self.conv.bias.to(dtype)[:, None, None] if self.conv.bias is not None else None  # (C', 1, 1)
 
         def conv(frames: torch.Tensor, k: int) -> torch.Tensor:
             return F.conv2d(frames, taps[k], None, 1, padding)
@@ -242,12 +248,10 @@ class CausalConv3d(nn.Module):
                 f"(running sums of shape {tuple(slots[0].shape)}): every batch of a video needs the same B, H, W"
             )
         if slots is None:
-            slots = [torch.zeros(b, c_out, hh, ww, device=x.device) for _ in range(p)]
-            if bias is not None:
-                for s in slots:
-                    s.add_(bias)
             # The p transformed frames before this batch: carried input frames, a time shard's halo
-            # or, at the start of a video, the first frame replicated. They only feed the sums.
+            # or, at the start of a video, the first frame replicated. They only feed the sums; each
+            # of their pushes restarts one slot, so the slots' first contents are never read.
+            slots = [torch.empty(b, c_out, hh, ww, dtype=dtype, device=x.device) for _ in range(p)]
             if previous is None:
                 previous = tf(frame_range(x, 0, 1), 0, 1).expand(-1, -1, p, -1, -1)
             for i in range(p):
@@ -255,7 +259,7 @@ class CausalConv3d(nn.Module):
         if cache is not None:
             cache.frames.pop(self, None)
         inplace = out is x
-        for j in range(t):  # one frame at a time: the taps of one frame are already >= 2 x SLICE_BYTES
+        for j in range(t):  # one frame at a time (frames here are large)
             frame = tf(frame_range(x, j, j + 1), j, j + 1)[:, :, 0]  # (B, C, H, W)
             if inplace and frame.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
                 frame = frame.clone()  # an identity transform's view: output j overwrites it before tap 0

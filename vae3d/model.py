@@ -118,7 +118,7 @@ class Encoder3D(nn.Module):
         for block in self.down_blocks:
             for resnet in block.resnets:
                 h = resnet(h, None, cache)
-                _release_freed_memory()
+                _release_freed_memory(h)
             if block.downsamplers is not None:
                 h = block.downsamplers[0](h, at_start)  # (B, C, T', H / 2, W / 2)
         for resnet in self.mid_block.resnets:
@@ -127,27 +127,27 @@ class Encoder3D(nn.Module):
         return self.conv_out(h, cache, tf)  # (B, 2 * latent, T', h, w)
 
 
-def _release_freed_memory() -> None:
-    """Between ResNet blocks of a no-autograd pass: return the heap holes the block's temporaries left.
+def _release_freed_memory(h: torch.Tensor) -> None:
+    """Between ResNet blocks of a no-autograd pass on the CPU: return the heap holes the block's temporaries left.
 
     A block's temporaries (a few frames each) come from glibc's heap; freed, their pages stay resident
-    until trimmed, and the later (larger, full-resolution) blocks of the same frame batch would peak on
-    top of them. Trimming costs a heap walk and the page faults of reusing the memory (a few % of time).
+    until trimmed, and the later (larger, full-resolution) blocks of the same frame batch can peak on
+    top of them (docs/vae3d.md has the measurement). A trim costs a heap walk (~3 ms).
     """
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and h.device.type == "cpu":
         streaming.release_freed_memory()
 
 
-def _lazy_upsample(up: Upsample3D, x: torch.Tensor, shard: object) -> bool:
+def _lazy_upsample(up: Upsample3D, x: torch.Tensor, shard: parallel.TimeShard | None) -> bool:
     """Whether an upsampler's output is handed on as a FrameSource: without autograd, unsharded, and
-    only when it is big (over 8 x SLICE_BYTES, 64 MiB: at 128 x 128 the full-resolution one) --
-    recomputing it costs its convolution twice more, which pays only where the tensor would dominate
-    the peak."""
+    only when it is big (over 6 x SLICE_BYTES, 48 MiB: at 128 x 128 the full-resolution one; at
+    480 x 720 all three) -- computing it three times instead of once pays only where the tensor
+    would dominate the peak."""
     if torch.is_grad_enabled() or shard is not None:
         return False
     b, _, t, h, w = x.shape
     frames = 2 * t if up.compress_time else t
-    return b * up.conv.out_channels * frames * 4 * h * w * x.dtype.itemsize > 8 * causal_conv.SLICE_BYTES
+    return b * up.conv.out_channels * frames * 4 * h * w * x.dtype.itemsize > 6 * causal_conv.SLICE_BYTES
 
 
 class Decoder3D(nn.Module):
@@ -187,7 +187,7 @@ class Decoder3D(nn.Module):
         for block in self.up_blocks:
             for resnet in block.resnets:
                 h = resnet(h, z, cache)
-                _release_freed_memory()
+                _release_freed_memory(h)
             if block.upsamplers is not None:
                 up = block.upsamplers[0]
                 if _lazy_upsample(up, h, shard):
