@@ -24,8 +24,17 @@ def median_time(fn: Callable[[], object], *, warmup: int = 1, reps: int = 3) -> 
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak resident memory in MB: VmHWM, the high-water mark of its address space.
+
+    Not ru_maxrss: Linux carries that over fork and exec, so a worker started by a parent that was
+    larger at the time (a bench that has just built and saved a model) reports the parent's size.
+    ru_maxrss (KiB) only where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_isolated(module: str, *args: str) -> dict:

@@ -5,7 +5,8 @@ written once with ``save_pretrained`` and loaded by each side (diffusers: ``from
 ours: ``vae3d.load_vae``). Decodes random latents (B=1, 16 channels, F latent frames, size/8).
 
 Memory method: every measurement runs in a fresh subprocess; peak memory is that process's
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (peak resident set: Python, torch, the weights that
+VmHWM (``bench.common.peak_rss_mb``: the peak resident set of its own address space; not ru_maxrss,
+which a worker inherits from its parent's size at fork) (Python, torch, the weights that
 are resident, activations). ``rss_after_load_mb`` is the resident set right after loading
 with the decoder's weights made resident (/proc/self/statm) and ``decode_peak_increase_mb`` the
 peak minus that: activations, caches and allocator overhead. Time: wall clock and
@@ -30,15 +31,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script (python bench/vae.py): the repository's packages
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import peak_rss_mb  # noqa: E402
 
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _cpu_s() -> float:
@@ -67,7 +68,6 @@ def worker(impl: str, folder: str, latents: str, out: str | None, threads: int) 
 
         vae = AutoencoderKLCogVideoX.from_pretrained(folder).eval()
     else:
-        sys.path.insert(0, str(ROOT))
         import vae3d
 
         vae = vae3d.load_vae(folder)
@@ -77,12 +77,12 @@ def worker(impl: str, folder: str, latents: str, out: str | None, threads: int) 
     with torch.no_grad():
         for p in vae.decoder.parameters():
             p.sum()
-    rss_load, peak_load = _rss_mb(), _peak_mb()
+    rss_load, peak_load = _rss_mb(), peak_rss_mb()
     t0, c0 = time.perf_counter(), _cpu_s()
     with torch.no_grad():
         video = vae.decode(z).sample
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     if out:
         save_file({"video": video.contiguous()}, out)
     return {
@@ -153,7 +153,7 @@ def main() -> None:
     ref = {r["latent_frames"]: r for r in runs if r["impl"] == "diffusers"}
     summary: dict = {
         "benchmark": "vae decode, default AutoencoderKLCogVideoX config, random weights (seed 0)",
-        "memory_method": "ru_maxrss of a fresh subprocess per measurement (peak resident set)",
+        "memory_method": "VmHWM of a fresh subprocess per measurement (peak resident set of its own address space)",
         "size": args.size,
         "threads": args.threads,
         "torch": torch.__version__,
