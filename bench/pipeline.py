@@ -1,8 +1,8 @@
 """End-to-end CogVideoX text-to-video: our pipeline against diffusers' CogVideoXPipeline on the same folder.
 
 A random-weight CogVideoX-style folder (transformer 4 layers x 8 heads x 64, small T5, CogVideoX VAE with
-narrower channels) is saved once; each pipeline then runs in a fresh process so its peak memory (ru_maxrss)
-is its own. Same seed and settings; prints JSON with seconds, peak memory and the max abs difference of the
+narrower channels) is saved once; each pipeline then runs in a fresh process so its peak memory (VmHWM,
+``bench.common.peak_rss_mb``) is its own. Same seed and settings; prints JSON with seconds, peak memory and the max abs difference of the
 frames. Run: `python -m bench.pipeline` (`--quick` for a smoke run).
 """
 

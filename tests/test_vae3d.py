@@ -260,6 +260,38 @@ def test_phase_upsampling_and_lazy_frames_equal_interpolate_then_conv(compress_t
         assert _max_diff(up(x, image_first).detach(), whole) < 1e-5
 
 
+@pytest.mark.parametrize("compress_time", [False, True])
+@pytest.mark.parametrize("slice_bytes", [None, 1])
+def test_upsample_equals_diffusers_upsampler(monkeypatch, compress_time, slice_bytes):
+    """Upsample3D (phase kernels without autograd, frames in time written twice) and UpsampledFrames read
+    one frame at a time in order equal diffusers' CogVideoXUpsample3D, and so do the gradients; fp64 too."""
+    from diffusers.models.upsampling import CogVideoXUpsample3D
+
+    from vae3d.blocks import Upsample3D, UpsampledFrames
+
+    if slice_bytes is not None:
+        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
+    torch.manual_seed(0)
+    ours = Upsample3D(4, 6, compress_time=compress_time).double()
+    ref = CogVideoXUpsample3D(4, 6, compress_time=compress_time).double()
+    ref.load_state_dict(ours.state_dict())
+    for t in (1, 2, 3, 4):
+        x = torch.randn(2, 4, t, 5, 7, dtype=torch.float64)
+        with torch.no_grad():
+            want = ref(x)
+            assert _max_diff(ours(x, image_first=t % 2 == 1), want) < 1e-12
+            lazy = UpsampledFrames(ours, x, image_first=t % 2 == 1)
+            frames = torch.cat([lazy.frames(j, j + 1) for j in range(want.shape[2])], 2)
+            assert _max_diff(frames, want) < 1e-12
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn_like(want)
+        ours(xa, image_first=t % 2 == 1).backward(g)
+        ref(xb).backward(g)
+        assert _max_diff(xa.grad, xb.grad) < 1e-12
+        assert _max_diff(ours.conv.weight.grad, ref.conv.weight.grad) < 1e-10
+        ours.zero_grad(), ref.zero_grad()
+
+
 def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
     """A ResNet block fed UpsampledFrames (statistics streamed and merged, conv1 and shortcut reading
     frames on request) equals the block fed the materialised tensor."""

@@ -127,7 +127,7 @@ def _check_all(rank: int, world: int, parity_frames: tuple[int, ...]) -> None:
 
     ref, vae = _models()
     exact = _check_exact(vae, world, (17, 33))
-    if world == 2:  # every convolution on the large-frame path (time taps, the halo fed into running sums)
+    if world == 2:  # every convolution with C' <= C on the large-frame path (time taps, halo fed into the sums)
         default, vae3d.causal_conv.SLICE_BYTES = vae3d.causal_conv.SLICE_BYTES, 1
         try:
             exact = max(exact, _check_exact(vae, world, (17,)))

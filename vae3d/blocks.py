@@ -288,8 +288,9 @@ class Upsample3D(nn.Module):
         # Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. source rows
         # (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: rows of the 2-row window [i - 1 + a, i + a].
         w = self.conv.weight
-        fold = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=torch.float32, device=w.device)
-        k = torch.einsum("ark,oikl,bsl->aboirs", fold, w.float(), fold)  # (2, 2, C', C, 2, 2): summed in fp32
+        acc = torch.promote_types(w.dtype, torch.float32)  # the sums in fp32 (fp64 for fp64), rounded once
+        fold = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=acc, device=w.device)  # (a, r, k)
+        k = torch.einsum("ark,oikl,bsl->aboirs", fold, w.to(acc), fold)  # (2, 2, C', C, 2, 2)
         return k.flatten(0, 2).to(w.dtype)
 
     def upsample(self, f: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -343,7 +344,7 @@ class UpsampledFrames:
         wanted = self.source[a:b]
         lo, hi = wanted[0], wanted[-1] + 1
         if self._kept is not None and self._kept[0] == lo and hi == lo + 1:
-            y = self._kept[1]
+            y, self._kept = self._kept[1], None  # its repeat was the one request it was kept for
         else:
             f = rearrange(self.x[:, :, lo:hi], "b c n h w -> (b n) c h w")
             y = rearrange(self.up.upsample(f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])

@@ -235,7 +235,7 @@ class CausalConv3d(nn.Module):
         c_out = self.conv.out_channels
         taps = [self.conv.weight[:, :, k].contiguous() for k in range(p + 1)]  # k_t x (C', C, kh, kw)
         padding = self.conv.padding[1:]
-        dtype = torch.promote_types(x.dtype, torch.float32)  # the sums: one rounding per output, as conv3d's
+        dtype = torch.promote_types(x.dtype, torch.float32)  # the sums accumulate in fp32 (fp64 for fp64)
         bias = self.conv.bias.to(dtype)[:, None, None] if self.conv.bias is not None else None  # (C', 1, 1)
 
         def conv(frames: torch.Tensor, k: int) -> torch.Tensor:
@@ -250,7 +250,7 @@ class CausalConv3d(nn.Module):
         if slots is None:
             # The p transformed frames before this batch: carried input frames, a time shard's halo
             # or, at the start of a video, the first frame replicated. They only feed the sums; each
-            # of their pushes restarts one slot, so the slots' first contents are never read.
+            # of their pushes restarts one slot, so whatever the slots held first is discarded.
             slots = [torch.empty(b, c_out, hh, ww, dtype=dtype, device=x.device) for _ in range(p)]
             if previous is None:
                 previous = tf(frame_range(x, 0, 1), 0, 1).expand(-1, -1, p, -1, -1)
