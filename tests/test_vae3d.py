@@ -258,6 +258,8 @@ def test_phase_upsampling_and_lazy_frames_equal_interpolate_then_conv(compress_t
             assert _max_diff(lazy.frames(a, b), whole[:, :, a:b]) < 1e-6
     with torch.enable_grad():  # the autograd path materialises the upsampling as diffusers does
         assert _max_diff(up(x, image_first).detach(), whole) < 1e-5
+        with pytest.raises(ValueError, match="FrameSource input needs autograd disabled"):
+            CausalConv3d(6, 2)(lazy)
 
 
 @pytest.mark.parametrize("compress_time", [False, True])

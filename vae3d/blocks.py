@@ -204,9 +204,8 @@ class ResnetBlock3D(nn.Module):
         times (norm1's statistics, conv1's input, the shortcut)."""
         stats = cache_stats(cache)
         stats1 = stats
-        if not isinstance(x, torch.Tensor) and stats is None:
-            var, mean = streamed_var_mean(x, self._groups(self.norm1))
-            stats1 = lambda _x, _g: (var[..., None], mean[..., None])  # noqa: E731 (B, G, 1), for all frames
+        if not isinstance(x, torch.Tensor) and stats is None:  # (B, G, 1): one for all frames
+            stats1 = lambda s, g: tuple(v[..., None] for v in streamed_var_mean(s, g))  # noqa: E731
         h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats1))
         tf2 = self._norm_act(self.norm2, h, zq, stats)
         if self.dropout.p > 0 and self.training:
@@ -220,10 +219,6 @@ class ResnetBlock3D(nn.Module):
         for t0 in range(0, x.shape[2], step):  # no full-size shortcut temporary
             h[:, :, t0 : t0 + step] += shortcut(frame_range(x, t0, min(x.shape[2], t0 + step)))
         return h
-
-    @staticmethod
-    def _groups(norm: nn.Module) -> int:
-        return (norm.norm_layer if isinstance(norm, SpatialNorm3D) else norm).num_groups
 
 
 class Downsample3D(nn.Module):

@@ -224,11 +224,11 @@ class CausalConv3d(nn.Module):
         Input frame j contributes tap k (a 2D convolution with the kernel's time slice k) to output
         frame j + p - k: it finishes output frame j, adds to the p - 1 after it, and starts frame
         j + p. Those p unfinished output frames are kept as running sums (bias included, in fp32 or
-        the input's wider dtype), also from one frame batch to the next. So no time-padded window of input frames is ever built,
-        one tap's output of one frame exists at a time, and what is carried between batches
-        is p frames of *output* channels (half the input's for the conv1 of a channel-halving block,
-        3 instead of 128 for the decoder's conv_out). Outputs go into out, which may be x itself:
-        input frame j is transformed before output frame j is written.
+        the input's wider dtype), also from one frame batch to the next. So no time-padded window of
+        input frames is ever built, one tap's output of one frame exists at a time, and what is
+        carried between batches is p frames of *output* channels (half the input's for the conv1 of a
+        channel-halving block, 3 instead of 128 for the decoder's conv_out). Outputs go into out,
+        which may be x itself: input frame j is transformed before output frame j is written.
         """
         p = self.time_pad
         b, _, t, hh, ww = x.shape

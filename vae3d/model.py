@@ -138,7 +138,7 @@ def _release_freed_memory(h: torch.Tensor) -> None:
         streaming.release_freed_memory()
 
 
-def _lazy_upsample(up: Upsample3D, x: torch.Tensor, shard: parallel.TimeShard | None) -> bool:
+def _lazy_upsample(up: Upsample3D, x: torch.Tensor, image_first: bool, shard: parallel.TimeShard | None) -> bool:
     """Whether an upsampler's output is handed on as a FrameSource: without autograd, unsharded, and
     only when it is big (over 6 x SLICE_BYTES, 48 MiB: at 128 x 128 the full-resolution one; at
     480 x 720 all three) -- computing it three times instead of once pays only where the tensor
@@ -146,7 +146,7 @@ def _lazy_upsample(up: Upsample3D, x: torch.Tensor, shard: parallel.TimeShard | 
     if torch.is_grad_enabled() or shard is not None:
         return False
     b, _, t, h, w = x.shape
-    frames = 2 * t if up.compress_time else t
+    frames = len(up.source_frames(t, image_first))
     return b * up.conv.out_channels * frames * 4 * h * w * x.dtype.itemsize > 6 * causal_conv.SLICE_BYTES
 
 
@@ -190,7 +190,7 @@ class Decoder3D(nn.Module):
                 _release_freed_memory(h)
             if block.upsamplers is not None:
                 up = block.upsamplers[0]
-                if _lazy_upsample(up, h, shard):
+                if _lazy_upsample(up, h, image_first, shard):
                     h = UpsampledFrames(up, h, image_first)  # read frame by frame by the next block
                 else:
                     h = up(h, image_first)  # (B, C, T', 2h, 2w)
