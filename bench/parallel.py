@@ -1,13 +1,15 @@
 """Per-rank peak memory and time of context-parallel attention and a whole CogVideoX forward at cp = 1, 2, 4.
 
 A long sequence (default: 226 text + 13 x 28 x 45 = 16,380 video tokens, CogVideoX-like 4 layers x 8 heads x 64).
-Each cp degree runs in fresh gloo CPU processes. Time is a call under the default allocator. Memory is a further
-call's peak resident growth with every allocation above 128 KiB a fresh mmap (glibc M_MMAP_THRESHOLD, heap trimmed
-first, peak VmHWM reset), so the resident size follows the live tensors: with glibc's default the warm-up's freed
-heap is reused unseen and earlier phases' peaks (ru_maxrss never falls) leak into later ones. Weights and the full
-replicated inputs are excluded; what remains is what context parallelism divides: activations and attention buffers.
-Also counts the collectives issued per transformer layer. Prints one JSON line.
-Run: `python -m bench.parallel` (`--quick` for a small smoke run; `--mode ulysses|ring|usp`).
+Each cp degree runs in fresh gloo CPU processes, which make every allocation above 128 KiB a fresh mmap from the
+start (glibc M_MMAP_THRESHOLD), so that the resident size follows the live tensors: with glibc's default, freed
+heap is reused unseen, and large blocks freed into the heap leave trimmed holes that later small allocations touch
+again (megabytes of growth that no live tensor explains). Time is one call after a warm-up; memory is a further
+call's peak resident growth (heap trimmed first, peak VmHWM reset). Weights and the full replicated inputs are
+excluded; what remains is what context parallelism divides: activations and attention buffers. Also counts the
+collectives issued per transformer layer. Prints one JSON line.
+Run: `python -m bench.parallel` (`--quick` for a small smoke run; `--mode ulysses|ring|usp`;
+`--ring-message-bytes` for the ring's message budget).
 """
 
 from __future__ import annotations
@@ -48,21 +50,22 @@ def _measure(fn) -> tuple[float, float]:
     return round(seconds, 3), round(max(0.0, _status_mb("VmHWM") - before), 1)
 
 
-def _config(world: int, mode: str):
+def _config(world: int, mode: str, message_bytes: int | None | str):
     from dit.parallel import ContextParallelConfig
 
     if world == 1:
         return None
     if mode == "ulysses":
-        return ContextParallelConfig(ulysses_degree=world)
+        return ContextParallelConfig(ulysses_degree=world, ring_message_bytes=message_bytes)
     if mode == "ring":
-        return ContextParallelConfig(ring_degree=world)
-    return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2)
+        return ContextParallelConfig(ring_degree=world, ring_message_bytes=message_bytes)
+    return ContextParallelConfig(ring_degree=2, ulysses_degree=world // 2, ring_message_bytes=message_bytes)
 
 
 def _worker(rank: int, world: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads // world))
+    _live_allocations()  # from the start: no large heap blocks freed into holes that later calls re-touch
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from dit.models.cogvideox import CogVideoXTransformer3DModel
     from dit.parallel import ContextParallelAttention, ParallelContext, shard, split_sizes
@@ -71,7 +74,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     heads, head_dim, layers = (4, 32, 1) if args.quick else (8, 64, 4)
     n_video = frames * (h // 2) * (w // 2)
     length = n_video + text
-    cfg = _config(world, args.mode)
+    cfg = _config(world, args.mode, args.ring_message_bytes)
     g = torch.Generator().manual_seed(0)
     result = {"rank": rank}
     with torch.inference_mode():
@@ -99,20 +102,22 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                 sample_frames=4 * frames - 3, max_text_seq_length=text, use_rotary_positional_embeddings=True).eval()
         inputs = dict(hidden_states=torch.randn(1, frames, 16, h, w, generator=g),
                       encoder_hidden_states=torch.randn(1, text, 128, generator=g), timestep=torch.tensor([500]))
-        calls = {"all_to_all": 0, "p2p": 0}
+        calls = {"all_to_all": 0, "p2p_sends": 0}
         if cfg is not None:
             model.enable_parallelism(cfg)
             import dit.parallel.attention as A
 
-            a2a, rot = A._a2a, A._rotate
+            a2a, batch = A._a2a, dist.batch_isend_irecv
 
-            def count(name, fn):
-                def wrapped(*a, **k):
-                    calls[name] += 1
-                    return fn(*a, **k)
-                return wrapped
+            def count_a2a(*a, **k):
+                calls["all_to_all"] += 1
+                return a2a(*a, **k)
 
-            A._a2a, A._rotate = count("all_to_all", a2a), count("p2p", rot)
+            def count_sends(ops):  # the ring's messages go through batch_isend_irecv
+                calls["p2p_sends"] += sum(op.op is dist.isend for op in ops)
+                return batch(ops)
+
+            A._a2a, dist.batch_isend_irecv = count_a2a, count_sends
         model(**inputs)  # warm-up
         calls.update(dict.fromkeys(calls, 0))  # count the measured forward only
         result["forward_s"], result["forward_mb"] = _measure(lambda: model(**inputs))
@@ -149,18 +154,29 @@ def run(world: int, args) -> dict:
             "collectives_per_layer": results[0]["collectives_per_layer"]}
 
 
+def _message_bytes(text: str) -> int | None | str:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, none or a positive byte count, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mode", choices=("ulysses", "ring", "usp"), default="ulysses")
     parser.add_argument("--threads", type=int, default=2, help="total CPU threads, split over the ranks")
+    parser.add_argument("--ring-message-bytes", type=_message_bytes, default="auto",
+                        help="ContextParallelConfig.ring_message_bytes: auto (default), none, or a byte count")
     args = parser.parse_args()
     rows = [run(w, args) for w in (1, 2, 4)]
     base = rows[0]
     for r in rows:
         r["attention_mem_ratio"] = round(r["attention_mb_max_rank"] / max(base["attention_mb_max_rank"], 1e-9), 3)
         r["forward_mem_ratio"] = round(r["forward_mb_max_rank"] / max(base["forward_mb_max_rank"], 1e-9), 3)
-    emit({"bench": "parallel", "mode": args.mode, "quick": args.quick, "rows": rows,
+    emit({"bench": "parallel", "mode": args.mode, "ring_message_bytes": args.ring_message_bytes, "quick": args.quick,
+          "rows": rows,
           "memory_method": "per rank: peak VmHWM minus VmRSS before the call, allocations > 128 KiB mmap'd, "
                            "heap trimmed (gloo CPU processes)"})
 

@@ -21,16 +21,17 @@ def _check_configs(rank, world, configs, length, batch=B):
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = F.scaled_dot_product_attention(qr, kr, vr)
     ref.backward(dout)
-    for ring, ulysses, impl, *chunks in configs:  # optional head_chunks (default: one head per Ulysses rank)
+    for ring, ulysses, impl, *extra in configs:  # optional head_chunks, ring_message_bytes
+        options = dict(zip(("head_chunks", "ring_message_bytes"), extra))
         ctx = ParallelContext(ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, ring_impl=impl,
-                                                    head_chunks=chunks[0] if chunks else None))
+                                                    **options))
         attn = ContextParallelAttention(ctx)
         idx = ctx.shard_index
         ql, kl, vl = (shard(t, 2, idx, world).clone().requires_grad_() for t in (q, k, v))
         attn.set_sizes(split_sizes(length, world))
         out = attn(ql, kl, vl)
         out.backward(shard(dout, 2, idx, world))
-        name = f"ring={ring} ulysses={ulysses} {impl} chunks={chunks} rank {rank}"
+        name = f"ring={ring} ulysses={ulysses} {impl} {options} rank {rank}"
         torch.testing.assert_close(out, shard(ref, 2, idx, world), rtol=0, atol=1e-5, msg=name)
         for local, full, what in ((ql, qr, "dq"), (kl, kr, "dk"), (vl, vr, "dv")):
             torch.testing.assert_close(local.grad, shard(full.grad, 2, idx, world), rtol=0, atol=1e-5,
@@ -38,15 +39,19 @@ def _check_configs(rank, world, configs, length, batch=B):
         # without declared sizes, the shard lengths are gathered
         attn.set_sizes(None)
         torch.testing.assert_close(attn(ql, kl, vl), out, rtol=0, atol=1e-6)
+        with torch.no_grad():  # inference takes its own path (the ring streams into the output)
+            torch.testing.assert_close(attn(ql, kl, vl), out, rtol=0, atol=1e-6, msg=f"{name} no grad")
 
 
 def test_two_ranks_ulysses_ring_allgather():
     run_distributed(_check_configs, 2, [(1, 2, "p2p"), (1, 2, "p2p", 1), (2, 1, "p2p"), (2, 1, "p2p", 4),
+                                        (2, 1, "p2p", None, None), (2, 1, "p2p", None, 700),
                                         (2, 1, "allgather")], 37)
 
 
 def test_four_ranks_all_meshes():
     run_distributed(_check_configs, 4, [(1, 4, "p2p"), (4, 1, "p2p"), (2, 2, "p2p"), (2, 2, "p2p", 1),
+                                        (4, 1, "p2p", None, 1000), (2, 2, "p2p", None, 1000),
                                         (2, 2, "allgather")], 226 + 39)
 
 
@@ -94,3 +99,63 @@ def test_config_validation():
         ContextParallelConfig(head_chunks=0)
     with pytest.raises(ValueError, match="cfg_degree must be 1 or 2, got 4"):
         ContextParallelConfig(cfg_degree=4)
+    with pytest.raises(ValueError, match="ring_message_bytes must be 'auto', None or an integer >= 1"):
+        ContextParallelConfig(ring_message_bytes=0)
+
+
+def test_ring_plan_fits_the_message_budget():
+    from dit.parallel.attention import _ring_plan
+
+    # bench.parallel's shape: 8 heads x 64, 16,380 tokens over 2 and 4 ranks, 256 KiB messages
+    assert _ring_plan(1, 8, 64, 4, 4, [8190, 8190], 256 << 10) == (1, 16, 512)  # 512-token pieces: 256 KiB
+    assert _ring_plan(1, 8, 64, 4, 4, [4095] * 4, 256 << 10) == (1, 25, 512)  # 3 pieces of <= 170 tokens
+    assert _ring_plan(1, 8, 64, 4, 4, [100] * 2, 256 << 10) == (5, 1, 102)  # whole blocks of 5 heads fit
+    assert _ring_plan(1, 8, 64, 4, 4, [4095] * 4, None) == (8, 1, 16380)  # the classic ring
+
+
+def test_auto_message_budget():
+    from dit.parallel.attention import _message_budget
+
+    assert _message_budget("auto", torch.empty(1, 8, 8190, 64)) == 8190 * 8 * 64 * 4 // 64  # 1/64 of the shard
+    assert _message_budget("auto", torch.empty(1, 8, 100, 64)) == 64 << 10  # not below 64 KiB
+    assert _message_budget("auto", torch.empty(1, 8, 8190, 64, device="meta")) is None  # whole blocks off the CPU
+    assert _message_budget(None, torch.empty(1)) is None and _message_budget(1000, torch.empty(1)) == 1000
+
+
+def _streamed_ring(rank, world, length, budget, batch):
+    """Inference through the streamed ring: exact, every message within the budget, and really streamed."""
+    import torch.distributed as dist
+
+    from dit.parallel import ContextParallelAttention, ContextParallelConfig, ParallelContext, shard, split_sizes
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, H, length, D, generator=g) for _ in range(3))
+    attn = ContextParallelAttention(ParallelContext(ContextParallelConfig(ring_degree=world,
+                                                                          ring_message_bytes=budget)))
+    attn.set_sizes(split_sizes(length, world))
+    ql, kl, vl = (shard(t, 2, rank, world) for t in (q, k, v))
+    sent, batch = [], dist.batch_isend_irecv
+
+    def record(ops):
+        sent.extend(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return batch(ops)
+
+    dist.batch_isend_irecv = record
+    try:
+        with torch.no_grad():
+            out = attn(ql, kl, vl)
+            low = attn(*(t.bfloat16() for t in (ql, kl, vl)))  # accumulated in fp32, written in bf16
+    finally:
+        dist.batch_isend_irecv = batch
+    torch.testing.assert_close(out, shard(F.scaled_dot_product_attention(q, k, v), 2, rank, world), rtol=0, atol=1e-5)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), out, rtol=0, atol=2e-2)
+    assert max(sent) <= budget, (max(sent), budget)
+    if ql.shape[2]:  # a rank with tokens sends more than the P - 1 whole blocks of the classic ring
+        assert len(sent) > 2 * (world - 1), len(sent)
+
+
+def test_streamed_ring_is_exact_and_keeps_messages_within_the_budget():
+    run_distributed(_streamed_ring, 2, 37, 700, 2)  # 2 x 16 x 4-byte tokens: 5 tokens of one head per message
+    run_distributed(_streamed_ring, 4, 226 + 39, 2000, 1)  # uneven shards, three pieces per message
+    run_distributed(_streamed_ring, 4, 3, 300, 1)  # [1, 1, 1, 0]: a rank with no tokens still forwards

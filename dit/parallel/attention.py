@@ -6,6 +6,8 @@ its attention backend; no model file changes. Shards may be uneven (sizes differ
 without a mask does not depend on the order of the keys, so exactness needs no padding or masking.
 Gradients are exact: the all-to-all and all-gather are autograd collectives, and the p2p ring has a hand-written
 backward that sends the K/V gradients round the ring back to their owners.
+The ring's forward (training and inference) streams K/V round the ring in pieces within a message budget, so a
+rank's attention memory is its output shard plus a few messages (`_ring_forward`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dit.parallel.config import ContextParallelConfig, ParallelContext
-from dit.parallel.sequence import gather, gather_sizes
+from dit.parallel.sequence import gather, gather_sizes, split_sizes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Block attention with log-sum-exp (the ring's unit of work)
@@ -53,18 +55,148 @@ def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     return (ds @ kf) * scale, (ds.transpose(-2, -1) @ qf) * scale, dv
 
 
-def _merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge two partial softmax-attention results by their log-sum-exp, in fp32."""
-    o = o.float()
-    if out is None:
-        return o, l
-    new = torch.logaddexp(lse, l)
-    return out * (lse - new).exp()[..., None] + o * (l - new).exp()[..., None], new
+def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, q_tokens: int) -> None:
+    """Add one K/V block's share to a partial attention result in place, at most q_tokens queries at a time.
+
+    acc (B, H, L_q, D) and lse (B, H, L_q) hold the attention over the blocks so far and its log-sum-exp (zeros and
+    -inf before the first block). With the block's (o, l), the merged result is acc * exp(lse - new) +
+    o * exp(l - new) with new = logaddexp(lse, l); the two weights sum to one, so it is one lerp of acc towards o,
+    in acc's dtype (fp32 or wider). The query blocks bound the block's partial output, the one temporary of the
+    size of the queries.
+    """
+    if k.shape[2] == 0 or q.shape[2] == 0:
+        return
+    start = 0
+    for n in split_sizes(q.shape[2], -(-q.shape[2] // q_tokens)):  # even blocks: no small ragged last one
+        rows, start = slice(start, start + n), start + n
+        o, l = _block_forward(q[:, :, rows], k, v, scale)  # (B, H, n, D), (B, H, n)
+        acc_r, lse_r = acc[:, :, rows], lse[:, :, rows]
+        new = torch.logaddexp(lse_r, l)
+        acc_r.lerp_(o.to(acc.dtype), (l - new).exp_().unsqueeze(-1).to(acc.dtype))  # weight 1 on the first block
+        lse_r.copy_(new)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Ring attention
 # ----------------------------------------------------------------------------------------------------------------
+
+
+# "auto" message budget of the ring on the CPU: 1/64 of the output shard, so that the three messages in flight
+# and a query block's partial output stay near 5% of it (bench.parallel --mode ring: 0.52-0.53x / 0.29x of the
+# single-process attention memory at cp 2 / 4), but not below 64 KiB, where per-message costs would dominate.
+# Smaller messages mean more steps: on this 2-core CPU each costs a wake-up, and attention took 4.2 / 6.2 s at
+# cp 2 / 4 against 3.5 / 3.7 s with whole blocks (docs/ARCHITECTURE.md). On other devices "auto" is whole blocks
+# (P - 1 messages): many small messages cost launch latency there (not measured: no GPU here).
+RING_AUTO_SHARD_FRACTION = 64
+RING_AUTO_MIN_BYTES = 64 << 10
+
+
+def _message_budget(message_bytes: int | None | str, q: Tensor) -> int | None:
+    """The ring's message budget in bytes (None: whole blocks), with "auto" resolved for q's device and size."""
+    if message_bytes != "auto":
+        return message_bytes
+    if q.device.type != "cpu":
+        return None
+    return max(RING_AUTO_MIN_BYTES, q.numel() * q.element_size() // RING_AUTO_SHARD_FRACTION)
+
+
+def _ring_plan(b: int, h: int, d: int, itemsize: int, acc_itemsize: int, sizes: list[int],
+               message_bytes: int | None) -> tuple[int, int, int]:
+    """(heads per group, pieces per block, queries per block) of the streamed ring within a message budget.
+
+    A message carries up to P - 1 pieces of one head group's K and V; a query block's partial output (in the
+    accumulator's dtype) is held to half the budget. None: all heads, whole blocks and all queries at once.
+    """
+    world, largest = len(sizes), max(sizes)
+    if message_bytes is None:
+        return h, 1, max(1, sum(sizes))
+    token = 2 * b * d * itemsize * (world - 1)  # one token of one head, K and V, in each of P - 1 pieces
+    tokens = max(1, message_bytes // token)
+    if tokens >= largest:  # whole blocks fit: as many heads as the budget allows
+        heads, pieces = max(1, min(h, message_bytes // (token * max(largest, 1)))), 1
+    else:
+        heads, pieces = 1, -(-largest // tokens)
+    return heads, pieces, max(1, message_bytes // (2 * b * heads * d * acc_itemsize))
+
+
+def _ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int], group: dist.ProcessGroup,
+                  message_bytes: int | None, out: Tensor | None = None,
+                  keep_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Ring attention forward, streamed: (out (B, H, L_q, D) in q's dtype, written into `out` when given; with
+    keep_lse the lse (B, H, L_q) fp32, for the backward). Heads go in groups, each group once round the ring.
+
+    Every rank's K/V block is cut into the same number of pieces. Piece i of rank c's block leaves c at step i, and
+    each next rank forwards it one step after it arrives until all P - 1 other ranks have had it. So a rank's
+    message at step t is its own piece t followed by the pieces it received at step t - 1 that still have hops to
+    go: a prefix of that message, because pieces lie in it by hops travelled. Attention does not depend on the
+    order of the keys, so each received message is used whole as one K/V block while the next one travels, and
+    merged in place into a fp32 accumulator. Beyond its inputs and output a rank holds three messages (being sent,
+    being received, in use), the lse and one query block's partial output: with a message budget, a few percent
+    of its output shard, where passing whole blocks round and merging whole partial outputs costs several shards.
+    """
+    world, rank = len(sizes), dist.get_rank(group)
+    nxt, prv = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
+    b, h, l_q, d = q.shape
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    heads, pieces, q_tokens = _ring_plan(b, h, d, k.element_size(), acc_dtype.itemsize, sizes, message_bytes)
+    lens = [split_sizes(n, pieces) for n in sizes]  # lens[c][i]: tokens of piece i of rank c's block
+    offsets = [sum(lens[rank][:i]) for i in range(pieces)]
+    steps = pieces + world - 2  # the last piece leaves its owner at step pieces - 1, then makes P - 2 more hops
+
+    def piece(c: int, i: int) -> int:
+        return lens[c % world][i] if 0 <= i < pieces else 0
+
+    # Tokens per step: own piece and pieces to forward (sent), pieces arriving (received).
+    own = [piece(rank, t) for t in range(steps)]
+    ahead = [sum(piece(rank - 1 - j, t - 1 - j) for j in range(world - 2)) for t in range(steps)]
+    arriving = [sum(piece(rank - 1 - j, t - j) for j in range(world - 1)) for t in range(steps)]
+    longest = max([o + a for o, a in zip(own, ahead)] + arriving)
+    # Three message buffers, reused round the steps (send, receive, in use): allocating each message afresh
+    # fragments the heap when messages fall below the allocator's mmap threshold.
+    buffers = [k.new_empty(2 * b * min(h, heads) * longest * d) for _ in range(3)]
+
+    def message(buffer: Tensor, g: int, n: int) -> Tensor:
+        return buffer[:2 * b * g * n * d].view(2, b, g, n, d)  # contiguous: keys, then values
+
+    out = q.new_empty(b, h, l_q, d) if out is None else out
+    lse = torch.empty(b, h if keep_lse else min(h, heads), l_q, dtype=torch.float32, device=q.device)
+    for h0 in range(0, h, heads):
+        hs = slice(h0, h0 + heads)
+        qh, kh, vh = q[:, hs], k[:, hs], v[:, hs]
+        g = qh.shape[1]
+        lse_h = (lse[:, hs] if keep_lse else lse[:, :g]).fill_(float("-inf"))
+        direct = out.dtype == acc_dtype  # accumulate in the output itself
+        acc = out[:, hs] if direct else torch.empty(b, g, l_q, d, dtype=acc_dtype, device=q.device)
+        acc.zero_()
+        prev = None  # the message received at the previous step, (2, B, g, n, D)
+        for t in range(steps + 1):  # step `steps` only uses the last message
+            ops, recv = [], None
+            send_buffer, recv_buffer, prev_buffer = buffers
+            if t < steps:
+                mine, n_send = own[t], own[t] + ahead[t]
+                if n_send:
+                    send = message(send_buffer, g, n_send)
+                    if mine:
+                        send[0, :, :, :mine] = kh[:, :, offsets[t]:offsets[t] + mine]
+                        send[1, :, :, :mine] = vh[:, :, offsets[t]:offsets[t] + mine]
+                    if ahead[t]:
+                        send[:, :, :, mine:] = prev[:, :, :, :ahead[t]]
+                    ops.append(dist.P2POp(dist.isend, send, nxt, group))
+                if arriving[t]:
+                    recv = message(recv_buffer, g, arriving[t])
+                    ops.append(dist.P2POp(dist.irecv, recv, prv, group))
+            reqs = dist.batch_isend_irecv(ops) if ops else []  # one batch: NCCL needs both sides grouped
+            if t == 0:  # the own block while the first message travels
+                _merge_into(acc, lse_h, qh, kh, vh, scale, q_tokens)
+            elif prev is not None:
+                _merge_into(acc, lse_h, qh, prev[0], prev[1], scale, q_tokens)
+            for req in reqs:
+                req.wait()
+            prev = recv
+            buffers = [send_buffer, prev_buffer, recv_buffer]  # the received message is the one in use next
+        if not direct:
+            out[:, hs] = acc
+    return out, lse if keep_lse else None
 
 
 def _rotate(tensors: Tensor, recv_len: int, len_dim: int, group: dist.ProcessGroup) -> Tensor:
@@ -83,18 +215,12 @@ def _rotate(tensors: Tensor, recv_len: int, len_dim: int, group: dist.ProcessGro
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int], group) -> Tensor:
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        kv = torch.stack([k, v])  # (2, B, H, L_c, D): one message per step
-        out = lse = None
-        for step in range(world):
-            o, l = _block_forward(q, kv[0], kv[1], scale)
-            if step < world - 1:  # the next chunk is (rank - step - 1) mod P
-                kv = _rotate(kv, sizes[(rank - step - 1) % world], 3, group)
-            out, lse = _merge(out, lse, o, l)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int], group,
+                message_bytes: int | None) -> Tensor:
+        out, lse = _ring_forward(q, k, v, scale, sizes, group, message_bytes, keep_lse=True)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.sizes, ctx.group = scale, sizes, group
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -113,19 +239,34 @@ class _RingAttention(torch.autograd.Function):
             if step < world - 1:
                 kv = _rotate(kv, recv_len, 3, group)
             dkv = _rotate(dkv, recv_len, 3, group)  # after P rotations the gradients are home
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, sizes: list[int], group: dist.ProcessGroup,
-                   scale: float | None = None, impl: str = "p2p") -> Tensor:
-    """Attention of local queries over the whole ring's keys/values; sizes = every rank's sequence length."""
+                   scale: float | None = None, impl: str = "p2p", message_bytes: int | None | str = "auto",
+                   out: Tensor | None = None) -> Tensor:
+    """Attention of local queries over the whole ring's keys/values; sizes = every rank's sequence length.
+
+    message_bytes bounds the p2p ring's K/V messages, and so its memory (see `_ring_forward`): "auto" is 1/64 of
+    the output shard (at least 64 KiB) on the CPU and whole blocks elsewhere; None is whole blocks.
+    `out` (B, H, L_q, D), for inference only, receives the result in place: the p2p ring then accumulates in it
+    when it is fp32 or wider.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    message_bytes = _message_budget(message_bytes, q)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if out is not None and needs_grad:
+        raise ValueError("ring_attention(out=...) is for inference: with gradients, use the returned tensor")
     if len(sizes) == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if impl == "allgather":
+        result = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    elif impl == "allgather":
         k_all, v_all = gather(k, 2, sizes, group), gather(v, 2, sizes, group)
-        return F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
-    return _RingAttention.apply(q, k, v, scale, list(sizes), group)
+        result = F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+    elif needs_grad:
+        return _RingAttention.apply(q, k, v, scale, list(sizes), group, message_bytes)
+    else:
+        return _ring_forward(q, k, v, scale, list(sizes), group, message_bytes, out)[0]
+    return result if out is None else out.copy_(result)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,6 +354,7 @@ class ContextParallelAttention:
         u_sizes = sizes[r0: r0 + u]  # the shards of my Ulysses group
         ring_sizes = [sum(sizes[r * u:(r + 1) * u]) for r in range(cfg.ring_degree)]
         b, h, l_r, d = q.shape
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         # Written chunk by chunk in (B, L_r, H, D) so that the caller's (B, L_r, H D) view of it needs no copy.
         out = q.new_empty(b, l_r, h, d)
         step = h // chunks
@@ -221,13 +363,18 @@ class ContextParallelAttention:
         b_step = 1 if u > 1 and step == u else b
         for start in range(0, h, step):  # heads are independent: a chunk's all-to-all buffers die before the next
             for b0 in range(0, b, b_step):
+                target = out[b0:b0 + b_step, :, start:start + step].transpose(1, 2)  # (b', H/chunks, L_r, D)
                 qc, kc, vc = (t[b0:b0 + b_step, start:start + step] for t in (q, k, v))  # (b', H/chunks, L_r, D)
+                ring = dict(sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl,
+                            message_bytes=cfg.ring_message_bytes)
+                if u == 1 and not needs_grad:  # the ring writes (and accumulates) straight into the output
+                    ring_attention(qc, kc, vc, out=target, **ring)
+                    continue
                 if u > 1:
                     qc, kc, vc = (seq_to_heads(t, u_sizes, ctx.ulysses_group) for t in (qc, kc, vc))
-                o = ring_attention(qc, kc, vc, sizes=ring_sizes, group=ctx.ring_group, scale=scale,
-                                   impl=cfg.ring_impl)
+                o = ring_attention(qc, kc, vc, **ring)
                 del qc, kc, vc
                 if u > 1:
                     o = heads_to_seq(o, u_sizes, ctx.ulysses_group)  # (b', H/chunks, L_r, D)
-                out[b0:b0 + b_step, :, start:start + step] = o.transpose(1, 2)
+                target.copy_(o)
         return out.transpose(1, 2)  # (B, H, L_r, D)

@@ -24,6 +24,10 @@ class ContextParallelConfig:
     head_chunks: attention runs over the heads in this many chunks, each through its own all-to-alls (and ring), so
     only one chunk's head-sharded q/k/v exist at a time; None: with Ulysses one head per rank per chunk (least
     memory), without it 1; 1: all heads at once (fewest collectives). Must divide heads / ulysses_degree; exact.
+    ring_message_bytes: the p2p ring streams K/V in messages of at most this many bytes, each used as it arrives and
+    forwarded, and merges partial outputs in query blocks of that size, so a rank's attention memory is its output
+    shard plus about three messages; "auto": on the CPU 1/64 of the output shard (at least 64 KiB), on other
+    devices whole blocks (P - 1 messages); None: whole blocks. Exact either way.
     """
 
     ring_degree: int = 1
@@ -31,6 +35,7 @@ class ContextParallelConfig:
     ring_impl: str = "p2p"
     cfg_degree: int = 1
     head_chunks: int | None = None
+    ring_message_bytes: int | None | str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("ring_degree", "ulysses_degree", "cfg_degree"):
@@ -42,6 +47,9 @@ class ContextParallelConfig:
         if self.head_chunks is not None and (isinstance(self.head_chunks, bool) or not isinstance(self.head_chunks, int)
                                              or self.head_chunks < 1):
             raise ValueError(f"head_chunks must be None or an integer >= 1, got {self.head_chunks!r}")
+        m = self.ring_message_bytes
+        if not (m is None or m == "auto" or (isinstance(m, int) and not isinstance(m, bool) and m >= 1)):
+            raise ValueError(f"ring_message_bytes must be 'auto', None or an integer >= 1 (bytes), got {m!r}")
         if self.cfg_degree not in (1, 2):  # guidance batches have two halves; more groups would have nothing to do
             raise ValueError(f"cfg_degree must be 1 or 2, got {self.cfg_degree}")
 
