@@ -23,6 +23,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # Leave together: a rank that tears gloo down while its peer still finishes (DDP's reducer) made the
+        # peer abort ("terminate called without an active exception", seen once in CI on a DDP test).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

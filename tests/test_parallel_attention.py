@@ -116,10 +116,18 @@ def test_ring_plan_fits_the_message_budget():
 def test_auto_message_budget():
     from dit.parallel.attention import _message_budget
 
-    assert _message_budget("auto", torch.empty(1, 8, 8190, 64)) == 8190 * 8 * 64 * 4 // 64  # 1/64 of the shard
-    assert _message_budget("auto", torch.empty(1, 8, 100, 64)) == 64 << 10  # not below 64 KiB
-    assert _message_budget("auto", torch.empty(1, 8, 8190, 64, device="meta")) is None  # whole blocks off the CPU
-    assert _message_budget(None, torch.empty(1)) is None and _message_budget(1000, torch.empty(1)) == 1000
+    sizes = [8190, 8190]
+    assert _message_budget("auto", torch.empty(1, 8, 8190, 64), sizes) == 8190 * 8 * 64 * 4 // 64  # 1/64 of q
+    assert _message_budget("auto", torch.empty(1, 8, 100, 64), [100, 100]) == 64 << 10  # not below 64 KiB
+    assert _message_budget("auto", torch.empty(1, 8, 8190, 64, device="meta"), sizes) is None  # whole blocks
+    assert _message_budget(None, torch.empty(1), sizes) is None and _message_budget(1000, torch.empty(1), sizes) == 1000
+    # uneven shards: both ranks must resolve the same budget and so the same plan (found in review: 8031 tokens
+    # over 2 ranks gave 251- and 250-token pieces, 16 and 17 pieces, and mismatched messages)
+    from dit.parallel.attention import _ring_plan
+
+    sizes = [4016, 4015]
+    plans = {_ring_plan(1, 8, 64, 4, 4, sizes, _message_budget("auto", torch.empty(1, 8, n, 64), sizes)) for n in sizes}
+    assert len(plans) == 1, plans
 
 
 def _streamed_ring(rank, world, length, budget, batch):
@@ -134,11 +142,11 @@ def _streamed_ring(rank, world, length, budget, batch):
                                                                           ring_message_bytes=budget)))
     attn.set_sizes(split_sizes(length, world))
     ql, kl, vl = (shard(t, 2, rank, world) for t in (q, k, v))
-    sent, batch = [], dist.batch_isend_irecv
+    sent, batch_isend_irecv = [], dist.batch_isend_irecv
 
     def record(ops):
         sent.extend(op.tensor.nbytes for op in ops if op.op is dist.isend)
-        return batch(ops)
+        return batch_isend_irecv(ops)
 
     dist.batch_isend_irecv = record
     try:
@@ -146,7 +154,7 @@ def _streamed_ring(rank, world, length, budget, batch):
             out = attn(ql, kl, vl)
             low = attn(*(t.bfloat16() for t in (ql, kl, vl)))  # accumulated in fp32, written in bf16
     finally:
-        dist.batch_isend_irecv = batch
+        dist.batch_isend_irecv = batch_isend_irecv
     torch.testing.assert_close(out, shard(F.scaled_dot_product_attention(q, k, v), 2, rank, world), rtol=0, atol=1e-5)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), out, rtol=0, atol=2e-2)
@@ -159,3 +167,15 @@ def test_streamed_ring_is_exact_and_keeps_messages_within_the_budget():
     run_distributed(_streamed_ring, 2, 37, 700, 2)  # 2 x 16 x 4-byte tokens: 5 tokens of one head per message
     run_distributed(_streamed_ring, 4, 226 + 39, 2000, 1)  # uneven shards, three pieces per message
     run_distributed(_streamed_ring, 4, 3, 300, 1)  # [1, 1, 1, 0]: a rank with no tokens still forwards
+
+
+def test_ring_out_argument_is_for_inference_only():
+    from dit.parallel.attention import ring_attention
+
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"ring_attention\(out=...\) is for inference"):
+        ring_attention(q, q, q, sizes=[5], group=None, out=torch.empty(1, 2, 5, 8))
+    out = torch.empty(1, 2, 5, 8)
+    with torch.no_grad():
+        assert ring_attention(q, q, q, sizes=[5], group=None, out=out) is out
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q).detach())

@@ -6,8 +6,8 @@ its attention backend; no model file changes. Shards may be uneven (sizes differ
 without a mask does not depend on the order of the keys, so exactness needs no padding or masking.
 Gradients are exact: the all-to-all and all-gather are autograd collectives, and the p2p ring has a hand-written
 backward that sends the K/V gradients round the ring back to their owners.
-The ring's forward (training and inference) streams K/V round the ring in pieces within a message budget, so a
-rank's attention memory is its output shard plus a few messages (`_ring_forward`).
+The ring's forward (training and inference) streams K/V round the ring in pieces within a message budget (by
+default on the CPU), so a rank's attention memory is its output shard plus a few messages (`_ring_forward`).
 """
 
 from __future__ import annotations
@@ -91,13 +91,18 @@ RING_AUTO_SHARD_FRACTION = 64
 RING_AUTO_MIN_BYTES = 64 << 10
 
 
-def _message_budget(message_bytes: int | None | str, q: Tensor) -> int | None:
-    """The ring's message budget in bytes (None: whole blocks), with "auto" resolved for q's device and size."""
+def _message_budget(message_bytes: int | None | str, q: Tensor, sizes: list[int]) -> int | None:
+    """The ring's message budget in bytes (None: whole blocks), with "auto" resolved for q's device and size.
+
+    "auto" is sized from the largest shard, which every rank knows, not from this rank's own: shards differ by a
+    token, and budgets that differ would give the ranks different plans (and mismatched messages).
+    """
     if message_bytes != "auto":
         return message_bytes
     if q.device.type != "cpu":
         return None
-    return max(RING_AUTO_MIN_BYTES, q.numel() * q.element_size() // RING_AUTO_SHARD_FRACTION)
+    b, h, _, d = q.shape
+    return max(RING_AUTO_MIN_BYTES, b * h * max(sizes) * d * q.element_size() // RING_AUTO_SHARD_FRACTION)
 
 
 def _ring_plan(b: int, h: int, d: int, itemsize: int, acc_itemsize: int, sizes: list[int],
@@ -105,12 +110,13 @@ def _ring_plan(b: int, h: int, d: int, itemsize: int, acc_itemsize: int, sizes: 
     """(heads per group, pieces per block, queries per block) of the streamed ring within a message budget.
 
     A message carries up to P - 1 pieces of one head group's K and V; a query block's partial output (in the
-    accumulator's dtype) is held to half the budget. None: all heads, whole blocks and all queries at once.
+    accumulator's dtype) is held to half the budget. None: all heads, whole blocks and all queries at once. A
+    budget below one token of one head per piece still sends one token per piece (the smallest message).
     """
     world, largest = len(sizes), max(sizes)
     if message_bytes is None:
         return h, 1, max(1, sum(sizes))
-    token = 2 * b * d * itemsize * (world - 1)  # one token of one head, K and V, in each of P - 1 pieces
+    token = 2 * b * d * itemsize * max(1, world - 1)  # one token of one head, K and V, in each of P - 1 pieces
     tokens = max(1, message_bytes // token)
     if tokens >= largest:  # whole blocks fit: as many heads as the budget allows
         heads, pieces = max(1, min(h, message_bytes // (token * max(largest, 1)))), 1
@@ -248,12 +254,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, sizes: list[int], group: 
     """Attention of local queries over the whole ring's keys/values; sizes = every rank's sequence length.
 
     message_bytes bounds the p2p ring's K/V messages, and so its memory (see `_ring_forward`): "auto" is 1/64 of
-    the output shard (at least 64 KiB) on the CPU and whole blocks elsewhere; None is whole blocks.
+    the largest rank's q (at least 64 KiB) on the CPU and whole blocks elsewhere; None is whole blocks.
     `out` (B, H, L_q, D), for inference only, receives the result in place: the p2p ring then accumulates in it
     when it is fp32 or wider.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    message_bytes = _message_budget(message_bytes, q)
+    message_bytes = _message_budget(message_bytes, q, sizes)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if out is not None and needs_grad:
         raise ValueError("ring_attention(out=...) is for inference: with gradients, use the returned tensor")

@@ -24,10 +24,11 @@ class ContextParallelConfig:
     head_chunks: attention runs over the heads in this many chunks, each through its own all-to-alls (and ring), so
     only one chunk's head-sharded q/k/v exist at a time; None: with Ulysses one head per rank per chunk (least
     memory), without it 1; 1: all heads at once (fewest collectives). Must divide heads / ulysses_degree; exact.
-    ring_message_bytes: the p2p ring streams K/V in messages of at most this many bytes, each used as it arrives and
-    forwarded, and merges partial outputs in query blocks of that size, so a rank's attention memory is its output
-    shard plus about three messages; "auto": on the CPU 1/64 of the output shard (at least 64 KiB), on other
-    devices whole blocks (P - 1 messages); None: whole blocks. Exact either way.
+    ring_message_bytes: the p2p ring streams K/V in messages of at most this many bytes (but at least one token of
+    one head per piece), each used as it arrives and forwarded, and merges partial outputs in query blocks of half
+    that size, so a rank's attention memory is its output shard plus about three messages; "auto": on the CPU
+    1/64 of the largest shard's q (at least 64 KiB; per head chunk under USP), on other devices whole blocks
+    (P - 1 messages); None: whole blocks. Exact either way.
     """
 
     ring_degree: int = 1
