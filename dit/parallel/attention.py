@@ -81,7 +81,7 @@ def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# "auto" message budget of the ring on the CPU: 1/64 of the output shard, so that the three messages in flight
+# "auto" message budget of the ring on the CPU: 1/64 of the (largest) output shard, so that the three messages in flight
 # and a query block's partial output stay near 5% of it (bench.parallel --mode ring: 0.52-0.53x / 0.29x of the
 # single-process attention memory at cp 2 / 4), but not below 64 KiB, where per-message costs would dominate.
 # Smaller messages mean more steps: on this 2-core CPU each costs a wake-up, and attention took 4.2 / 6.2 s at
