@@ -177,8 +177,8 @@ def main() -> None:
         r["forward_mem_ratio"] = round(r["forward_mb_max_rank"] / max(base["forward_mb_max_rank"], 1e-9), 3)
     emit({"bench": "parallel", "mode": args.mode, "ring_message_bytes": args.ring_message_bytes, "quick": args.quick,
           "rows": rows,
-          "memory_method": "per rank: peak VmHWM minus VmRSS before the call, allocations > 128 KiB mmap'd, "
-                           "heap trimmed (gloo CPU processes)"})
+          "memory_method": "per rank: peak VmHWM minus VmRSS before the call, allocations > 128 KiB mmap'd "
+                           "from the worker's start, heap trimmed (gloo CPU processes)"})
 
 
 if __name__ == "__main__":

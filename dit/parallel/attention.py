@@ -55,6 +55,11 @@ def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     return (ds @ kf) * scale, (ds.transpose(-2, -1) @ qf) * scale, dv
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will record a call on these tensors (the ring's inference path is taken otherwise)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, q_tokens: int) -> None:
     """Add one K/V block's share to a partial attention result in place, at most q_tokens queries at a time.
 
@@ -81,8 +86,8 @@ def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# "auto" message budget of the ring on the CPU: 1/64 of the (largest) output shard, so that the three messages in flight
-# and a query block's partial output stay near 5% of it (bench.parallel --mode ring: 0.52-0.53x / 0.29x of the
+# "auto" message budget of the ring on the CPU: 1/64 of the (largest) output shard, so that the three messages in
+# flight and a query block's partial output stay near 5% of it (bench.parallel --mode ring: 0.52-0.53x / 0.29x of the
 # single-process attention memory at cp 2 / 4), but not below 64 KiB, where per-message costs would dominate.
 # Smaller messages mean more steps: on this 2-core CPU each costs a wake-up, and attention took 4.2 / 6.2 s at
 # cp 2 / 4 against 3.5 / 3.7 s with whole blocks (docs/ARCHITECTURE.md). On other devices "auto" is whole blocks
@@ -260,7 +265,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, sizes: list[int], group: 
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     message_bytes = _message_budget(message_bytes, q, sizes)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = _needs_grad(q, k, v)
     if out is not None and needs_grad:
         raise ValueError("ring_attention(out=...) is for inference: with gradients, use the returned tensor")
     if len(sizes) == 1:
@@ -360,7 +365,9 @@ class ContextParallelAttention:
         u_sizes = sizes[r0: r0 + u]  # the shards of my Ulysses group
         ring_sizes = [sum(sizes[r * u:(r + 1) * u]) for r in range(cfg.ring_degree)]
         b, h, l_r, d = q.shape
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        needs_grad = _needs_grad(q, k, v)
+        ring = dict(sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl,
+                    message_bytes=cfg.ring_message_bytes)
         # Written chunk by chunk in (B, L_r, H, D) so that the caller's (B, L_r, H D) view of it needs no copy.
         out = q.new_empty(b, l_r, h, d)
         step = h // chunks
@@ -371,8 +378,6 @@ class ContextParallelAttention:
             for b0 in range(0, b, b_step):
                 target = out[b0:b0 + b_step, :, start:start + step].transpose(1, 2)  # (b', H/chunks, L_r, D)
                 qc, kc, vc = (t[b0:b0 + b_step, start:start + step] for t in (q, k, v))  # (b', H/chunks, L_r, D)
-                ring = dict(sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl,
-                            message_bytes=cfg.ring_message_bytes)
                 if u == 1 and not needs_grad:  # the ring writes (and accumulates) straight into the output
                     ring_attention(qc, kc, vc, out=target, **ring)
                     continue
