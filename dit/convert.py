@@ -2,20 +2,31 @@
 
 Our modules keep diffusers' parameter names wherever the architecture allows (so diffusers LoRA files and
 `load_lora_weights` target the same names). Where a name must differ, the rule goes into RENAME_RULES and
-nowhere else.
+nowhere else. A corrupt or mismatched folder (bad JSON, config values of the wrong type, unreadable or missing
+safetensors, tensors of another shape) is a ValueError naming the file, never a raw traceback.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
+
+# The one reader and checker of model folders (JSON files, safetensors shards, config types, weight shapes).
+# It lives in vae3d because vae3d never imports dit; dit's loaders (this module, pipeline.py, text.py) use it
+# from here.
+from vae3d.folders import (WEIGHTS, WEIGHTS_INDEX, assign_weights, build_from_config, fits, library_load,
+                           load_weights, read_folder_json, safetensors_files)
+
+__all__ = ["TRANSFORMER_CLASSES", "assign_weights", "build_from_config", "fits", "library_load", "load_transformer",
+           "load_safetensors_folder", "load_weights", "read_folder_json", "resolve", "safetensors_files"]
+
+V = TypeVar("V")
 
 # diffusers `_class_name` (or our own class name) -> "module:Class" of our implementation.
 TRANSFORMER_CLASSES: dict[str, str] = {
@@ -34,8 +45,7 @@ LEGACY_CLASSES: dict[str, dict[str, str]] = {
 # Per class: (regex, replacement) applied in order to each diffusers key. Empty while names agree.
 RENAME_RULES: dict[str, list[tuple[str, str]]] = {}
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAME, WEIGHTS_INDEX_NAME = WEIGHTS, WEIGHTS_INDEX
 
 
 def resolve(qualname: str) -> type:
@@ -44,38 +54,13 @@ def resolve(qualname: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def read_folder_json(path: str | os.PathLike, name: str = "config.json", *, what: str = "a folder written by "
-                     "save_pretrained") -> dict:
-    """A JSON file of a model folder, with a clear error for a missing folder or file."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"model folder {str(folder)!r} does not exist or is not a folder")
-    file = folder / name
-    if not file.is_file():
-        raise ValueError(f"{str(folder)!r} has no {name}; expected {what}")
-    return json.loads(file.read_text())
-
-
 def load_safetensors_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict of a save_pretrained folder, single-file or sharded; safetensors only, never pickles."""
-    folder = Path(path)
-    single, index = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(folder / shard))
-        return state
-    found = sorted(p.name for p in folder.iterdir())
-    raise ValueError(
-        f"{str(folder)!r} has no {WEIGHTS_NAME} (or sharded index); found {found}. "
-        "Only safetensors weights are loaded (pickled .bin files never are)."
-    )
+    return load_weights(safetensors_files(path))[0]
 
 
-def rename_state_dict(class_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def rename_state_dict(class_name: str, state: dict[str, V]) -> dict[str, V]:
+    """diffusers key names -> ours (RENAME_RULES); the values (tensors, or the files they came from) are kept."""
     rules = RENAME_RULES.get(class_name, [])
     if not rules:
         return state
@@ -118,19 +103,14 @@ def load_transformer(
     The class comes from config.json's `_class_name`; the architecture from the config only, never from
     tensor shapes. Every checkpoint key must be used and every parameter filled (strict load).
     """
-    config = read_folder_json(path)
-    class_name = transformer_class_name(config, path)
-    cls = resolve(TRANSFORMER_CLASSES[class_name])
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    state = rename_state_dict(class_name, load_safetensors_folder(path))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)[:2]
-    if missing or unexpected:
-        raise ValueError(
-            f"{str(path)!r}: checkpoint does not match {cls.__name__} built from its config: "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
+    folder = Path(path)
+    config = read_folder_json(folder, what="a transformer folder written by save_pretrained",
+                              optional={"_class_name": str, "norm_type": str})
+    class_name = transformer_class_name(config, folder)
+    files = safetensors_files(folder)  # before building: a pickle-only folder is refused at once
+    model = build_from_config(resolve(TRANSFORMER_CLASSES[class_name]), config, folder / "config.json")
+    state, origin = load_weights(files)
+    assign_weights(model, rename_state_dict(class_name, state), rename_state_dict(class_name, origin), folder)
     # Buffers that are not saved (e.g. precomputed positions) were created on meta: rebuild them.
     if hasattr(model, "init_buffers"):
         model.init_buffers()

@@ -10,8 +10,9 @@ Folders we save name diffusers' pipeline class, so `diffusers.DiffusionPipeline.
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,12 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 
 import samplers
-from dit.convert import load_transformer, read_folder_json, resolve
+from dit.convert import (LEGACY_CLASSES, TRANSFORMER_CLASSES, library_load, load_transformer, read_folder_json, resolve,
+                         safetensors_files)
+from dit.text import ENCODER_CLASSES, TOKENIZER_CLASSES, load_encoder_folder, load_tokenizer_folder
+from samplers.from_diffusers import SCHEDULER_CLASSES
+
+logger = logging.getLogger(__name__)
 
 RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
 
@@ -33,6 +39,21 @@ PIPELINE_FAMILIES: dict[str, str] = {
 }
 
 
+class NonFiniteLatentsError(FloatingPointError):
+    """The latents became NaN or inf during denoising (e.g. a huge guidance_scale overflowing the dtype).
+
+    `step` is the 1-based denoising step after which they were first non-finite, `total` the steps of that
+    sampling stage."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"latents became non-finite (NaN or inf) at step {step} of {total}; lower guidance_scale "
+                         "or use a wider dtype")
+        self.step, self.total = step, total
+
+    def __reduce__(self) -> tuple:  # picklable (multiprocessing, distributed): rebuilt from (step, total)
+        return type(self), (self.step, self.total)
+
+
 class DiTPipelineOutput(BaseOutput):
     """`.frames` for video ((B, F, H, W, 3) in [0, 1] for output_type="np"), `.images` for images."""
 
@@ -41,34 +62,94 @@ class DiTPipelineOutput(BaseOutput):
 
 
 def _read_index(path: str | os.PathLike) -> dict:
-    return read_folder_json(path, "model_index.json", what="a diffusers pipeline folder")
+    return read_folder_json(path, "model_index.json", what="a diffusers pipeline folder",
+                            optional={"_class_name": str})
 
 
-def _load_component(folder: Path, name: str, spec: list, torch_dtype: torch.dtype | None) -> Any:
-    """One component of a pipeline folder, by its role; our own modules for the transformer and video VAE."""
-    library, class_name = spec
-    if library is None or class_name is None:
+# What each model_index.json entry may name, as (library, class). Nothing outside this list is imported or
+# loaded: a library name is a module path, so importing it would run any `<library>.py` found on sys.path (the
+# model folder itself when `python -m dit` runs from its parent). Our saved folders name our modules for the
+# transformer and video VAE (diffusers' own loader imports those); diffusers' folders name diffusers classes.
+_TRANSFORMER_ENTRIES = frozenset({("diffusers", name) for name in (*TRANSFORMER_CLASSES, *LEGACY_CLASSES)}
+                                 | {tuple(q.split(":")) for q in TRANSFORMER_CLASSES.values()})
+_ENCODER_ENTRIES = frozenset(("transformers", name) for name in ENCODER_CLASSES)
+_TOKENIZER_ENTRIES = frozenset(("transformers", name) for name in TOKENIZER_CLASSES)
+COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
+    "transformer": _TRANSFORMER_ENTRIES,
+    "relay_transformer": _TRANSFORMER_ENTRIES,
+    "vae": frozenset({("diffusers", "AutoencoderKLCogVideoX"), ("vae3d.model", "CausalVAE3D"),
+                      ("vae3d", "CausalVAE3D"), ("diffusers", "AutoencoderKL")}),
+    **{f"text_encoder{s}": _ENCODER_ENTRIES for s in ("", "_2", "_3")},
+    **{f"tokenizer{s}": _TOKENIZER_ENTRIES for s in ("", "_2", "_3")},
+    "scheduler": frozenset(("diffusers", name) for name in SCHEDULER_CLASSES),
+}
+_VIDEO_VAES = ("AutoencoderKLCogVideoX", "CausalVAE3D")
+
+
+def _check_index(folder: Path, index: dict) -> dict[str, tuple[str | None, str | None]]:
+    """Every component entry of model_index.json checked against COMPONENT_CLASSES before anything is imported
+    or loaded; returns them as {role: (library, class)} ([null, null] entries: absent optional components)."""
+    file = folder / "model_index.json"
+    entries = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list):  # metadata and plain settings: nothing to load
+            continue
+        if len(spec) != 2 or not all(v is None or isinstance(v, str) for v in spec) or (spec[0] is None) != (
+                spec[1] is None):
+            raise ValueError(f"{str(file)!r}: entry {name!r} is {spec!r}; expected [library, class] or [null, null]")
+        library, class_name = spec
+        accepted = COMPONENT_CLASSES.get(name)
+        if library is not None and (accepted is None or (library, class_name) not in accepted):
+            what = (f"accepted for {name!r}: {', '.join(sorted(f'{lib}.{cls}' for lib, cls in accepted))}"
+                    if accepted is not None else f"accepted entries: {', '.join(COMPONENT_CLASSES)}")
+            raise ValueError(f"{str(folder)!r}: model_index.json entry {name!r} names class {class_name!r} of "
+                             f"library {library!r}, which is not loaded (loading it could run code); {what}")
+        entries[name] = (library, class_name)
+    return entries
+
+
+def _check_roles(folder: Path, target: type, entries: dict) -> None:
+    """The pipeline's required components are all named in model_index.json (checked before any load)."""
+    params = inspect.signature(target.__init__).parameters
+    required = [n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [n for n in required if n not in entries]
+    if missing:
+        raise ValueError(f"{str(folder / 'model_index.json')!r} has no entry for {missing} that {target.__name__} "
+                         f"needs; it names {sorted(entries)}")
+
+
+def _load_component(folder: Path, name: str, library: str | None, class_name: str | None,
+                    torch_dtype: torch.dtype | None) -> Any:
+    """One component of a pipeline folder, by its role (entries checked by _check_index first); our own modules
+    for the transformer and video VAE, safetensors only everywhere."""
+    if library is None:
         return None
     sub = folder / name
     if name in ("transformer", "relay_transformer"):
         return load_transformer(sub, torch_dtype=torch_dtype)
-    if name == "vae" and class_name in ("AutoencoderKLCogVideoX", "CausalVAE3D"):
+    if name == "vae" and class_name in _VIDEO_VAES:
         from vae3d import load_vae
 
         return load_vae(sub, torch_dtype=torch_dtype)
-    if name.startswith("scheduler"):
+    if name == "scheduler":
         import diffusers
 
-        return getattr(diffusers, class_name).from_pretrained(sub)
+        config = read_folder_json(sub, "scheduler_config.json", what=f"a {class_name} scheduler config")
+        scheduler_cls = getattr(diffusers, class_name)
+        return library_load(sub, f"a {class_name} scheduler", lambda: scheduler_cls.from_config(config))
     if name.startswith("tokenizer"):
         import transformers
 
-        return getattr(transformers, class_name).from_pretrained(sub, local_files_only=True)
-    cls = getattr(importlib.import_module(library), class_name)
+        return load_tokenizer_folder(sub, getattr(transformers, class_name))
+    if name.startswith("text_encoder"):
+        return load_encoder_folder(sub, ENCODER_CLASSES[class_name], torch_dtype)
+    import diffusers  # the image VAE (AutoencoderKL): diffusers' own, from safetensors only
+
+    safetensors_files(sub)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    if library == "transformers":
-        kwargs["local_files_only"] = True
-    return cls.from_pretrained(sub, **kwargs)
+    return library_load(sub, f"a {class_name}", lambda: getattr(diffusers, class_name).from_pretrained(
+        sub, local_files_only=True, use_safetensors=True, **kwargs))
 
 
 class DiTPipeline(DiffusionPipeline):
@@ -84,17 +165,15 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"unsupported from_pretrained arguments: {sorted(kwargs)}; accepted: torch_dtype, device")
         folder = Path(pretrained_model_name_or_path)
         index = _read_index(folder)
+        entries = _check_index(folder, index)  # before any import or load: the folder names only what we load
         family = index.get("_class_name")
         if family not in PIPELINE_FAMILIES:
             raise ValueError(f"{str(folder)!r}: unsupported pipeline {family!r}; accepted: {', '.join(PIPELINE_FAMILIES)}")
         target = resolve(PIPELINE_FAMILIES[family])
         if not issubclass(target, cls):
             raise ValueError(f"{str(folder)!r} holds a {family}, which {cls.__name__} cannot load")
-        components = {
-            name: _load_component(folder, name, spec, torch_dtype)
-            for name, spec in index.items()
-            if not name.startswith("_") and isinstance(spec, list)
-        }
+        _check_roles(folder, target, entries)
+        components = {name: _load_component(folder, name, *spec, torch_dtype) for name, spec in entries.items()}
         pipe = target(**components)
         return pipe.to(device) if device is not None else pipe
 
@@ -134,17 +213,25 @@ class DiTPipeline(DiffusionPipeline):
 
     def _sample(self, solve: Callable, denoiser: Callable, latents: torch.Tensor, schedule, steps: int,
                 callback_on_step_end: Callable | None, tensor_inputs, state: dict, **options: Any) -> torch.Tensor:
-        """Run a solver with a progress bar and diffusers' callback_on_step_end."""
+        """Run a solver with a progress bar and diffusers' callback_on_step_end; NonFiniteLatentsError as soon
+        as a step leaves NaN or inf in the latents."""
         with self.progress_bar(total=steps) as progress:
-            callback = self._step_callback(callback_on_step_end, list(tensor_inputs), state, progress)
+            callback = self._step_callback(callback_on_step_end, list(tensor_inputs), state, progress, steps)
             return solve(denoiser, latents, schedule, callback=callback, **options)
 
     def _step_callback(self, callback_on_step_end: Callable | None, tensor_inputs: list[str], state: dict,
-                       progress) -> Callable:
-        """Our solvers' callback(i, x, x0) -> diffusers' callback_on_step_end(pipe, i, t, kwargs) and a progress bar."""
+                       progress, total: int) -> Callable:
+        """Our solvers' callback(i, x, x0) -> diffusers' callback_on_step_end(pipe, i, t, kwargs) and a progress bar.
+
+        Every pipeline's steps pass through here, so this is where non-finite latents are caught: once NaN or
+        inf is in the latents every later step and the decoded frames are garbage (an all-black video), so the
+        run stops at that step instead of writing it as a success. The check is one reduction per step.
+        """
 
         def on_step(i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
             progress.update()
+            if not torch.isfinite(x).all():
+                raise NonFiniteLatentsError(i + 1, total)
             if callback_on_step_end is None:
                 return None
             state["latents"] = x
@@ -235,15 +322,27 @@ class CogVideoXDiTPipeline(DiTPipeline):
 
     def encode_prompt(self, prompt: str | list[str], *, max_sequence_length: int = 226,
                       device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """T5 embeddings (B, L, D), padded to max_sequence_length as CogVideoX was trained."""
+        """T5 embeddings (B, L, D), padded to max_sequence_length as CogVideoX was trained; words past it are
+        dropped with a warning naming them (as diffusers' pipelines warn)."""
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
                              add_special_tokens=True, return_tensors="pt").input_ids
+        self._warn_truncated(prompt, ids, max_sequence_length)
         embeds = self.text_encoder(ids.to(device or self._execution_device))[0]
         return embeds.to(dtype=dtype or self.text_encoder.dtype, device=device or self._execution_device)
 
+    def _warn_truncated(self, prompt: list[str], ids: torch.Tensor, max_sequence_length: int) -> None:
+        """logger.warning naming the text the tokenizer cut off, like diffusers' _get_t5_prompt_embeds."""
+        full = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] <= ids.shape[-1]:  # the longest prompt fits: nothing was cut
+            return
+        # The last kept token is the appended </s>; what was removed is the text after max_length - 1 tokens.
+        removed = self.tokenizer.batch_decode(full[:, max_sequence_length - 1:-1], skip_special_tokens=True)
+        logger.warning("The following part of your input was truncated because `max_sequence_length` is set to "
+                       "%d tokens: %s", max_sequence_length, removed)
+
     def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
-                     num_inference_steps: int, guidance_scale: float) -> None:
+                     num_inference_steps: int, guidance_scale: float, max_sequence_length: int = 226) -> None:
         """Every user input checked before any model runs; each error names the value and what is accepted."""
         if prompt is None or (not isinstance(prompt, str) and not (
                 isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
@@ -253,6 +352,7 @@ class CogVideoXDiTPipeline(DiTPipeline):
             if not (isinstance(negative_prompt, list) and len(negative_prompt) == n):
                 raise ValueError(f"negative_prompt must be a string or a list of {n} strings, got {negative_prompt!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_positive_int("max_sequence_length", max_sequence_length)
         _check_sizes(height, width, num_frames, self.vae_scale_factor_spatial * self.transformer.config.patch_size,
                      self.vae_scale_factor_temporal)
         samplers.check_guidance_scale(guidance_scale)
@@ -262,17 +362,32 @@ class CogVideoXDiTPipeline(DiTPipeline):
                              num_frames: int | None) -> tuple[int, int, int]:
         """Fill the defaults and check sizes from the folder's config files alone, before loading any weights."""
         folder = Path(folder)
-        family = _read_index(folder).get("_class_name")
+        index = _read_index(folder)
+        _check_index(folder, index)
+        family = index.get("_class_name")
         if family != CogVideoXDiTPipeline.diffusers_class_name:
             raise ValueError(f"{str(folder)!r} holds a {family}; `dit generate` takes CogVideoX-format video "
                              "pipeline folders (CogVideoXPipeline)")
-        t = json.loads((folder / "transformer" / "config.json").read_text())
-        v = json.loads((folder / "vae" / "config.json").read_text())
+        t = read_folder_json(folder / "transformer", what="a CogVideoX transformer config",
+                             required={"sample_height": int, "sample_width": int, "sample_frames": int,
+                                       "patch_size": int})
+        v = read_folder_json(folder / "vae", what="a CogVideoX VAE config",
+                             required={"block_out_channels": tuple[int, ...]},
+                             optional={"temporal_compression_ratio": int | float})
+        temporal = v.get("temporal_compression_ratio", 4)
+        for file, key, value in ((folder / "transformer" / "config.json", k, t[k]) for k in (
+                "sample_height", "sample_width", "sample_frames", "patch_size")):
+            if value < 1:
+                raise ValueError(f"{str(file)!r}: {key}={value!r} must be a positive integer")
+        if not v["block_out_channels"] or temporal < 1 or temporal != int(temporal):
+            raise ValueError(f"{str(folder / 'vae' / 'config.json')!r}: block_out_channels={v['block_out_channels']!r}"
+                             f" and temporal_compression_ratio={temporal!r} must be a non-empty list and a positive "
+                             "integer")
         spatial = 2 ** (len(v["block_out_channels"]) - 1)
-        height = height or t["sample_height"] * spatial
-        width = width or t["sample_width"] * spatial
-        num_frames = num_frames or t["sample_frames"]
-        _check_sizes(height, width, num_frames, spatial * t["patch_size"], v.get("temporal_compression_ratio", 4))
+        height = t["sample_height"] * spatial if height is None else height
+        width = t["sample_width"] * spatial if width is None else width
+        num_frames = t["sample_frames"] if num_frames is None else num_frames
+        _check_sizes(height, width, num_frames, spatial * t["patch_size"], int(temporal))
         return height, width, num_frames
 
     def _rotary(self, height: int, width: int, latent_frames: int, device: torch.device):
@@ -344,11 +459,15 @@ class CogVideoXDiTPipeline(DiTPipeline):
         stage uses the folder's `relay_transformer` if it has one (trained with the relay loss), else the base
         transformer."""
         cfg = self.transformer.config
-        max_sequence_length = max_sequence_length or cfg.max_text_seq_length  # 226 for released CogVideoX
-        height = height or cfg.sample_height * self.vae_scale_factor_spatial
-        width = width or cfg.sample_width * self.vae_scale_factor_spatial
-        num_frames = num_frames or cfg.sample_frames
-        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale)
+        # Only None means "the default": 0 is a size like any other, refused by the checks below.
+        if max_sequence_length is None:
+            max_sequence_length = cfg.max_text_seq_length  # 226 for released CogVideoX
+        default_height, default_width, default_frames = self.default_size()
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+        num_frames = default_frames if num_frames is None else num_frames
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                          max_sequence_length)
         if num_videos_per_prompt != 1:
             raise ValueError(f"num_videos_per_prompt must be 1 (as in CogVideoXPipeline), got {num_videos_per_prompt}")
         if output_type not in ("np", "pil", "pt", "latent"):
@@ -477,8 +596,9 @@ class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline)
         solver: str | None = None,
     ) -> DiTPipelineOutput | tuple:
         """Generate images; `solver` overrides flow-matching Euler (e.g. "heun")."""
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        default = self.default_sample_size * self.vae_scale_factor  # only None means default; 0 is refused
+        height = default if height is None else height
+        width = default if width is None else width
         self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
                                   guidance_scale, output_type)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
@@ -549,8 +669,9 @@ class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipe
         solver: str | None = None,
     ) -> DiTPipelineOutput | tuple:
         """Generate images (CogVideoX-style schedulers: DDIM or DPM; `solver` overrides)."""
-        height = height or self.transformer.config.sample_size * self.vae_scale_factor
-        width = width or self.transformer.config.sample_size * self.vae_scale_factor
+        default = self.transformer.config.sample_size * self.vae_scale_factor  # only None means default; 0 is refused
+        height = default if height is None else height
+        width = default if width is None else width
         self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
                                   guidance_scale, output_type)
         self.check_inputs(prompt, height, width, negative_prompt, list(callback_on_step_end_tensor_inputs))

@@ -9,7 +9,6 @@ ordinary transformers objects saved in the standard format, so diffusers' CogVid
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,17 +17,25 @@ from torch import Tensor
 from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel,
                           PreTrainedTokenizerBase, PreTrainedTokenizerFast, T5Config, T5EncoderModel)
 
+from dit.convert import library_load, read_folder_json, safetensors_files
+
 # T5's special-token ids (pad 0, eos 1, unk 2), so a T5Config with its defaults agrees with the tokenizer.
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
 TEXT_ENCODER_KINDS: tuple[str, ...] = ("auto", "t5", "clip")
 # Encoder classes we load, by the `architectures` entry of their config.json; anything else is refused
 # rather than guessed.
-_ENCODER_CLASSES: dict[str, type[PreTrainedModel]] = {
+ENCODER_CLASSES: dict[str, type[PreTrainedModel]] = {
     "T5EncoderModel": T5EncoderModel,
     "CLIPTextModel": CLIPTextModel,
     "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
 }
+# Tokenizer classes a pipeline's model_index.json may name (transformers 5 saves our fast tokenizers as
+# TokenizersBackend; released CogVideoX / SD3 folders name the T5 and CLIP ones).
+TOKENIZER_CLASSES: tuple[str, ...] = ("T5Tokenizer", "T5TokenizerFast", "CLIPTokenizer", "CLIPTokenizerFast",
+                                      "PreTrainedTokenizerFast", "TokenizersBackend")
+# transformers' weight file names: safetensors only, single or sharded.
+ENCODER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _KIND_OF_MODEL_TYPE = {"t5": "t5", "umt5": "t5", "clip_text_model": "clip", "clip": "clip"}
 
 
@@ -99,10 +106,9 @@ def save_text_encoder(folder: str | Path, tokenizer: PreTrainedTokenizerBase, te
 
 
 def _encoder_class(encoder_dir: Path, kind: str) -> type[PreTrainedModel]:
+    config = read_folder_json(encoder_dir, what="a transformers text encoder folder (save_pretrained)",
+                              optional={"model_type": str, "architectures": list[str] | None})
     config_path = encoder_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"text encoder folder {str(encoder_dir)!r} has no config.json")
-    config = json.loads(config_path.read_text())
     model_type = config.get("model_type")
     found_kind = _KIND_OF_MODEL_TYPE.get(model_type)
     if found_kind is None:
@@ -110,10 +116,27 @@ def _encoder_class(encoder_dir: Path, kind: str) -> type[PreTrainedModel]:
                          f"{', '.join(map(repr, _KIND_OF_MODEL_TYPE))}")
     if kind != "auto" and kind != found_kind:
         raise ValueError(f"kind={kind!r} but {config_path} holds model_type={model_type!r} ({found_kind})")
-    architectures = [a for a in config.get("architectures") or [] if a in _ENCODER_CLASSES]
+    architectures = [a for a in config.get("architectures") or [] if a in ENCODER_CLASSES]
     if architectures:
-        return _ENCODER_CLASSES[architectures[0]]
+        return ENCODER_CLASSES[architectures[0]]
     return T5EncoderModel if found_kind == "t5" else CLIPTextModel
+
+
+def load_encoder_folder(folder: Path, cls: type[PreTrainedModel],
+                        torch_dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A transformers text encoder from its own folder, safetensors only: a folder with nothing but a pickled
+    pytorch_model.bin is refused before transformers sees it (unpickling can run code). Load errors (bad
+    config, corrupt weights) are a ValueError naming the folder."""
+    safetensors_files(folder, *ENCODER_WEIGHTS)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    return library_load(folder, f"a {cls.__name__} text encoder", lambda: cls.from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, **kwargs))
+
+
+def load_tokenizer_folder(folder: Path, cls: type = AutoTokenizer) -> PreTrainedTokenizerBase:
+    """A tokenizer from its own folder (never downloads); load errors are a ValueError naming the folder."""
+    return library_load(folder, f"a {cls.__name__} tokenizer",
+                        lambda: cls.from_pretrained(folder, local_files_only=True))
 
 
 def load_text_encoder(path: str | Path, *, kind: str = "auto", tokenizer_subfolder: str = "tokenizer",
@@ -134,8 +157,8 @@ def load_text_encoder(path: str | Path, *, kind: str = "auto", tokenizer_subfold
             raise ValueError(f"{name} folder {str(sub)!r} is missing; expected {str(root)!r} to hold "
                              f"{tokenizer_subfolder}/ and {encoder_subfolder}/ as a diffusers pipeline folder does")
     cls = _encoder_class(enc_dir, kind)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    encoder = cls.from_pretrained(enc_dir, local_files_only=True, torch_dtype=torch_dtype)
+    tokenizer = load_tokenizer_folder(tok_dir)
+    encoder = load_encoder_folder(enc_dir, cls, torch_dtype)
     if device is not None:
         encoder = encoder.to(device)
     return tokenizer, encoder.eval()

@@ -1,9 +1,12 @@
 """Our CogVideoX pipeline on a tiny random diffusers folder gives diffusers' frames (same seed, settings)."""
 
+import logging
+
 import pytest
 import torch
 
-from dit.pipeline import CogVideoXDiTPipeline, DiTPipeline
+from dit.models.cogvideox import CogVideoXTransformer3DModel
+from dit.pipeline import CogVideoXDiTPipeline, DiTPipeline, NonFiniteLatentsError
 from tests.tiny import tiny_cogvideox_pipeline
 
 CALL = dict(num_frames=9, height=32, width=32, num_inference_steps=4, output_type="np", max_sequence_length=16)
@@ -53,6 +56,10 @@ def test_dynamic_cfg_and_callback(folders):
     (dict(prompt=""), None),
     (dict(prompt=[]), r"prompt must be a string or a non-empty list of strings"),
     (dict(output_type="gif"), r"output_type 'gif' is not one of"),
+    (dict(height=0), r"height must be a positive integer, got 0"),  # 0 is not "the default"
+    (dict(width=0), r"width must be a positive integer, got 0"),
+    (dict(num_frames=0), r"num_frames must be a positive integer, got 0"),
+    (dict(max_sequence_length=0), r"max_sequence_length must be a positive integer, got 0"),
 ])
 def test_bad_input_is_refused_before_any_work(folders, kwargs, match):
     folder, _ = folders
@@ -128,3 +135,52 @@ def test_vae_tiling_and_slicing_switches_keep_the_frames(folders):
     ours.disable_vae_slicing()
     assert tiled.shape == plain.shape == (2, 9, 32, 32, 3)
     assert abs(tiled - plain).max() <= 1e-4  # frames this small fit in one tile
+
+
+def test_non_finite_latents_stop_the_run(folders):
+    folder, _ = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    with pytest.raises(NonFiniteLatentsError, match=r"latents became non-finite \(NaN or inf\) at step 1 of 3; "
+                                                    r"lower guidance_scale") as info:
+        ours(**dict(CALL, prompt="a red circle", guidance_scale=1e308, num_inference_steps=3))
+    assert isinstance(info.value, FloatingPointError) and (info.value.step, info.value.total) == (1, 3)
+
+
+def test_truncated_prompt_is_warned(folders, caplog):
+    folder, _ = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    call = dict(CALL, guidance_scale=1.0, num_inference_steps=1, output_type="latent")
+
+    def ours_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "dit.pipeline"]
+
+    with caplog.at_level(logging.WARNING, logger="dit.pipeline"):
+        ours(prompt="a red circle", **call)
+        assert not ours_warnings()
+        ours(prompt="a red circle moving left on the blue background " * 2, **call)  # 18 words; 15 + </s> kept
+    [message] = ours_warnings()
+    assert "`max_sequence_length` is set to 16 tokens: ['the blue background']" in message
+
+
+def test_rope_text_may_exceed_max_text_seq_length(folders):
+    """diffusers bounds the text length only where positions cover text rows (sin-cos, learned), not with RoPE."""
+    folder, ref = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    kwargs = dict(CALL, prompt="a red circle moving left", guidance_scale=6.0, num_inference_steps=2,
+                  max_sequence_length=24)  # the transformer's max_text_seq_length is 16
+    if not ours.transformer.config.use_rotary_positional_embeddings:
+        with pytest.raises(ValueError, match=r"longer than max_text_seq_length=16, which this model's sin-cos"):
+            ours(**kwargs)
+        return
+    expected = ref(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    got = ours(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert abs(got - expected).max() <= 1e-4
+
+
+def test_learned_positions_still_bound_the_text():
+    model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                        time_embed_dim=2, text_embed_dim=16, num_layers=1, sample_width=8,
+                                        sample_height=8, sample_frames=9, max_text_seq_length=4,
+                                        use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
+    with pytest.raises(ValueError, match=r"longer than max_text_seq_length=4, which this model's learned positions"):
+        model(hidden_states=torch.randn(1, 3, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16), timestep=1)

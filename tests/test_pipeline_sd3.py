@@ -33,6 +33,14 @@ def test_bad_size_names_nearest_valid(folders):
         ours(prompt="a cat", height=32, width=34, num_inference_steps=1)
 
 
+def test_zero_size_is_not_the_default(folders):
+    folder, _ = folders
+    ours = DiTPipeline.from_pretrained(folder)
+    for size in ("height", "width"):
+        with pytest.raises(ValueError, match=f"{size} must be a positive integer, got 0"):
+            ours(prompt="a cat", num_inference_steps=1, **{"height": 32, "width": 32, size: 0})
+
+
 def test_saved_folder_round_trips(folders, tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -420,15 +420,21 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
                 f"latent frames must be divisible by patch_size_t={pt}, got {f} frames in hidden_states "
                 f"{tuple(x.shape)}; pad to {f + -f % pt} frames (CogVideoXPipeline does)"
             )
+        # The text length is bounded only where absolute positions cover text rows: sin-cos (1.0-2B) and learned
+        # (I2V) tables hold max_text_seq_length text rows before the video ones (diffusers' CogVideoXPatchEmbed
+        # adds them to the joint sequence). With RoPE alone text carries no positions and any length works, as
+        # in diffusers, whose pipeline passes 226 tokens whatever the config says.
+        bounded = not cfg.use_rotary_positional_embeddings or cfg.use_learned_positional_embeddings
+        text_len = f"text_len <= {cfg.max_text_seq_length}" if bounded else "text_len"
         if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_embed_dim:
             raise ValueError(
-                f"encoder_hidden_states must be ({b}, text_len <= {cfg.max_text_seq_length}, {cfg.text_embed_dim}), "
-                f"got {tuple(text.shape)}"
+                f"encoder_hidden_states must be ({b}, {text_len}, {cfg.text_embed_dim}), got {tuple(text.shape)}"
             )
-        if text.shape[1] > cfg.max_text_seq_length:
+        if bounded and text.shape[1] > cfg.max_text_seq_length:
             raise ValueError(
-                f"text is longer than max_text_seq_length={cfg.max_text_seq_length}: encoder_hidden_states "
-                f"{tuple(text.shape)}, expected ({b}, <= {cfg.max_text_seq_length}, {cfg.text_embed_dim})"
+                f"text is longer than max_text_seq_length={cfg.max_text_seq_length}, which this model's "
+                f"{'learned' if cfg.use_learned_positional_embeddings else 'sin-cos'} positions cover: "
+                f"encoder_hidden_states {tuple(text.shape)}, expected ({b}, {text_len}, {cfg.text_embed_dim})"
             )
         if cfg.use_learned_positional_embeddings and (h, w) != (cfg.sample_height, cfg.sample_width):
             raise ValueError(
