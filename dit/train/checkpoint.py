@@ -13,6 +13,7 @@ with `weights_only=True`, the restricted unpickler; the model is safetensors.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dit.outputs import fsync_dir, fsync_tree, remove_stale_temps
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -92,11 +95,33 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def remove_partial(output_dir: str | Path) -> None:
     """Delete `.tmp-*` folders left by a run killed while writing (main process only)."""
-    folder = checkpoints_dir(output_dir)
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+    remove_temps(checkpoints_dir(output_dir))
+
+
+def remove_leftovers(output_dir: str | Path) -> None:
+    """Delete what killed runs left in output_dir: `.tmp-*` there (the export's `.tmp-final-*` of earlier
+    versions) and in checkpoints/, and dit.outputs' temporary folders of dead processes there and in the
+    validation folders. Called with the output_dir's lock held, so a `.tmp-*` can only be a dead run's."""
+    output = Path(output_dir)
+    remove_temps(output)
+    remove_partial(output)
+    for folder in (output, *sorted((output / "validation").glob("step-*"))):
+        if not folder.is_symlink():
+            remove_stale_temps(folder)
+
+
+def remove_temps(folder: Path) -> None:
+    """Delete the `.tmp-*` entries of `folder`; a symbolic link is unlinked, never followed."""
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".tmp-")]
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)  # rmtree does not follow links inside either
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int, *,
@@ -117,14 +142,13 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
             ema.save(tmp / EMA_FILE)
         (tmp / SCHEDULE_FILE).write_text(json.dumps(lr_scheduler.state_dict(), indent=2) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-        for name in (EMA_FILE, SCHEDULE_FILE, STATE_FILE):  # contents on disk before the rename publishes them
-            if (tmp / name).is_file():
-                _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+        # Every file (accelerate's of every rank included) and folder on disk before the rename publishes them:
+        # a crash after it must not leave a step-* folder with empty or missing files.
+        fsync_tree(tmp)
         if final.exists():  # the same step written again (a rerun after a crash between rename and prune)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         for _, old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -146,22 +170,3 @@ def load_checkpoint(accelerator, folder: Path, *, lr_scheduler, ema: EMA | None 
     if ema is not None:
         ema.load(folder / EMA_FILE)
     return json.loads((folder / STATE_FILE).read_text())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the folder's entries durable before the rename publishes them (best effort off POSIX)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

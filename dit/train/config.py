@@ -8,6 +8,7 @@ by name from the YAML (no `target:` reflection).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,14 +248,26 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(value, where)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected a string, got {value!r}")
         return value
     raise AssertionError(f"unhandled config type {tp!r} at {where}")
+
+
+def _finite(value: Any, where: str) -> float:
+    """Every float of the config passes here: NaN would slip through every range check (all its comparisons
+    are false), and inf is no learning rate, norm or weight either."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

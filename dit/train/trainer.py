@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit.outputs import atomic_write, atomic_write_text, open_append_nofollow, write_video
 from dit.train import checkpoint as ckpt
 from dit.train.config import TrainConfig
 from dit.train.data import BatchStream, build_source, cache_fingerprint, make_loader
+from dit.train.launch import die_with_launcher, exclusive_output_dir
 from dit.train.models import ModelBundle, build_bundle
 from dit.train.objectives import AutoencoderStep, Objective, autoencoder_loss, low_resolution
 from dit.train.parallel import enable_context_parallel, layout_for
@@ -39,6 +41,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        die_with_launcher()  # before anything slow: a worker whose launcher is gone must not start training
         self.cfg = cfg
         t = cfg.train
         # accelerate's CPU path (--cpu) launches one process and expects mpirun for more; torchrun-style launches
@@ -181,11 +184,21 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------------------------------
 
+    def _prepare_output(self) -> None:
+        """Main process, with output_dir's lock held: remove a killed run's leftovers, record the config, and
+        refuse links planted at the names written later (now, not after hours of training)."""
+        ckpt.remove_leftovers(self.output)
+        atomic_write_text(self.output / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        for name in ("metrics.jsonl", "final"):
+            _refuse_link(self.output / name)
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output / "logs"))
+
     def resume(self) -> None:
         acc = self.accelerator
-        if acc.is_main_process:
-            ckpt.remove_partial(self.output)
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # the main process has removed partial checkpoints (_prepare_output)
         latest = ckpt.latest_checkpoint(self.output)
         if latest is None:
             return
@@ -198,22 +211,20 @@ class Trainer:
         if acc.is_main_process and metrics.is_file():
             # Steps logged after the checkpoint by the interrupted run are run again: drop their records.
             kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            tmp = metrics.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, metrics)
+            atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
         acc.print(f"resumed from {latest} at step {self.step}")
 
     def run(self) -> Path:
+        """Train to cfg.train.steps and export. The run owns output_dir meanwhile: a second run on it fails
+        before training (dit.train.launch.exclusive_output_dir)."""
+        acc = self.accelerator
+        with exclusive_output_dir(self.output, acc.is_main_process, acc.device, prepare=self._prepare_output):
+            return self._run()
+
+    def _run(self) -> Path:
         from tqdm.auto import tqdm
 
         acc, t = self.accelerator, self.cfg.train
-        if acc.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-            if t.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.output / "logs"))
         self.resume()
         ga = self.cfg.optim.grad_accumulation
         batches = iter(make_loader(self.source, self.stream, self.step * ga, self.cfg.data.num_workers))
@@ -229,7 +240,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if acc.is_main_process:
-                with metrics_path.open("a") as fh:
+                with open_append_nofollow(metrics_path) as fh:
                     fh.write(json.dumps({"step": self.step, "loss": loss, "lr": lr}) + "\n")
                 if self.writer is not None:
                     self.writer.add_scalar("train/loss", loss, self.step)
@@ -275,17 +286,16 @@ class Trainer:
         if self._sharded():
             acc.print("validation skipped under FSDP / ZeRO-3 (not supported yet)")
             return
+        folder = _subfolder(self.output, "validation", f"step-{self.step:08d}") if acc.is_main_process else None
         if acc.is_main_process and self.trains_vae:
             with self._with_ema() as model:
-                self._validate_autoencoder(model.vae, self.output / "validation" / f"step-{self.step:08d}")
+                self._validate_autoencoder(model.vae, folder)
         elif acc.is_main_process and self.objective.needs_low_res:
             with self._with_ema() as model:
                 model.eval()
-                self._validate_relay(model, self.output / "validation" / f"step-{self.step:08d}")
+                self._validate_relay(model, folder)
                 model.train()
         elif acc.is_main_process:
-            folder = self.output / "validation" / f"step-{self.step:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
             with self._with_ema() as model:
                 model.eval()
                 pipe = self.bundle.pipeline(model)
@@ -300,14 +310,13 @@ class Trainer:
                         _write_media(frames, folder / f"{i:02d}.mp4")
                     else:
                         _write_media(pipe(height=h, width=w, **kw).images[:1], folder / f"{i:02d}.png")
-                (folder / "prompts.json").write_text(json.dumps(t.validation_prompts, indent=2) + "\n")
+                atomic_write_text(folder / "prompts.json", json.dumps(t.validation_prompts, indent=2) + "\n")
                 model.train()
         acc.wait_for_everyone()
 
     def _validate_autoencoder(self, vae, folder: Path) -> None:
         """Reconstructions (posterior mean) of the first validation_items clips: input and output videos, and the
         PSNR of each in metrics.json."""
-        folder.mkdir(parents=True, exist_ok=True)
         n, device, psnr = min(self.cfg.train.validation_items, len(self.source)), self.accelerator.device, []
         for i in range(n):
             video = self.source[i]["video"][None].to(device)  # (1, F, 3, H, W) in [-1, 1]
@@ -318,7 +327,7 @@ class Trainer:
             for name, clip in (("input", video), ("reconstruction", recon)):
                 frames = (clip[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2  # (F, H, W, 3) in [0, 1]
                 _write_media(frames, folder / f"{i:02d}-{name}.mp4")
-        (folder / "metrics.json").write_text(json.dumps({"psnr": psnr}, indent=2) + "\n")
+        atomic_write_text(folder / "metrics.json", json.dumps({"psnr": psnr}, indent=2) + "\n")
 
     @torch.no_grad()
     def latent_scale(self, vae, items: int = 64) -> float:
@@ -336,7 +345,6 @@ class Trainer:
         """The relay stage on the first validation_items clips: input (upsampled low resolution), output, target."""
         import samplers
         t, b, device = self.cfg.train, self.bundle, self.accelerator.device
-        folder.mkdir(parents=True, exist_ok=True)
         n = min(t.validation_items, len(self.source))
         # With a latent cache the clips come from the source the cache was built from (item i is the same clip).
         pixels = build_source(self.cfg.data, self.cfg.train.seed, use_cache=False) if self.cfg.data.cache else self.source
@@ -360,7 +368,7 @@ class Trainer:
             for name, clip in (("input", low), ("relay", self._decode(z)), ("target", video)):
                 frames = ((clip[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2)  # (F, H, W, 3) in [0, 1]
                 _write_media(frames if ext == "mp4" else frames[:1], folder / f"{i:02d}-{name}.{ext}")
-        (folder / "captions.json").write_text(json.dumps([it["caption"] for it in items], indent=2) + "\n")
+        atomic_write_text(folder / "captions.json", json.dumps([it["caption"] for it in items], indent=2) + "\n")
 
     @torch.no_grad()
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -375,8 +383,7 @@ class Trainer:
     def export(self) -> Path:
         """OUTPUT/final/: `pipeline/` (full fine-tune: a diffusers pipeline folder), `lora/` (LoRA weights that
         diffusers' load_lora_weights reads) or `vae/` (an autoencoder run, with its measured scaling_factor), from
-        the EMA weights when EMA is on. Written to a temporary folder
-        and renamed."""
+        the EMA weights when EMA is on. Written into a private temporary folder and renamed (dit.outputs)."""
         acc = self.accelerator
         final = self.output / "final"
         if self._sharded():
@@ -385,25 +392,22 @@ class Trainer:
                       "sharded state")
             return self.output / "checkpoints"
         if acc.is_main_process:
-            tmp = self.output / f".tmp-final-{os.getpid()}"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
             with self._with_ema() as model:
-                if self.trains_vae:
-                    model.vae.register_to_config(scaling_factor=self.latent_scale(model.vae))
-                    model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-                elif self.cfg.model.lora is not None:
-                    save_lora(model, self.bundle.family, tmp / "lora")
-                elif self.cfg.train.save_pipeline:
-                    self.bundle.pipeline(model).save_pretrained(tmp / "pipeline")
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "ema": self.ema is not None}) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+                atomic_write(final, lambda tmp: self._write_export(model, tmp))
         acc.wait_for_everyone()
         return final
+
+    def _write_export(self, model, tmp: Path) -> None:
+        if self.trains_vae:
+            model.vae.register_to_config(scaling_factor=self.latent_scale(model.vae))
+            model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        elif self.cfg.model.lora is not None:
+            save_lora(model, self.bundle.family, tmp / "lora")
+        elif self.cfg.train.save_pipeline:
+            self.bundle.pipeline(model).save_pretrained(tmp / "pipeline")
+        tmp.mkdir(parents=True, exist_ok=True)
+        # Inside atomic_write's private folder (mode 0700, fresh name): nothing can be planted there.
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "ema": self.ema is not None}) + "\n")
 
 
 def save_lora(transformer, family: str, folder: Path) -> None:
@@ -419,15 +423,31 @@ def save_lora(transformer, family: str, folder: Path) -> None:
 
 
 def _write_media(frames, path: Path) -> None:
-    import imageio.v3 as iio
-
-    data = (np.clip(frames, 0, 1) * 255).round().astype("uint8")
+    """frames (F, H, W, 3) in [0, 1] -> an mp4, or a png of the first frame; renamed into place, so a link planted
+    at `path` is refused rather than written through (dit.outputs)."""
     if path.suffix == ".png":
-        iio.imwrite(path, data[0])
-    else:
-        from dit.cli import write_video
+        import imageio.v3 as iio
 
+        data = (np.clip(frames, 0, 1) * 255).round().astype("uint8")
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, data[0]))
+    else:
         write_video(frames, path, fps=8)
+
+
+def _refuse_link(path: Path) -> None:
+    if os.path.islink(path):
+        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)!r}); dit train does not write through "
+                         f"links in output_dir: remove it")
+
+
+def _subfolder(root: Path, *names: str) -> Path:
+    """root/names..., created as needed; a link on the way is refused (our writes would land outside root)."""
+    path = root
+    for name in names:
+        path = path / name
+        _refuse_link(path)
+        path.mkdir(exist_ok=True)
+    return path
 
 
 def train(cfg: TrainConfig) -> Path:
