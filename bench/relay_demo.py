@@ -50,7 +50,7 @@ def track_offset_px(base: np.ndarray, high: np.ndarray) -> float | None:
 
 
 def generation(pipe, defaults: dict, prompts: list[str], alpha: float) -> dict:
-    from dit.cli import relay_defaults
+    from dit.requests import relay_defaults
 
     relay = dict(relay_defaults(defaults), relay_noise_alpha=alpha)
     kw = dict(num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
@@ -118,7 +118,7 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
 
 
 def main() -> None:
-    from dit.cli import DEMO_MODEL, generation_defaults
+    from dit.requests import DEMO_MODEL, generation_defaults
     from dit.demo.evaluate import prompt_grid
     from dit.pipeline import DiTPipeline
 

@@ -9,147 +9,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import re
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-FORMATS = ("mp4", "gif", "webp", "png")
-DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
-EMBEDDED_MODEL_NAME = "embedded demo (dit/assets/demo)"  # what sidecars record when no --model was given
+from dit.outputs import atomic_write_json, remove_stale_temps, sidecar_path, write_video
+from dit.requests import (EMBEDDED_MODEL_NAME, FORMATS, Request, UsageError, check_seed,
+                          check_writable, generation_defaults, model_folder, needs_generating, output_paths,
+                          read_prompts, relay_defaults)
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-class CLIError(ValueError):
-    """A user error: printed as one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Requests
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    """One output to generate; fields left None take the model's defaults."""
-
-    prompt: str
-    seed: int
-    negative_prompt: str | None = None
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-
-
-_JSONL_KEYS = {"prompt", "seed", "negative_prompt", "height", "width", "frames"}
-
-
-def read_prompts(path: Path, default_seed: int) -> list[Request]:
-    """Prompts from a text file (one per line) or JSONL ({"prompt", "seed"?, "height"?, "width"?, "frames"?, ...})."""
-    if not path.is_file():
-        raise CLIError(f"prompt file {str(path)!r} does not exist")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise CLIError(f"prompt file {str(path)!r} is empty; put one prompt per line (or one JSON object per line)")
-    requests = []
-    for n, line in enumerate(lines, 1):
-        if path.suffix == ".jsonl":
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise CLIError(f"{path}:{n}: each line must be an object with a string \"prompt\"")
-            unknown = set(item) - _JSONL_KEYS
-            if unknown:
-                raise CLIError(f"{path}:{n}: unknown keys {sorted(unknown)}; accepted: {sorted(_JSONL_KEYS)}")
-            for key in ("seed", "height", "width", "frames"):
-                if key in item and (not isinstance(item[key], int) or isinstance(item[key], bool)):
-                    raise CLIError(f"{path}:{n}: {key} must be an integer, got {item[key]!r}")
-            requests.append(Request(**{"seed": default_seed + n - 1, **item}))
-        else:
-            requests.append(Request(prompt=line.strip(), seed=default_seed + n - 1))
-    return requests
-
-
-def _slug(text: str, limit: int = 48) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "sample"
-
-
-def output_paths(requests: list[Request], output: str | None, fmt: str | None) -> list[Path]:
-    """A file for a single request (-o FILE), or one file per request in a folder (-o DIR, default outputs/)."""
-    if output and Path(output).suffix.lstrip(".").lower() in FORMATS:
-        if len(requests) > 1:
-            raise CLIError(f"-o {output} names one file, but there are {len(requests)} prompts; give a folder instead")
-        return [Path(output)]
-    folder = Path(output or "outputs")
-    ext = fmt or "mp4"
-    return [folder / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.{ext}" for i, r in enumerate(requests)]
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dit-write-check-"):
-            pass
-    except OSError as e:
-        raise CLIError(f"cannot write to output folder {str(folder)!r}: {e.strerror or e}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Writing outputs
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a crash never leaves a half-written output."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                import shutil
-
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
-
-
-def write_video(frames, path: Path, fps: int) -> None:
-    """frames: (F, H, W, 3) floats in [0, 1] -> mp4 (H.264 via imageio-ffmpeg), gif, webp, or a folder of PNGs."""
-    import imageio.v3 as iio
-    import numpy as np
-
-    data = (np.clip(frames, 0, 1) * 255).round().astype("uint8")
-    fmt = path.suffix.lstrip(".").lower()
-
-    def write(tmp: Path) -> None:
-        if fmt == "mp4":
-            iio.imwrite(tmp, data, plugin="FFMPEG", fps=fps, codec="libx264",
-                        macro_block_size=1, ffmpeg_log_level="error")
-        elif fmt == "gif":
-            iio.imwrite(tmp, data, extension=".gif", duration=1000 / fps, loop=0)
-        elif fmt == "webp":
-            iio.imwrite(tmp, data, extension=".webp", duration=1000 / fps, loop=0, lossless=True)
-        else:  # png: one file per frame in a folder named like the output
-            tmp.mkdir()
-            for i, frame in enumerate(data):
-                iio.imwrite(tmp / f"frame_{i:04d}.png", frame)
-
-    _atomic(path, write)
-
-
-def write_sidecar(path: Path, record: dict) -> None:
-    side = path.with_name(path.name + ".json")
-    _atomic(side, lambda tmp: tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,46 +30,71 @@ def write_sidecar(path: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _model_folder(model: str | None) -> Path:
-    if model is None:
-        folder = DEMO_MODEL
-        if not (folder / "model_index.json").is_file():
-            raise CLIError("the embedded demo model is not in this build; pass --model PATH to a pipeline folder")
-        return folder
-    folder = Path(model)
-    if not folder.is_dir():
-        raise CLIError(f"model folder {model!r} does not exist")
-    if not (folder / "model_index.json").is_file():
-        raise CLIError(f"model folder {model!r} has no model_index.json (expected a diffusers pipeline folder)")
-    return folder
-
-
-RELAY_DEFAULT_KEYS = ("relay_steps", "relay_start", "relay_upsample", "relay_noise_alpha")
-
-
-def generation_defaults(folder: Path) -> dict[str, Any]:
-    """Optional `generation_config.json` in a model folder: its recommended steps, guidance, size, fps and relay
-    settings (RELAY_DEFAULT_KEYS, used with --relay)."""
-    path = folder / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def relay_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
-    """The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled),
-    as pipeline keyword arguments."""
-    return {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
+def _check_device(device: str) -> None:
+    """A device torch can run on here, or a one-line error before any weights load."""
     import torch
-    from tqdm.auto import tqdm
 
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device; e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (0 to "
+                             f"{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: accepted device types are cpu, cuda and mps")
+
+
+def _check_guidance(guidance: float, cfg_degree: int) -> None:
+    import samplers
+
+    samplers.check_guidance_scale(guidance)
+    if guidance < 1:
+        raise UsageError(f"--guidance {guidance} is below 1, which runs as 1 (no classifier-free guidance); give "
+                         "--guidance 1 for that, or a scale above 1")
+    if cfg_degree == 2 and not guidance > 1:  # without guidance the batch has no second half to run
+        raise UsageError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
+                         f"got {guidance}")
+
+
+def _check_memory(folder: Path, todo: list, args: argparse.Namespace, guidance: float) -> None:
+    """Refuse, before any weights load, a request whose estimated memory exceeds what is free (--force skips)."""
+    from dit.estimate import GiB, available_bytes, largest_fitting, video_request_bytes, video_shape
+
+    budget = None if args.force else available_bytes(args.device)
+    if budget is None:
+        return
+    shape, nbytes = video_shape(folder), DTYPE_BYTES[args.dtype]
+    for r, _, _ in todo:
+        opts = dict(relay=args.relay, guidance=guidance, dtype_bytes=nbytes)
+        need = video_request_bytes(shape, r.height, r.width, r.frames, **opts)
+        if need <= budget:
+            continue
+        frames, size = largest_fitting(shape, r.height, r.width, r.frames, budget=budget, **opts)
+        fits = [f"--frames {frames} at {r.height}x{r.width}" if frames else "",
+                f"{size[0]}x{size[1]} at {r.frames} frames" if size else ""]
+        fits = " or ".join(f for f in fits if f) or "no frame count or size (the weights alone do not fit)"
+        raise UsageError(f"{r.height}x{r.width}, {r.frames} frames{f', relay {args.relay}x' if args.relay else ''} "
+                         f"needs about {need / GiB:.1f} GiB but {budget / GiB:.1f} GiB is free on {args.device}; "
+                         f"what fits: {fits} (--force tries anyway)")
+
+
+def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], dict]:
+    """Every check that needs no weights: requests, output paths, the model folder, settings, the device."""
     if args.prompt is None and args.prompts_file is None:
-        raise CLIError("give a PROMPT or --prompts-file FILE")
+        raise UsageError("give a PROMPT or --prompts-file FILE")
     if args.prompt is not None and args.prompts_file is not None:
-        raise CLIError("give either a PROMPT or --prompts-file, not both")
+        raise UsageError("give either a PROMPT or --prompts-file, not both")
     if args.prompt is not None and not args.prompt.strip():
-        raise CLIError("the prompt is empty")
+        raise UsageError("the prompt is empty")
+    check_seed(args.seed)
     requests = (read_prompts(Path(args.prompts_file), args.seed) if args.prompts_file
                 else [Request(prompt=args.prompt, seed=args.seed, negative_prompt=args.negative_prompt)])
     for r in requests:
@@ -205,71 +103,92 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(requests, args.output, args.format)
     for folder in {p.parent for p in paths}:
         check_writable(folder)
-    folder = _model_folder(args.model)
+    folder = model_folder(args.model)
     defaults = generation_defaults(folder)
-    steps = args.steps or defaults.get("num_inference_steps", 50)
-    guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0)
-    fps = args.fps or defaults.get("fps", 8)
-    if args.cfg_degree == 2 and not guidance > 1:  # without guidance the batch has no second half to run
-        raise CLIError(f"--cfg-degree 2 runs the two halves of classifier-free guidance; it needs --guidance > 1, "
-                       f"got {guidance}")
-    world = _check_parallel_degrees(args)
-    if world > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
-    relay_options = relay_defaults(defaults)
-    todo = []
-    for r, p in zip(requests, paths):
-        if args.overwrite or not p.exists():
-            todo.append((r, p))
-        else:
-            print(f"skip (exists): {p}", file=sys.stderr)
-    if not todo:
-        return 0
-
-    _quiet_libraries()  # before the pipelines are imported: transformers' import-time notices are noise here too
-    from dit.pipeline import CogVideoXDiTPipeline, DiTPipeline
-
+    settings = {"steps": args.steps or defaults.get("num_inference_steps", 50),
+                "guidance": args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0),
+                "fps": args.fps or defaults.get("fps", 8), "relay_options": relay_defaults(defaults)}
+    _check_guidance(settings["guidance"], args.cfg_degree)
+    settings["world"] = _check_parallel_degrees(args)
+    _check_device(args.device)
+    if args.offload and not args.device.startswith("cuda"):
+        raise UsageError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device "
+                         f"{args.device}")
     # Sizes are checked from the folder's configs before any weights are loaded.
-    for r, _ in todo:
+    from dit.pipeline import CogVideoXDiTPipeline
+
+    for r in requests:
         r.height = r.height or defaults.get("height")
         r.width = r.width or defaults.get("width")
         r.frames = r.frames or defaults.get("num_frames")
         r.height, r.width, r.frames = CogVideoXDiTPipeline.check_folder_request(folder, r.height, r.width, r.frames)
-    if args.offload and not args.device.startswith("cuda"):
-        raise CLIError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device {args.device}")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    pipe = DiTPipeline.from_pretrained(folder, torch_dtype=dtype)
+    return folder, list(zip(requests, paths)), settings
+
+
+def _record(r: Request, args: argparse.Namespace, folder_name: str, settings: dict) -> dict:
+    """The sidecar: what was asked (compared on resume) and the run keys (RUN_KEYS, filled in when written)."""
+    return {
+        **asdict(r), "model": folder_name, "steps": settings["steps"], "guidance": settings["guidance"],
+        "fps": settings["fps"], "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
+        **(settings["relay_options"] if args.relay else {}),
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    _quiet_libraries()  # before the pipelines are imported: transformers' import-time notices are noise here too
+    folder, requests, settings = _plan(args)
+    # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
+    folder_name = str(folder) if args.model is not None else EMBEDDED_MODEL_NAME
+    todo = [(r, p, rec) for r, p in requests
+            if needs_generating(p, rec := _record(r, args, folder_name, settings), args.overwrite)]
+    if not todo:
+        return 0
+    world = settings["world"]
+    _check_memory(folder, todo, args, settings["guidance"])
+    for parent in {p.parent for _, p, _ in todo}:
+        remove_stale_temps(parent)  # a killed run's temporary files (only those of dead processes)
+    if world > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
+    from dit.pipeline import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[args.dtype]))
     if args.offload:
         pipe.enable_model_cpu_offload(device=args.device)
     else:
         pipe.to(args.device)
+    steps, guidance = settings["steps"], settings["guidance"]
     with _parallel(pipe, args, world) as writer:
-        for r, _ in todo:  # and every request against the loaded model before generating anything
+        for r, _, _ in todo:  # and every request against the loaded model before generating anything
             pipe.check_inputs(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
-        batch = tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1)
-        for r, path in batch:
+        for r, path, record in tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1):
             start = time.perf_counter()
-            generator = torch.Generator(device="cpu").manual_seed(r.seed)
             _shard_vae_decode(pipe, r.frames)
             out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
-                       num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       output_type="np", **({"solver": args.solver} if args.solver else {}),
-                       **({"relay": args.relay, **relay_options} if args.relay else {}))
-            if not writer:  # under torchrun every rank computes the same frames; rank 0 writes them
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_video(out.frames[0], path, fps)
-            write_sidecar(path, {
-                # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
-                **asdict(r), "model": str(folder) if args.model is not None else EMBEDDED_MODEL_NAME,
-                "steps": steps, "guidance": guidance, "fps": fps, "dtype": args.dtype, "solver": args.solver,
-                "relay": args.relay,
-                **(relay_options if args.relay else {}), "seconds": round(time.perf_counter() - start, 3),
-                "output": path.name, "version": _version(),
-                "context_parallel": [args.ring_degree, args.ulysses_degree], "cfg_parallel": args.cfg_degree,
-            })
-            print(str(path))
+                       num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=torch.Generator(device="cpu").manual_seed(r.seed), output_type="np",
+                       **({"solver": args.solver} if args.solver else {}),
+                       **({"relay": args.relay, **settings["relay_options"]} if args.relay else {}))
+            if writer:  # under torchrun every rank computes the same frames; rank 0 writes them
+                _write_output(out.frames[0], path, {
+                    **record, "seconds": round(time.perf_counter() - start, 3), "output": path.name,
+                    "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
+                    "cfg_parallel": args.cfg_degree}, settings["fps"], args.overwrite)
     return 0
+
+
+def _write_output(frames, path: Path, record: dict, fps: int, overwrite: bool) -> None:
+    """The sidecar, then the output: a kill in between leaves a sidecar without its output, which a rerun redoes."""
+    import numpy as np
+
+    if not np.isfinite(frames).all():
+        raise FloatingPointError(f"the decoded frames of {path.name} are not finite (NaN or inf); nothing was written")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sidecar_path(path), record, replace_link=overwrite)
+    write_video(frames, path, fps, replace_link=overwrite)
+    print(str(path))
 
 
 def _check_parallel_degrees(args: argparse.Namespace) -> int:
@@ -279,9 +198,10 @@ def _check_parallel_degrees(args: argparse.Namespace) -> int:
     product = (f"--cfg-degree {args.cfg_degree} x --ring-degree {args.ring_degree} x "
                f"--ulysses-degree {args.ulysses_degree}")
     if world == 1 and degrees != 1:
-        raise CLIError(f"{product} = {degrees} processes; launch with `torchrun --nproc_per_node N -m dit generate ...`")
+        raise UsageError(f"{product} = {degrees} processes; launch with "
+                         "`torchrun --nproc_per_node N -m dit generate ...`")
     if world > 1 and degrees != world:
-        raise CLIError(f"{product} = {degrees} must equal the torchrun world size {world}")
+        raise UsageError(f"{product} = {degrees} must equal the torchrun world size {world}")
     return world
 
 
@@ -365,7 +285,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dit.train.cache import build_cache
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise CLIError("--build-cache runs in one process: use `python -m dit train CONFIG --build-cache`")
+            raise UsageError("--build-cache runs in one process: use `python -m dit train CONFIG --build-cache`")
 
         print(str(build_cache(cfg)))
         return 0
@@ -421,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until used (GPU memory saver)")
     gen.add_argument("--relay", type=_positive_int, help="relay super-resolution factor (e.g. 2), if the model has a relay stage")
-    gen.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: skip them)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace outputs that exist (default: skip those made with the same settings)")
+    gen.add_argument("--force", action="store_true",
+                     help="run a request even when its estimated memory exceeds what is free")
     gen.add_argument("--ulysses-degree", type=_positive_int, default=1,
                      help="context parallelism over attention heads (under torchrun; must divide the head count)")
     gen.add_argument("--ring-degree", type=_positive_int, default=1,
@@ -441,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -449,10 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (CLIError, ValueError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dit: error: {message}", file=sys.stderr)
+    except (UsageError, ValueError) as e:
+        print(f"dit: error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # non-finite latents or frames: not bad input, but nothing was written
+        print(f"dit: error: {_first_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dit: interrupted; finished outputs are kept, rerun to continue", file=sys.stderr)
         return 130

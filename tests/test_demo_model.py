@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bench.relay_demo import pool2, track_offset_px
-from dit.cli import DEMO_MODEL, EMBEDDED_MODEL_NAME, main
+from dit.cli import main
+from dit.requests import DEMO_MODEL, EMBEDDED_MODEL_NAME
 from dit.demo.evaluate import evaluate_clip, prompt_grid
 from dit.demo.grid import grade_pipeline
 
@@ -30,7 +31,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def defaults():
-    from dit.cli import generation_defaults
+    from dit.requests import generation_defaults
 
     return generation_defaults(DEMO_MODEL)
 
@@ -64,7 +65,7 @@ def test_dit_generate_without_model_uses_the_demo(tmp_path, defaults):
 
 
 def test_relay_2_doubles_the_size_and_keeps_the_base_result(tmp_path, demo, defaults):
-    from dit.cli import relay_defaults
+    from dit.requests import relay_defaults
 
     relay = relay_defaults(defaults)
     base = _generate(demo, defaults)

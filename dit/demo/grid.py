@@ -47,7 +47,7 @@ def grade_pipeline(pipe, grid: list[GridPrompt], *, steps: int, guidance: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dit.cli import DEMO_MODEL, generation_defaults, relay_defaults
+    from dit.requests import DEMO_MODEL, generation_defaults, relay_defaults
     from dit.pipeline import DiTPipeline
 
     parser = argparse.ArgumentParser(prog="python -m dit.demo.grid", description=__doc__.splitlines()[0])

@@ -1,0 +1,159 @@
+"""How much memory a video request needs, from a pipeline folder's files alone (before any weights load).
+
+`dit generate` refuses a request whose estimate exceeds the free memory of the device, naming the figure and
+the largest frame count and size that fit, instead of running into an out-of-memory kill minutes later. The
+estimate is coarse on purpose: it is meant to catch requests that are far out of reach (a million frames, a 64x
+relay), not to predict a peak to the megabyte, so it errs low and `--force` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1024**3
+# Live activations of one transformer block per token and hidden unit (the residual, norm output, q, k, v,
+# attention output and the 4x feed-forward's two activations), in units of the compute dtype.
+_BLOCK_ACTIVATIONS = 16
+# The streaming VAE decoder keeps about this many full-resolution feature maps of its widest full-resolution
+# level alive (caches of the causal convolutions plus the block being computed; see docs/vae3d.md's profile).
+_VAE_MAPS = 48
+# Per output pixel and frame: the decoded video in fp32, the post-processed float copy and the written uint8s.
+_OUTPUT_BYTES = 3 * (4 + 4 + 1)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+WEIGHT_FOLDERS = ("transformer", "relay_transformer", "vae", "text_encoder")
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """What the estimate needs from a CogVideoX-format folder's configs."""
+
+    spatial: int  # VAE spatial factor
+    temporal: int  # VAE temporal factor
+    patch: int
+    patch_t: int
+    hidden: int
+    text_tokens: int
+    vae_width: int  # channels of the decoder's full-resolution level
+    weight_numel: int
+
+
+def safetensors_numel(path: Path) -> int:
+    """Number of elements stored in a safetensors file, read from its header (no tensor is loaded)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (size,) = struct.unpack("<Q", head)
+        if size > os.path.getsize(path) - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {size} past the end of the file)")
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+    numel = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            n = 1
+            for d in info["shape"]:
+                n *= int(d)
+            numel += n
+    return numel
+
+
+def folder_weight_numel(folder: Path) -> int:
+    """Elements of the weights the video pipeline loads (transformer(s), VAE, text encoder)."""
+    total = 0
+    for name in WEIGHT_FOLDERS:
+        sub = folder / name
+        if sub.is_dir():
+            total += sum(safetensors_numel(f) for f in sorted(sub.glob("*.safetensors")))
+    return total
+
+
+def video_shape(folder: Path) -> VideoShape:
+    from dit.convert import read_folder_json
+
+    t = read_folder_json(folder / "transformer", what="a CogVideoX transformer config", required={
+        "patch_size": int, "num_attention_heads": int, "attention_head_dim": int},
+        optional={"patch_size_t": int | None, "max_text_seq_length": int})
+    v = read_folder_json(folder / "vae", what="a CogVideoX VAE config", required={
+        "block_out_channels": tuple[int, ...]}, optional={"temporal_compression_ratio": int | float})
+    return VideoShape(
+        spatial=2 ** (len(v["block_out_channels"]) - 1), temporal=int(v.get("temporal_compression_ratio", 4)),
+        patch=t["patch_size"], patch_t=t.get("patch_size_t") or 1,
+        hidden=t["num_attention_heads"] * t["attention_head_dim"], text_tokens=t.get("max_text_seq_length", 226),
+        vae_width=v["block_out_channels"][0], weight_numel=folder_weight_numel(folder),
+    )
+
+
+def video_request_bytes(shape: VideoShape, height: int, width: int, frames: int, *, relay: int | None,
+                        guidance: float, dtype_bytes: int) -> int:
+    """Estimated peak bytes of one generation: weights, the transformer's activations (both halves of CFG)
+    and the VAE decode with its output, at the relay stage's size when relay is given."""
+    scale = relay or 1
+    h, w = height * scale, width * scale
+    latent_frames = (frames - 1) // shape.temporal + 1
+    grid = (h // (shape.spatial * shape.patch)) * (w // (shape.spatial * shape.patch))
+    tokens = shape.text_tokens + -(-latent_frames // shape.patch_t) * grid
+    batch = 2 if guidance > 1 else 1
+    transformer = batch * tokens * shape.hidden * _BLOCK_ACTIVATIONS * dtype_bytes
+    vae = _VAE_MAPS * shape.vae_width * h * w * dtype_bytes + frames * h * w * _OUTPUT_BYTES
+    return shape.weight_numel * dtype_bytes + max(transformer, vae)
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory of the device the request runs on: CUDA's free memory, else the host's MemAvailable
+    (and the cgroup's remaining limit, when smaller). None where it cannot be told."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max" and free is not None:
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def largest_fitting(shape: VideoShape, height: int, width: int, frames: int, *, relay: int | None,
+                    guidance: float, dtype_bytes: int, budget: int) -> tuple[int | None, tuple[int, int] | None]:
+    """The largest frame count (1 + kn) at height x width, and the largest size with the same aspect at `frames`
+    (multiples of the VAE x patch factor), that fit `budget`; None for either where even the smallest does not."""
+    def fits(h: int, w: int, f: int) -> bool:
+        return video_request_bytes(shape, h, w, f, relay=relay, guidance=guidance, dtype_bytes=dtype_bytes) <= budget
+
+    k, m = shape.temporal, shape.spatial * shape.patch
+    best_frames = _largest(lambda n: fits(height, width, 1 + k * n), (frames - 1) // k)
+    steps = max(1, min(height, width) // m)  # sizes scaled by s / steps, s = 1..steps, in multiples of m
+
+    def scaled(s: int) -> tuple[int, int]:
+        return max(m, height * s // steps // m * m), max(m, width * s // steps // m * m)
+
+    best_size = _largest(lambda i: fits(*scaled(i + 1), frames), steps - 1)
+    return (None if best_frames is None else 1 + k * best_frames,
+            None if best_size is None else scaled(best_size + 1))
+
+
+def _largest(ok, upper: int) -> int | None:
+    """The largest n in [0, upper] with ok(n), ok being monotone (true then false); None if ok(0) is false."""
+    if not ok(0):
+        return None
+    lo, hi = 0, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo

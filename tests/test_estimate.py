@@ -1,0 +1,56 @@
+"""dit.estimate: weights counted from safetensors headers, the request estimate's growth, and what fits."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dit.estimate import (VideoShape, folder_weight_numel, largest_fitting, safetensors_numel, video_request_bytes,
+                          video_shape)
+from tests.tiny import tiny_cogvideox_pipeline
+
+SHAPE = VideoShape(spatial=8, temporal=4, patch=2, patch_t=1, hidden=1920, text_tokens=226, vae_width=128,
+                   weight_numel=2_000_000_000)
+OPTS = dict(relay=None, guidance=6.0, dtype_bytes=2)
+
+
+def test_numel_from_the_header_equals_the_tensors(tmp_path):
+    tensors = {"a": torch.zeros(3, 5), "b": torch.zeros(7, dtype=torch.bfloat16), "c": torch.zeros(())}
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    assert safetensors_numel(tmp_path / "w.safetensors") == 15 + 7 + 1
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x02", b"\xff" * 8 + b"{}", (8).to_bytes(8, "little") + b"not json"])
+def test_a_file_that_is_not_safetensors_is_named(tmp_path, content):
+    (tmp_path / "w.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match="w.safetensors: not a safetensors file"):
+        safetensors_numel(tmp_path / "w.safetensors")
+
+
+def test_folder_counts_the_pipeline_weights(tmp_path):
+    pipe = tiny_cogvideox_pipeline(tmp_path)
+    expected = sum(p.numel() for m in (pipe.transformer, pipe.vae, pipe.text_encoder) for p in m.parameters())
+    assert folder_weight_numel(tmp_path) == expected
+    assert video_shape(tmp_path).weight_numel == expected
+
+
+def test_the_estimate_grows_with_every_dimension_and_relay():
+    base = video_request_bytes(SHAPE, 480, 720, 49, **OPTS)
+    assert video_request_bytes(SHAPE, 480, 720, 97, **OPTS) > base
+    assert video_request_bytes(SHAPE, 960, 720, 49, **OPTS) > base
+    assert video_request_bytes(SHAPE, 480, 720, 49, **dict(OPTS, relay=2)) > base
+    assert video_request_bytes(SHAPE, 480, 720, 49, **dict(OPTS, guidance=1.0)) <= base  # no CFG half
+    assert video_request_bytes(SHAPE, 480, 720, 49, **dict(OPTS, dtype_bytes=4)) > base
+
+
+def test_largest_fitting_is_the_boundary():
+    budget = video_request_bytes(SHAPE, 480, 720, 49, **OPTS)
+    frames, size = largest_fitting(SHAPE, 480, 720, 1001, budget=budget, **OPTS)
+    assert (frames - 1) % 4 == 0 and frames >= 49
+    assert video_request_bytes(SHAPE, 480, 720, frames, **OPTS) <= budget
+    assert video_request_bytes(SHAPE, 480, 720, frames + 4, **OPTS) > budget
+    frames, size = largest_fitting(SHAPE, 4800, 7200, 49, budget=budget, **OPTS)
+    h, w = size
+    assert h % 16 == 0 and w % 16 == 0 and h <= 4800 and w <= 7200
+    assert video_request_bytes(SHAPE, h, w, 49, **OPTS) <= budget
+    assert frames is None  # at 4800x7200 not even one frame fits this budget
+    assert largest_fitting(SHAPE, 480, 720, 49, budget=1, **OPTS) == (None, None)  # the weights alone do not fit
