@@ -3,7 +3,8 @@
 `dit generate` refuses a request whose estimate exceeds the free memory of the device, naming the figure and
 the largest frame count and size that fit, instead of running into an out-of-memory kill minutes later. The
 estimate is coarse on purpose: it is meant to catch requests that are far out of reach (a million frames, a 64x
-relay), not to predict a peak to the megabyte, so it errs low and `--force` overrides it.
+relay), not to predict a peak to the megabyte. Its VAE term follows the default CogVideoX VAE's measured decode
+(docs/vae3d.md) and is several times high for narrow VAEs such as the demo's; `--force` overrides it.
 """
 
 from __future__ import annotations
