@@ -10,9 +10,10 @@ from samplers.paths import (Denoiser, add_noise, check_prediction, diffusion_los
 from samplers.relay import (block_filter, block_noise, mixed_noise, relay_blur, relay_loss, relay_schedule,
                             relay_step, sample_relay, upsample)
 from samplers.schedules import (Schedule, TrainPath, alphas_cumprod_from_betas, ddpm_betas, dynamic_shift_mu, flow_schedule,
-                                flow_shift, flow_sigmas, rescale_zero_terminal_snr, snr_shift, spaced_timesteps,
+                                flow_shift, flow_sigmas, multistep_flow_sigmas, rescale_zero_terminal_snr, snr_shift, spaced_timesteps,
                                 time_shift, vp_schedule)
 from samplers.solvers import (SOLVERS, cogvideox_dpm_step, ddim_step, dpmpp_2m_step, get_solver, heun_step,
                               sample_cogvideox_dpm, sample_ddim, sample_dpmpp_2m, sample_euler, sample_heun)
+from samplers.unipc import sample_unipc, unipc_rhos, unipc_update
 
 __all__ = [name for name in dir() if not name.startswith("_")]

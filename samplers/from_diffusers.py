@@ -23,6 +23,7 @@ SCHEDULER_CLASSES = (
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "UniPCMultistepScheduler",
 )
 
 
@@ -79,13 +80,45 @@ def _cogvideox_alphas_cumprod(cfg: dict, cls: str) -> torch.Tensor:
     return acp
 
 
+def _rescale_like_diffusers(acp: torch.Tensor) -> torch.Tensor:
+    """Zero terminal SNR as diffusers applies it: in float32, to the betas recovered from the rescaled alpha_bar,
+    which are then accumulated again. Rescaling alpha_bar in float64 differs by up to 3e-5 (relative) near t = T,
+    where 1000-step schedules sample."""
+    ab = S.rescale_zero_terminal_snr(acp.float())
+    betas = 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return torch.cumprod(1 - betas, dim=0).double()
+
+
+def _multistep_vp_schedule(cfg: dict, cls: str, num_steps: int) -> S.Schedule:
+    """The VP schedule of diffusers' multistep solvers (DPM-Solver, UniPC): "dpmsolver" timestep spacing, states
+    stored as float32 VE sigmas, the last step to sigma = 0 ("zero") or to the t = 0 state ("sigma_min")."""
+    T = cfg.get("num_train_timesteps", 1000)
+    acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
+    if cfg.get("rescale_betas_zero_snr", False):
+        acp = _rescale_like_diffusers(acp)
+        acp[-1] = 2.0**-24  # diffusers keeps the last alpha_bar off zero to keep lambda finite
+    ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "linspace"),
+                            steps_offset=cfg.get("steps_offset", 0), convention="dpmsolver")
+    # diffusers stores the VE sigmas in float32 and maps back to alpha = 1 / sqrt(1 + sigma^2).
+    ve = ((1 - acp.float()) / acp.float()) ** 0.5
+    final_type = cfg.get("final_sigmas_type", "zero")
+    if final_type not in ("zero", "sigma_min"):
+        raise ValueError(f"{cls}: final_sigmas_type={final_type!r} is not supported (supported: 'zero', 'sigma_min')")
+    last = torch.zeros(1) if final_type == "zero" else ve[:1]
+    ve_steps = torch.cat([ve[ts], last]).float().double()
+    alphas = 1 / (ve_steps**2 + 1).sqrt()
+    return S.Schedule.from_states(ts, alphas, ve_steps * alphas)
+
+
 def train_path_from_config(config: str | os.PathLike | dict) -> S.TrainPath:
     """The training discretisation of a scheduler config's path (what relay schedules and training losses use)."""
     cfg = load_scheduler_config(config)
     cls = cfg.get("_class_name")
     if cls in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
         return S.TrainPath.vp(_cogvideox_alphas_cumprod(cfg, cls))
-    if cls in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
+    if cls == "UniPCMultistepScheduler" and cfg.get("use_flow_sigmas", False):
+        return S.TrainPath.flow(cfg.get("num_train_timesteps", 1000))
+    if cls in ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
         return S.TrainPath.vp(S.rescale_zero_terminal_snr(acp) if cfg.get("rescale_betas_zero_snr") else acp)
     if cls == "FlowMatchEulerDiscreteScheduler":
@@ -137,24 +170,13 @@ def from_diffusers_config(
         order = cfg.get("solver_order", 2)
         if order not in (1, 2):
             raise ValueError(f"{cls}: solver_order={order} is not supported (supported: 1, 2)")
-        acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
-        if cfg.get("rescale_betas_zero_snr", False):
-            acp = S.rescale_zero_terminal_snr(acp)
-            acp[-1] = 2.0**-24  # diffusers keeps the last alpha_bar off zero to keep lambda finite
-        ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "linspace"),
-                                steps_offset=cfg.get("steps_offset", 0), convention="dpmsolver")
-        # diffusers stores the VE sigmas in float32 and maps back to alpha = 1 / sqrt(1 + sigma^2).
-        ve = ((1 - acp.float()) / acp.float()) ** 0.5
-        final_type = cfg.get("final_sigmas_type", "zero")
-        if final_type not in ("zero", "sigma_min"):
-            raise ValueError(f"{cls}: final_sigmas_type={final_type!r} is not supported (supported: 'zero', 'sigma_min')")
-        last = torch.zeros(1) if final_type == "zero" else ve[:1]
-        ve_steps = torch.cat([ve[ts], last]).float().double()
-        alphas = 1 / (ve_steps**2 + 1).sqrt()
-        schedule = S.Schedule.from_states(ts, alphas, ve_steps * alphas)
+        schedule = _multistep_vp_schedule(cfg, cls, num_steps)
         solver = "dpmpp_2m" if order == 2 else "ddim"
         options = {"lower_order_final": cfg.get("lower_order_final", True)} if order == 2 else {}
         return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), solver, options)
+
+    if cls == "UniPCMultistepScheduler":
+        return _unipc_spec(cfg, cls, num_steps, mu)
 
     # FlowMatchEulerDiscreteScheduler
     _reject(cfg, cls, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
@@ -165,3 +187,68 @@ def from_diffusers_config(
     sigmas = S.flow_sigmas(num_steps, shift=cfg.get("shift", 1.0), mu=mu if dynamic else None,
                            num_train_timesteps=T, time_shift_type=cfg.get("time_shift_type", "exponential"))
     return SamplerSpec(S.flow_schedule(sigmas, num_train_timesteps=T), "flow", "euler")
+
+
+# diffusers accepts these solver_type names for UniPC and runs them as bh2.
+_UNIPC_SOLVER_TYPES = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
+
+
+def _unipc_spec(cfg: dict, cls: str, num_steps: int, mu: float | None) -> SamplerSpec:
+    """UniPCMultistepScheduler: VP (DDPM betas) or flow sigmas, and the `sample_unipc` options it amounts to."""
+    _reject(cfg, cls, thresholding=False, use_karras_sigmas=False, use_exponential_sigmas=False,
+            use_beta_sigmas=False, solver_p=None, shift_terminal=None)
+    order, kind = cfg.get("solver_order", 2), cfg.get("solver_type", "bh2")
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"{cls}: solver_order={order!r} is not supported (supported: 1, 2, 3)")
+    if kind not in _UNIPC_SOLVER_TYPES:
+        raise ValueError(f"{cls}: solver_type={kind!r} is not supported (supported: {', '.join(_UNIPC_SOLVER_TYPES)})")
+    prediction, flow = check_prediction(cfg.get("prediction_type", "epsilon")), cfg.get("use_flow_sigmas", False)
+    if prediction == "flow" and not flow:
+        raise ValueError(f"{cls}: prediction_type='flow_prediction' is supported only with use_flow_sigmas=True "
+                         "(without it diffusers reads the velocity against VE sigmas)")
+    options = {"order": order, "variant": _UNIPC_SOLVER_TYPES[kind], "predict_x0": cfg.get("predict_x0", True),
+               "lower_order_final": cfg.get("lower_order_final", True),
+               "disable_corrector": tuple(cfg.get("disable_corrector") or ())}
+    if not options["predict_x0"] and prediction == "flow":
+        raise ValueError(f"{cls}: predict_x0=False is not supported with prediction_type='flow_prediction' "
+                         "(diffusers refuses it too; supported: predict_x0=True)")
+    if flow:
+        schedule = _multistep_flow_schedule(cfg, cls, num_steps, mu)
+    else:
+        _reject(cfg, cls, use_dynamic_shifting=False)  # only flow sigmas are shifted
+        schedule = _multistep_vp_schedule(cfg, cls, num_steps)
+    _check_unipc_last_step(cls, num_steps, options, schedule)
+    return SamplerSpec(schedule, prediction, "unipc", options)
+
+
+def _check_unipc_last_step(cls: str, num_steps: int, options: dict, schedule: S.Schedule) -> None:
+    """Refuse the settings under which diffusers' last step is NaN, rather than return a sample diffusers never
+    gives: a step to sigma = 0 has an infinite log-SNR step, which bh1 and the noise form multiply by zero; a step
+    to sigma = 0 or of zero length (flow sigmas with 'sigma_min') has no finite divided differences above order 1."""
+    to_zero = float(schedule.sigmas_next[-1]) == 0
+    zero_length = float(schedule.sigmas_next[-1]) == float(schedule.sigmas[-1])
+    why = " with final_sigmas_type='zero' (diffusers' last step is NaN there); use final_sigmas_type='sigma_min'"
+    if to_zero and options["variant"] == "bh1":
+        raise ValueError(f"{cls}: solver_type='bh1' is not supported{why} or solver_type='bh2'")
+    if to_zero and not options["predict_x0"]:
+        raise ValueError(f"{cls}: predict_x0=False is not supported{why} or predict_x0=True")
+    if (to_zero or zero_length) and not options["lower_order_final"] and options["order"] > 1 and num_steps > 1:
+        raise ValueError(f"{cls}: lower_order_final=False is not supported with solver_order > 1 when the last step "
+                         "goes to sigma = 0 or has zero length (diffusers' last step is NaN there); use "
+                         "lower_order_final=True")
+
+
+def _multistep_flow_schedule(cfg: dict, cls: str, num_steps: int, mu: float | None) -> S.Schedule:
+    """Flow sigmas with a static flow_shift, or the dynamic time shift by mu; ending at 0 or at the last sigma."""
+    dynamic = cfg.get("use_dynamic_shifting", False)
+    if dynamic and mu is None:
+        raise ValueError(f"{cls}: use_dynamic_shifting is set, so mu is required (see samplers.dynamic_shift_mu)")
+    T = cfg.get("num_train_timesteps", 1000)
+    sigmas, timesteps = S.multistep_flow_sigmas(
+        num_steps, shift=cfg.get("flow_shift", 1.0), mu=mu if dynamic else None, num_train_timesteps=T,
+        time_shift_type=cfg.get("time_shift_type", "exponential"))
+    final_type = cfg.get("final_sigmas_type", "zero")
+    if final_type not in ("zero", "sigma_min"):
+        raise ValueError(f"{cls}: final_sigmas_type={final_type!r} is not supported (supported: 'zero', 'sigma_min')")
+    states = torch.cat([sigmas, sigmas.new_zeros(1) if final_type == "zero" else sigmas[-1:]])
+    return S.Schedule.from_states(timesteps, 1 - states, states)

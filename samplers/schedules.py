@@ -189,6 +189,33 @@ def flow_sigmas(
     return torch.from_numpy(np.asarray(sigmas, dtype=np.float32).astype(np.float64))
 
 
+def multistep_flow_sigmas(
+    num_steps: int,
+    *,
+    shift: float = 1.0,
+    mu: float | None = None,
+    num_train_timesteps: int = 1000,
+    time_shift_type: str = "exponential",
+) -> tuple[Tensor, Tensor]:
+    """Flow sigmas (N,) and the model's integer timesteps (N,), as diffusers' multistep solvers (UniPC, with
+    use_flow_sigmas) set them.
+
+    Unlike `flow_sigmas` (FlowMatchEuler): a linspace of N + 1 points from 1 to 1/T with the last dropped, shifted
+    once; a first sigma of 1 is moved to 1 - 1e-6 so that its log-SNR stays finite; the model sees sigma * T
+    truncated to an integer. Sigmas are rounded to float32 like diffusers', then returned as float64.
+    """
+    check_num_steps(num_steps, num_train_timesteps)
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"flow shift must be a positive finite number, got {shift}")
+    T = num_train_timesteps
+    sigmas = np.linspace(1, 1 / T, num_steps + 1)[:-1]
+    sigmas = time_shift(sigmas, mu, kind=time_shift_type) if mu is not None else flow_shift(sigmas, shift)
+    if abs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    timesteps = torch.from_numpy((sigmas * T).astype(np.int64))
+    return torch.from_numpy(sigmas.astype(np.float32).astype(np.float64)), timesteps
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The discretised path the solvers walk
 # ----------------------------------------------------------------------------------------------------------------

@@ -116,3 +116,11 @@ def test_dpmsolver_pp_2m_sigma_min_final():
     sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min",
                                         timestep_spacing="trailing")
     _compare(sched, 20)
+
+
+
+def test_dpmsolver_pp_2m_zero_terminal_snr():
+    sched = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        algorithm_type="dpmsolver++", solver_order=2, prediction_type="v_prediction",
+                                        rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    _compare(sched, 20)
