@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX
 
 import vae3d
-import vae3d.causal_conv
+import vae3d.lowmem
 from vae3d.causal_conv import CausalConv3d, ConvCache
 from vae3d.streaming import frame_batches
 
@@ -127,7 +127,7 @@ def test_causal_conv_streaming_equals_whole_and_is_causal(monkeypatch, slice_byt
     """Frame batches with the carried cache == one call == the plain autograd path; causal. Also with
     no transform, where the convolution reads views of the very frames it overwrites (in place)."""
     if slice_bytes is not None:  # 1: one frame per call (time taps where C' <= C); 300: a few frames per call
-        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
     conv = CausalConv3d(4, 4 if overwrite else 5, kernel_size=3)
     x = torch.randn(1, 4, 11, 3, 3)
@@ -216,7 +216,7 @@ def test_diffusers_batching_prefix_at_batch_boundary(tiny):
 def test_tap_streaming_carries_output_channels_and_refuses_autograd_afterwards(monkeypatch):
     """Large frames (here: every frame, SLICE_BYTES = 1) carry k_t - 1 running sums of the *output*
     channels between batches, not input frames; continuing such a video with autograd is an error."""
-    monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", 1)
+    monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", 1)
     torch.manual_seed(0)
     conv = CausalConv3d(6, 2, kernel_size=3)
     x = torch.randn(1, 6, 7, 4, 5)
@@ -240,7 +240,8 @@ def test_tap_streaming_carries_output_channels_and_refuses_autograd_afterwards(m
 def test_phase_upsampling_and_lazy_frames_equal_interpolate_then_conv(compress_time, image_first):
     """The 4-phase 2x2 form of conv3x3(nearest 2x) equals the two steps; UpsampledFrames gives any
     frame range of the materialised output (repeated frames in time included)."""
-    from vae3d.blocks import Upsample3D, UpsampledFrames
+    from vae3d.blocks import Upsample3D
+    from vae3d.lowmem import UpsampledFrames
 
     torch.manual_seed(0)
     up = Upsample3D(4, 6, compress_time=compress_time)
@@ -269,10 +270,11 @@ def test_upsample_equals_diffusers_upsampler(monkeypatch, compress_time, slice_b
     one frame at a time in order equal diffusers' CogVideoXUpsample3D, and so do the gradients; fp64 too."""
     from diffusers.models.upsampling import CogVideoXUpsample3D
 
-    from vae3d.blocks import Upsample3D, UpsampledFrames
+    from vae3d.blocks import Upsample3D
+    from vae3d.lowmem import UpsampledFrames
 
     if slice_bytes is not None:
-        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
     ours = Upsample3D(4, 6, compress_time=compress_time).double()
     ref = CogVideoXUpsample3D(4, 6, compress_time=compress_time).double()
@@ -297,9 +299,10 @@ def test_upsample_equals_diffusers_upsampler(monkeypatch, compress_time, slice_b
 def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
     """A ResNet block fed UpsampledFrames (statistics streamed and merged, conv1 and shortcut reading
     frames on request) equals the block fed the materialised tensor."""
-    from vae3d.blocks import ResnetBlock3D, Upsample3D, UpsampledFrames, group_var_mean, streamed_var_mean
+    from vae3d.blocks import ResnetBlock3D, Upsample3D, group_var_mean, streamed_var_mean
+    from vae3d.lowmem import UpsampledFrames
 
-    monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", 5000)  # 2 frames of 2 KB per step: parts 2, 2, 2, 2, 1
+    monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", 5000)  # 2 frames of 2 KB per step: parts 2, 2, 2, 2, 1
     torch.manual_seed(0)
     up = Upsample3D(8, 8)
     block = ResnetBlock3D(8, 4, groups=2, spatial_norm_dim=3).eval()
@@ -324,7 +327,7 @@ def test_streamed_path_equals_plain_path(tiny, monkeypatch, slice_bytes):
     and diffusers, also when convolutions run one or a few frames per call (as on large frames)."""
     ref, ours = tiny
     if slice_bytes is not None:
-        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", slice_bytes)
     x = _video(9, size=16, width=32, batch=2)
     with torch.no_grad():
         z_ref = ref.encode(x).latent_dist.mode()
@@ -414,7 +417,7 @@ def tiny_folder(tiny, tmp_path_factory):
 def test_bf16_decode_close_to_fp32(tiny, tiny_folder, monkeypatch, slice_bytes):
     """Also on the tap path (slice_bytes 1), whose running sums are fp32 for bf16 inputs."""
     if slice_bytes is not None:
-        monkeypatch.setattr(vae3d.causal_conv, "SLICE_BYTES", slice_bytes)
+        monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", slice_bytes)
     _, ours = tiny
     low = vae3d.load_vae(tiny_folder, torch_dtype=torch.bfloat16)
     assert low.decoder.conv_in.conv.weight.dtype == torch.bfloat16

@@ -123,16 +123,16 @@ def _check_parity(ref, vae, world: int, frames_list: tuple[int, ...]) -> float:
 
 def _check_all(rank: int, world: int, parity_frames: tuple[int, ...]) -> None:
     """Everything in one set of processes: starting them (torch and diffusers imports) is most of the time."""
-    import vae3d.causal_conv
+    import vae3d.lowmem
 
     ref, vae = _models()
     exact = _check_exact(vae, world, (17, 33))
     if world == 2:  # every convolution with C' <= C on the large-frame path (time taps, halo fed into the sums)
-        default, vae3d.causal_conv.SLICE_BYTES = vae3d.causal_conv.SLICE_BYTES, 1
+        default, vae3d.lowmem.SLICE_BYTES = vae3d.lowmem.SLICE_BYTES, 1
         try:
             exact = max(exact, _check_exact(vae, world, (17,)))
         finally:
-            vae3d.causal_conv.SLICE_BYTES = default
+            vae3d.lowmem.SLICE_BYTES = default
     grads = _check_gradients(vae, world, 17)
     parity = _check_parity(ref, vae, world, parity_frames)
     if world == 4:

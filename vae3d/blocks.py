@@ -5,7 +5,10 @@ Module and parameter names equal diffusers' (``norm1.norm_layer.weight``, ``conv
 
 Norms are split into statistics (over the whole frame batch, in fp32) and a frame-wise apply, so
 that the apply can be fused into the next causal convolution a few frames at a time (see
-``causal_conv``). Statistics per frame batch are what diffusers' frame-batched decode computes.
+``lowmem``). Statistics per frame batch are what diffusers' frame-batched decode computes.
+
+Forwards are the reference path; without autograd a few of them hand the call to ``vae3d.lowmem``
+(chosen by ``lowmem.active()``), which computes the same with less memory.
 """
 
 from __future__ import annotations
@@ -18,12 +21,9 @@ from torch import nn
 
 from einops import rearrange
 
-from .causal_conv import CausalConv3d, ConvCache, FrameSource, FrameTransform, frame_range, frames_per_step
-
-
-def _inplace() -> bool:
-    # In-place updates are safe only when autograd does not keep the overwritten values.
-    return not torch.is_grad_enabled()
+from . import lowmem
+from .causal_conv import CausalConv3d, ConvCache, FrameTransform
+from .lowmem import FrameSource, frame_range, frames_per_step
 
 
 # stats(x, groups) -> (var, mean), each (B, G, T) or (B, G, 1) in fp32: the GroupNorm statistics
@@ -64,17 +64,19 @@ def streamed_var_mean(x: FrameSource, groups: int) -> tuple[torch.Tensor, torch.
 
 
 def group_norm_transform(
-    norm: nn.GroupNorm, x: torch.Tensor, act: bool = True, stats: NormStats | None = None
+    norm: nn.GroupNorm, x: torch.Tensor | FrameSource, act: bool = True, stats: NormStats | None = None
 ) -> FrameTransform:
     """GroupNorm (+ SiLU) of ``x`` (B, C, T, H, W) as a frame-wise transform.
 
     Mean and variance are computed once over the whole batch in fp32 (or given per frame by
-    ``stats``); the returned function normalises any frame range with them.
+    ``stats``); the returned function normalises any frame range with them. A FrameSource's
+    statistics are streamed (``streamed_var_mean``).
     """
     b, c = x.shape[:2]
     g = norm.num_groups
     if stats is None:
-        var, mean = (v[..., None] for v in group_var_mean(x, g))  # (B, G, 1): one for all frames
+        whole = group_var_mean if isinstance(x, torch.Tensor) else streamed_var_mean
+        var, mean = (v[..., None] for v in whole(x, g))  # (B, G, 1): one for all frames
     else:
         var, mean = stats(x, g)  # (B, G, T) or (B, G, 1)
     rstd = torch.rsqrt(var + norm.eps)
@@ -95,7 +97,7 @@ def group_norm_transform(
         y = torch.addcmul(sh, s.float() if low else s, sc)  # fp32 math for fp16/bf16 inputs
         if low:
             y = y.to(dtype)
-        return F.silu(y, inplace=_inplace()) if act else y
+        return F.silu(y, inplace=lowmem.active()) if act else y
 
     return apply
 
@@ -150,7 +152,7 @@ class SpatialNorm3D(nn.Module):
             n, zh, zw = ys.shape[2:]
             hv = h.view(h.shape[0], h.shape[1], n, zh, rh, zw, rw)  # (B, C, n, h, rh, w, rw)
             ys, bs = ys[:, :, :, :, None, :, None], bs[:, :, :, :, None, :, None]
-            if _inplace():
+            if lowmem.active():
                 torch.addcmul(bs, hv, ys, out=hv)
                 return F.silu(h, inplace=True) if act else h
             h = torch.addcmul(bs, hv, ys).view(h.shape)
@@ -200,25 +202,22 @@ class ResnetBlock3D(nn.Module):
     def forward(
         self, x: torch.Tensor | FrameSource, zq: torch.Tensor | None, cache: ConvCache | None
     ) -> torch.Tensor:
-        """The block on x (B, C, T, H, W); without autograd x may be a FrameSource, read frame by frame three
-        times (norm1's statistics, conv1's input, the shortcut)."""
+        """x + conv2(act(norm2(conv1(act(norm1(x)))))) of x (B, C, T, H, W); zq: the latents (SpatialNorm).
+
+        Without autograd x may be a FrameSource (read frame by frame three times: norm1's statistics,
+        conv1's input, the shortcut), conv2 writes over its input and the shortcut is added in frame slices.
+        """
         stats = cache_stats(cache)
-        stats1 = stats
-        if not isinstance(x, torch.Tensor) and stats is None:  # (B, G, 1): one for all frames
-            stats1 = lambda s, g: tuple(v[..., None] for v in streamed_var_mean(s, g))  # noqa: E731
-        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats1))
+        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats))
         tf2 = self._norm_act(self.norm2, h, zq, stats)
         if self.dropout.p > 0 and self.training:
             norm_act2 = tf2
             tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
-        h = self.conv2(h, cache, tf2, overwrite_input=_inplace())
+        h = self.conv2(h, cache, tf2, overwrite_input=True)  # h's values are not needed afterwards
         shortcut = self.conv_shortcut if self.conv_shortcut is not None else (lambda s: s)
-        if not _inplace():
-            return h + shortcut(x)
-        step = frames_per_step(x)
-        for t0 in range(0, x.shape[2], step):  # no full-size shortcut temporary
-            h[:, :, t0 : t0 + step] += shortcut(frame_range(x, t0, min(x.shape[2], t0 + step)))
-        return h
+        if lowmem.active():
+            return lowmem.add_frames(h, x, shortcut)
+        return h + shortcut(x)
 
 
 class Downsample3D(nn.Module):
@@ -260,11 +259,7 @@ class Upsample3D(nn.Module):
     When x's first frame is the video's image frame (``image_first``: the caller decides, from the
     latent count of the batch or, for a time shard, of the whole clip) it is not repeated. A repeated
     frame gives the same convolution output, so each source frame is convolved once and written twice.
-
-    Without autograd the nearest upsampling is never materialised: a 3x3 convolution of a 2x nearest
-    upsampled image is, for each of the 4 output pixel phases, a 2x2 convolution of the original
-    with the 3x3 taps summed where they fall on the same source pixel (4 x 4 taps instead of 36 per
-    source pixel: 0.44x the multiply-adds).
+    Without autograd the nearest upsampling is never materialised (``lowmem.phase_upsample``).
     """
 
     def __init__(self, in_channels: int, out_channels: int, compress_time: bool = False) -> None:
@@ -278,71 +273,16 @@ class Upsample3D(nn.Module):
             return list(range(t))
         return [i for i in range(t) for _ in range(1 if (i == 0 and image_first) else 2)]
 
-    def phase_weight(self) -> torch.Tensor:
-        """The 3x3 kernel as 4 phase kernels of 2x2, stacked as outputs: (4 C', C, 2, 2), phase 2a + b."""
-        # Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. source rows
-        # (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: rows of the 2-row window [i - 1 + a, i + a].
-        w = self.conv.weight
-        acc = torch.promote_types(w.dtype, torch.float32)  # the sums in fp32 (fp64 for fp64), rounded once
-        fold = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=acc, device=w.device)  # (a, r, k)
-        k = torch.einsum("ark,oikl,bsl->aboirs", fold, w.to(acc), fold)  # (2, 2, C', C, 2, 2)
-        return k.flatten(0, 2).to(w.dtype)
-
     def upsample(self, f: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(nearest_2x(f)) of frames f (N, C, h, w) -> (N, C', 2h, 2w); ``weight``: phase_weight(), if at hand."""
-        if torch.is_grad_enabled():
-            return self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))
-        n, _, h, w = f.shape
-        c = self.conv.out_channels
-        y = F.conv2d(F.pad(f, (1, 1, 1, 1)), self.phase_weight() if weight is None else weight)  # (N, 4 C', h+1, w+1)
-        out = f.new_empty(n, c, 2 * h, 2 * w)
-        bias = self.conv.bias[:, None, None] if self.conv.bias is not None else 0
-        for a in (0, 1):
-            for b in (0, 1):
-                phase = y[:, (2 * a + b) * c : (2 * a + b + 1) * c, a : a + h, b : b + w]  # (N, C', h, w)
-                torch.add(phase, bias, out=out[:, :, a::2, b::2])
-        return out
+        """conv(nearest_2x(f)) of frames f (N, C, h, w) -> (N, C', 2h, 2w); ``weight``: lowmem.phase_weight, if at hand."""
+        if lowmem.active():
+            return lowmem.phase_upsample(self.conv, f, weight)
+        return self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))
 
     def forward(self, x: torch.Tensor, image_first: bool) -> torch.Tensor:
-        """x (B, C, T, h, w) -> (B, C', T', 2h, 2w), materialised a few source frames at a time."""
-        frames = UpsampledFrames(self, x, image_first)
-        out = x.new_empty(frames.shape)
-        step = max(1, frames_per_step(x) // 4)  # the output is 4x bigger
-        starts = [frames.source.index(i) for i in range(x.shape[2])] + [len(frames.source)]  # first output of each
-        for i0 in range(0, x.shape[2], step):
-            a, b = starts[i0], starts[min(x.shape[2], i0 + step)]
-            out[:, :, a:b] = frames.frames(a, b)
-        return out
-
-
-class UpsampledFrames:
-    """An Upsample3D's output (B, C', T', 2h, 2w) as a FrameSource: computed from its input on request.
-
-    Its consumer (the next block's first ResNet block) reads it frame by frame three times (norm1's
-    statistics, conv1's input, the shortcut), so the largest tensor of a decode, the last upsampler's
-    full-resolution output, never exists whole; the price is computing it three times. With time
-    upsampling (a source frame written twice), a source frame computed alone is kept until the
-    next request, so reading the frames in order one at a time computes each source frame once per pass.
-    """
-
-    def __init__(self, up: Upsample3D, x: torch.Tensor, image_first: bool) -> None:
-        b, _, t, h, w = x.shape
-        self.up, self.x = up, x
-        self.source = up.source_frames(t, image_first)
-        self.weight = None if torch.is_grad_enabled() else up.phase_weight()
-        self.shape = torch.Size((b, up.conv.out_channels, len(self.source), 2 * h, 2 * w))
-        self.dtype, self.device = x.dtype, x.device
-        self._kept: tuple[int, torch.Tensor] | None = None  # (source frame, its output (B, C', 1, 2h, 2w))
-
-    def frames(self, a: int, b: int) -> torch.Tensor:
-        """Output frames a..b-1: (B, C', b - a, 2h, 2w); each source frame among them is computed once."""
-        wanted = self.source[a:b]
-        lo, hi = wanted[0], wanted[-1] + 1
-        if self._kept is not None and self._kept[0] == lo and hi == lo + 1:
-            y, self._kept = self._kept[1], None  # its repeat was the one request it was kept for
-        else:
-            f = rearrange(self.x[:, :, lo:hi], "b c n h w -> (b n) c h w")
-            y = rearrange(self.up.upsample(f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])
-            if self.up.compress_time and self.weight is not None and hi == lo + 1:
-                self._kept = (lo, y)  # one frame: its repeat is usually the next request
-        return y if wanted == list(range(lo, hi)) else y[:, :, [i - lo for i in wanted]]
+        """x (B, C, T, h, w) -> (B, C', T', 2h, 2w)."""
+        if lowmem.active():
+            return lowmem.upsample(self, x, image_first)  # a few source frames at a time
+        y = self.upsample(rearrange(x, "b c t h w -> (b t) c h w"))
+        y = rearrange(y, "(b t) c h w -> b c t h w", b=x.shape[0])
+        return y[:, :, self.source_frames(x.shape[2], image_first)]  # (B, C', T', 2h, 2w)

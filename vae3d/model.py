@@ -22,10 +22,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from . import causal_conv, parallel, streaming
-from .blocks import (
-    Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, UpsampledFrames, cache_stats, group_norm_transform,
-)
+from . import lowmem, parallel, streaming
+from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, cache_stats, group_norm_transform
 from .causal_conv import CausalConv3d, ConvCache
 
 DOWN_BLOCK = "CogVideoXDownBlock3D"
@@ -88,6 +86,29 @@ def _check_block_types(types: tuple[str, ...], expected: str, name: str) -> None
         raise ValueError(f"{name} {bad!r} is not supported; every entry must be {expected!r}")
 
 
+def _check_config(
+    down_block_types: tuple[str, ...], up_block_types: tuple[str, ...], block_out_channels: tuple[int, ...],
+    act_fn: str, temporal_compression_ratio: float,
+) -> int:
+    """ValueError naming what the architecture does not support; else the number of time-compressing levels."""
+    _check_block_types(tuple(down_block_types), DOWN_BLOCK, "down_block_types")
+    _check_block_types(tuple(up_block_types), UP_BLOCK, "up_block_types")
+    if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
+        raise ValueError(
+            f"need one block type per entry of block_out_channels {tuple(block_out_channels)}; got "
+            f"{len(down_block_types)} down and {len(up_block_types)} up block types"
+        )
+    if act_fn not in ("silu", "swish"):
+        raise ValueError(f"act_fn {act_fn!r} is not supported; use 'silu'")
+    level = math.log2(temporal_compression_ratio)
+    if not level.is_integer() or level >= len(block_out_channels):
+        raise ValueError(
+            f"temporal_compression_ratio {temporal_compression_ratio} must be a power of two below "
+            f"{2 ** len(block_out_channels)}"
+        )
+    return int(level)
+
+
 class Encoder3D(nn.Module):
     """Video (B, 3, 1 + 4k, H, W) -> posterior moments (B, 2 * latent, 1 + k, H / 8, W / 8)."""
 
@@ -138,18 +159,6 @@ def _release_freed_memory(h: torch.Tensor) -> None:
         streaming.release_freed_memory()
 
 
-def _lazy_upsample(up: Upsample3D, x: torch.Tensor, image_first: bool, shard: parallel.TimeShard | None) -> bool:
-    """Whether an upsampler's output is handed on as a FrameSource: without autograd, unsharded, and
-    only when it is big (over 6 x SLICE_BYTES, 48 MiB: at 128 x 128 the full-resolution one; at
-    480 x 720 all three) -- computing it three times instead of once pays only where the tensor
-    would dominate the peak."""
-    if torch.is_grad_enabled() or shard is not None:
-        return False
-    b, _, t, h, w = x.shape
-    frames = len(up.source_frames(t, image_first))
-    return b * up.conv.out_channels * frames * 4 * h * w * x.dtype.itemsize > 6 * causal_conv.SLICE_BYTES
-
-
 class Decoder3D(nn.Module):
     """Latents (B, latent, 1 + k, h, w) -> video (B, 3, 1 + 4k, 8h, 8w); every norm sees the latents."""
 
@@ -190,8 +199,8 @@ class Decoder3D(nn.Module):
                 _release_freed_memory(h)
             if block.upsamplers is not None:
                 up = block.upsamplers[0]
-                if _lazy_upsample(up, h, image_first, shard):
-                    h = UpsampledFrames(up, h, image_first)  # read frame by frame by the next block
+                if lowmem.hand_on_lazily(up, h, image_first, shard):
+                    h = lowmem.UpsampledFrames(up, h, image_first)  # read frame by frame by the next block
                 else:
                     h = up(h, image_first)  # (B, C, T', 2h, 2w)
         tf = self.norm_out.transform(h, z, stats=cache_stats(cache))
@@ -245,22 +254,8 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
         invert_scale_latents: bool = False,
     ) -> None:
         super().__init__()
-        _check_block_types(tuple(down_block_types), DOWN_BLOCK, "down_block_types")
-        _check_block_types(tuple(up_block_types), UP_BLOCK, "up_block_types")
-        if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
-            raise ValueError(
-                f"need one block type per entry of block_out_channels {tuple(block_out_channels)}; got "
-                f"{len(down_block_types)} down and {len(up_block_types)} up block types"
-            )
-        if act_fn not in ("silu", "swish"):
-            raise ValueError(f"act_fn {act_fn!r} is not supported; use 'silu'")
-        level = math.log2(temporal_compression_ratio)
-        if not level.is_integer() or level >= len(block_out_channels):
-            raise ValueError(
-                f"temporal_compression_ratio {temporal_compression_ratio} must be a power of two below "
-                f"{2 ** len(block_out_channels)}"
-            )
-        args = (block_out_channels, layers_per_block, norm_eps, norm_num_groups, int(level))
+        level = _check_config(down_block_types, up_block_types, block_out_channels, act_fn, temporal_compression_ratio)
+        args = (block_out_channels, layers_per_block, norm_eps, norm_num_groups, level)
         self.encoder = Encoder3D(in_channels, latent_channels, *args)
         self.decoder = Decoder3D(latent_channels, out_channels, *args)
         # diffusers sizes these by out_channels (not latent_channels); kept identical for loading.

@@ -7,7 +7,8 @@ compression). Each rank runs the encoder/decoder on its chunk, and
 
 - every causal convolution gets the ``k_t - 1`` frames before the chunk (the *halo*: what the
   streaming cache carries from one frame batch to the next, here sent by the ranks before this one)
-  through an autograd all-to-all, so their gradients go back to the rank that owns the frames;
+  through an autograd all-to-all, so their gradients go back to the rank that owns the frames
+  (``ShardCache``, the ``ConvCache`` of a shard);
 - the time down/upsamplers treat the first frame specially on rank 0 only, as the unsharded model
   does with the clip's first frame;
 - GroupNorm statistics (``norm_stats``): "exact" (default) merges every rank's fp32 mean and
@@ -29,9 +30,11 @@ import torch.distributed._functional_collectives as fc
 
 from .blocks import group_var_mean, merge_var_mean
 from .causal_conv import ConvCache, FrameTransform
+from .lowmem import identity
 from .streaming import frame_batches
 
 if TYPE_CHECKING:
+    from .causal_conv import CausalConv3d
     from .model import CausalVAE3D
 
 NORM_STATS = ("exact", "parity")
@@ -127,7 +130,7 @@ def plan(
 
 
 class TimeShard:
-    """This rank's part of one encode/decode call: halo exchange and norm statistics (see ConvCache.shard)."""
+    """This rank's part of one encode/decode call: halo exchange and norm statistics (see ShardCache)."""
 
     def __init__(self, group: dist.ProcessGroup, layout: TimeLayout) -> None:
         self.group = group
@@ -222,6 +225,22 @@ class TimeShard:
         return var[..., None], mean[..., None]  # (B, G, 1)
 
 
+class ShardCache(ConvCache):
+    """A time shard's ConvCache: the frames before its chunk are the halo from the ranks before it
+    (rank 0: copies of its first frame), and nothing is carried on (a shard is one whole call)."""
+
+    def __init__(self, shard: TimeShard) -> None:
+        super().__init__()
+        self.shard = shard
+        self.at_start = shard.rank == 0
+
+    def carried(self, conv: CausalConv3d, x: torch.Tensor, tf: FrameTransform | None = None) -> torch.Tensor:
+        return self.shard.halo(x, tf or identity, conv.time_pad)
+
+    def carry(self, conv: CausalConv3d, frames: torch.Tensor) -> None:
+        pass
+
+
 # -- the model's switch and the sharded calls -------------------------------------------------------------
 
 
@@ -293,9 +312,7 @@ def encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
     shard = TimeShard(tp.group, layout)
     s, e = layout.latent_span(shard.rank)
     chunk = x[:, :, to_pixel(s, r) : to_pixel(e, r)]  # rank 0: 1 + r(l_0 - 1) frames, others r * l_i
-    cache = ConvCache(shard)
-    cache.at_start = shard.rank == 0
-    h = vae.encoder(chunk.contiguous(), cache)  # (B, 2 * latent, l_rank, h, w)
+    h = vae.encoder(chunk.contiguous(), ShardCache(shard))  # (B, 2 * latent, l_rank, h, w)
     if vae.quant_conv is not None:
         h = vae.quant_conv(h)
     return gather_time(h, layout.sizes, tp.group)
@@ -326,9 +343,7 @@ def decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
     chunk = z[:, :, s:e].contiguous()
     if vae.post_quant_conv is not None:
         chunk = vae.post_quant_conv(chunk)
-    cache = ConvCache(shard)
-    cache.at_start = shard.rank == 0
-    y = vae.decoder(chunk, cache)  # (B, C, frames of this rank, H, W)
+    y = vae.decoder(chunk, ShardCache(shard))  # (B, C, frames of this rank, H, W)
     r = vae.temporal_compression
     sizes = [r * n for n in layout.sizes]
     sizes[0] -= (r - 1) if image_first else 0  # the image frame decodes to one frame, not r
