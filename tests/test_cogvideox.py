@@ -114,10 +114,10 @@ def test_parity_low_precision(tmp_path, size, variant, dtype):
 
 def test_chunked_inference_path(tmp_path, monkeypatch):
     """Without autograd the residual branches run in token chunks; force several chunks per stream."""
-    import dit.models.cogvideox as cogvideox
+    import dit.models.lowmem as lowmem
 
-    monkeypatch.setattr(cogvideox, "CHUNK_BYTES", 1)  # -> 16-token chunks: 7 text + 36 video tokens
-    monkeypatch.setattr(cogvideox, "CHUNK_ABOVE_BYTES", 0)
+    monkeypatch.setattr(lowmem, "CHUNK_BYTES", 1)  # -> 16-token chunks: 7 text + 36 video tokens
+    monkeypatch.setattr(lowmem, "CHUNK_ABOVE_BYTES", 0)
     _check_parity(tmp_path, _config(TINY, "5b-rope"))
 
 

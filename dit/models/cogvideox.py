@@ -21,70 +21,26 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import Tensor, nn
 
-from dit.attention import Backend, attention, resolve_backend
 from dit.embeddings import TimestepEmbedder, patchify_3d, sincos_pos_embed_3d, unpatchify_3d
-from dit.layers import Modulation, ModulationOut, modulate
+from dit.layers import (Attention, AttentionBackendMixin, FeedForward, Modulation, Rope, broadcast_timestep,
+                        checkpointed, expert_gated_add, expert_modulate, modulate)
+from dit.models import lowmem
 from dit.parallel.model import ContextParallelMixin
 from dit.rope import apply_rope_, cogvideox_rope, rope_as_complex
-
-Rope = Tensor  # unit complex rotations (N, head_dim / 2), complex64, one per video token and channel pair
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _autograd_free(*tensors: Tensor) -> bool:
-    """True when no gradient flows through these tensors, so they may be overwritten in place."""
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+def video_rope(rotations: Tensor, n_text: int) -> Rope:
+    """The RoPE hook of a joint [text, video] sequence: rotate the video tokens' channel pairs in place by
+    `rotations` (N, Dh/2), unit complex64, broadcast over batch and heads; text tokens carry no rotation."""
 
+    def rotate(t: Tensor) -> Tensor:  # (B, H, T + N, Dh)
+        apply_rope_(t[:, :, n_text:], rotations)
+        return t
 
-def expert_modulate(h: Tensor, n_text: int, m: ModulationOut) -> Tensor:
-    """Expert adaLN: text tokens h[:, :T] take the enc_* chunks, video tokens the others. (B, L, D) -> (B, L, D)."""
-    ht, hv = h[:, :n_text], h[:, n_text:]  # (B, T, D), (B, N, D): views
-    if _autograd_free(h, *m.values()):
-        # In place: a fresh (B, L, D) tensor costs a page-faulting allocation and a pass on CPU.
-        torch.addcmul(m.enc_shift[:, None], ht, 1 + m.enc_scale[:, None], out=ht)
-        torch.addcmul(m.shift[:, None], hv, 1 + m.scale[:, None], out=hv)
-        return h
-    return torch.cat([modulate(ht, m.enc_shift, m.enc_scale), modulate(hv, m.shift, m.scale)], dim=1)
-
-
-# Long sequences run the residual branches in token chunks (as diffusers' forward chunking, but by default):
-# chunks under glibc's 32 MiB mmap threshold are reused heap, whereas a larger CPU allocation is a fresh mmap
-# whose page faults cost several times the arithmetic done on it. Below CHUNK_ABOVE_BYTES fewer, larger ops
-# win (each op is a thread barrier, costly on a shared CPU), so short sequences are not chunked.
-CHUNK_BYTES = 16 << 20
-CHUNK_ABOVE_BYTES = 256 << 20
-
-
-def expert_gated_add(x: Tensor, fn: nn.Module, y: Tensor, n_text: int, gate_text: Tensor, gate_video: Tensor,
-                     hidden: int) -> Tensor:
-    """Gated residual x + gate * fn(y), one gate per stream; x, y (B, L, D), gates (B, D); fn acts per token
-    with an intermediate of `hidden` channels.
-
-    Without autograd the result is added into x in place, for long inputs chunk by chunk of tokens, so the
-    (tokens, hidden) MLP state never exists in full.
-    """
-    if _autograd_free(x, y, gate_text, gate_video, *fn.parameters()):
-        b, length, _ = y.shape
-        row_bytes = hidden * y.element_size()
-        rows = length if b * length * row_bytes <= CHUNK_ABOVE_BYTES else max(16, CHUNK_BYTES // row_bytes)
-        if rows >= length:
-            y = fn(y)  # (B, L, D)
-            x[:, :n_text].addcmul_(y[:, :n_text], gate_text[:, None])
-            x[:, n_text:].addcmul_(y[:, n_text:], gate_video[:, None])
-            return x
-        for i in range(b):
-            for start, stop, gate in ((0, n_text, gate_text[i]), (n_text, length, gate_video[i])):
-                for j in range(start, stop, rows):
-                    k = min(j + rows, stop)
-                    x[i, j:k].addcmul_(fn(y[i, j:k]), gate)  # (rows, D)
-        return x
-    y = fn(y)  # (B, L, D)
-    return torch.cat(
-        [torch.addcmul(x[:, :n_text], y[:, :n_text], gate_text[:, None]),
-         torch.addcmul(x[:, n_text:], y[:, n_text:], gate_video[:, None])], dim=1,
-    )
+    return rotate
 
 
 # ---------------------------------------------------------------------------------------------- embedders
@@ -142,96 +98,6 @@ class AdaLayerNormModulation(Modulation):
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
 
 
-class CogVideoXAttention(nn.Module):
-    """Full self-attention over [text, video] with per-head LayerNorm on q and k and RoPE on video tokens."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool, out_bias: bool):
-        super().__init__()
-        self.heads = heads
-        inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(dim, inner, bias=bias)
-        self.to_v = nn.Linear(dim, inner, bias=bias)
-        self.norm_q = nn.LayerNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim, bias=out_bias), nn.Dropout(0.0)])
-        self._fused: tuple[tuple, Tensor, Tensor | None] | None = None
-
-    def _qkv_params(self) -> tuple[Tensor, Tensor | None]:
-        """One (3 inner, dim) weight for q, k, v, so the projection is a single matmul.
-
-        Checkpoints (and LoRA files) keep to_q/to_k/to_v; the concatenation is cached until a weight changes
-        (one extra copy of the q/k/v weights in inference, about 1/6 of a block's parameters). While gradients
-        flow it is rebuilt every call so that it stays differentiable.
-        """
-        layers = (self.to_q, self.to_k, self.to_v)
-        ws = [lin.weight for lin in layers]
-        bs = [lin.bias for lin in layers]
-        if not _autograd_free(*ws) or torch.compiler.is_compiling():  # compiled graphs fuse the cat themselves
-            return torch.cat(ws), None if bs[0] is None else torch.cat(bs)
-        # Inference tensors (weights made under inference_mode) carry no version counter; they cannot change.
-        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device) for t in ws + bs
-                    if t is not None)
-        if self._fused is None or self._fused[0] != key:
-            self._fused = (key, torch.cat(ws).detach(), None if bs[0] is None else torch.cat(bs).detach())
-        return self._fused[1], self._fused[2]
-
-    def forward(self, h: Tensor, n_text: int, rope: Rope | None, backend: Backend = None) -> Tensor:
-        """h: joint tokens (B, L, D) -> (B, L, D)."""
-        return self.to_out[0](self.attend(h, n_text, rope, backend))
-
-    def attend(self, h: Tensor, n_text: int, rope: Rope | None, backend: Backend = None) -> Tensor:
-        """Attention before the output projection: (B, L, D) -> (B, L, H Dh)."""
-        if all(type(lin) is nn.Linear for lin in (self.to_q, self.to_k, self.to_v)):
-            qkv = F.linear(h, *self._qkv_params())  # (B, L, 3 H Dh)
-        else:  # wrapped (e.g. LoRA) projections: call them, so their extra terms count
-            qkv = torch.cat([self.to_q(h), self.to_k(h), self.to_v(h)], dim=-1)
-        qkv = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh), a view
-        # LayerNorm writes a fresh tensor in the input's logical order, so q and k come out (B, H, L, Dh)
-        # contiguous; the CPU attention kernel runs measurably faster on that layout (bf16: ~14%).
-        q, k, v = self.norm_q(qkv[0]), self.norm_k(qkv[1]), qkv[2].contiguous()  # (B, H, L, Dh) each
-        del qkv  # q, k, v are copies: the (B, L, 3 H Dh) projection need not live through the attention
-        if rope is not None:  # video tokens only; (N, Dh/2) rotations broadcast over batch and heads
-            apply_rope_(q[:, :, n_text:], rope)
-            apply_rope_(k[:, :, n_text:], rope)
-        out = attention(q, k, v, backend=backend)  # (B, H, L, Dh)
-        return out.transpose(1, 2).flatten(2)  # (B, L, H Dh)
-
-
-class GELUProj(nn.Module):
-    """Linear then GELU (diffusers' `GELU` activation module, hence the `proj` name in checkpoints)."""
-
-    def __init__(self, dim: int, hidden: int, approximate: str, bias: bool):
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden, bias=bias)
-        self.approximate = approximate
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(x)
-        if _autograd_free(x):
-            return torch.ops.aten.gelu_(x, approximate=self.approximate)  # no second (B, L, 4D) buffer
-        return F.gelu(x, approximate=self.approximate)
-
-
-class FeedForward(nn.Module):
-    """Transformer MLP laid out as diffusers' FeedForward (`ff.net.0.proj`, `ff.net.2`)."""
-
-    def __init__(self, dim: int, hidden: int, activation_fn: str, dropout: float, bias: bool):
-        super().__init__()
-        acts = {"gelu-approximate": "tanh", "gelu": "none"}
-        if activation_fn not in acts:
-            raise ValueError(f"activation_fn {activation_fn!r} is not supported; accepted: {', '.join(acts)}")
-        self.net = nn.ModuleList(
-            [GELUProj(dim, hidden, acts[activation_fn], bias), nn.Dropout(dropout), nn.Linear(hidden, dim, bias=bias),
-             nn.Dropout(dropout)]
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class CogVideoXBlock(nn.Module):
     """LayerNorm + expert adaLN -> full 3D attention -> gated residual; the same for the MLP."""
 
@@ -240,25 +106,43 @@ class CogVideoXBlock(nn.Module):
         super().__init__()
         names = ("shift", "scale", "gate", "enc_shift", "enc_scale", "enc_gate")  # diffusers' chunk order
         self.norm1 = AdaLayerNormModulation(time_embed_dim, dim, names, norm_eps, norm_elementwise_affine)
-        self.attn1 = CogVideoXAttention(dim, heads, head_dim, attention_bias, out_bias=True)
+        self.attn1 = Attention(dim, heads, head_dim, bias=attention_bias, qk_norm="layer_norm", eps=1e-6)
         self.norm2 = AdaLayerNormModulation(time_embed_dim, dim, names, norm_eps, norm_elementwise_affine)
-        self.ff = FeedForward(dim, 4 * dim, activation_fn, dropout, bias=True)
+        self.ff = FeedForward(dim, activation_fn=activation_fn, dropout=dropout, final_dropout=True)
 
-    def forward(self, x: Tensor, temb: Tensor, n_text: int, rope: Rope | None, backend: Backend = None) -> Tensor:
-        """x: joint [text, video] tokens (B, T + N, D); temb (B, time_embed_dim)."""
+    def forward(self, x: Tensor, temb: Tensor, n_text: int, rope: Tensor | None) -> Tensor:
+        """x: joint [text, video] tokens (B, T + N, D); temb (B, time_embed_dim); rope (N, Dh/2) rotations or None."""
+        rope = None if rope is None else video_rope(rope, n_text)
+        if lowmem.usable(self, x, temb):  # inference: the same arithmetic in place and in token chunks
+            return lowmem.cogvideox_block(self, x, temb, n_text, rope)
         m = self.norm1(temb)  # named chunks, each (B, D)
-        h = expert_modulate(self.norm1.norm(x), n_text, m)
-        out = self.attn1.attend(h, n_text, rope, backend)  # (B, L, H Dh), before the output projection
-        x = expert_gated_add(x, self.attn1.to_out[0], out, n_text, m.enc_gate, m.gate, x.shape[-1])
+        h = expert_modulate(self.norm1.norm(x), n_text, (m.enc_shift, m.enc_scale), (m.shift, m.scale))
+        x = expert_gated_add(x, n_text, (m.enc_gate, m.gate), self.attn1(h, rope=rope))
         m = self.norm2(temb)
-        h = expert_modulate(self.norm2.norm(x), n_text, m)
-        return expert_gated_add(x, self.ff, h, n_text, m.enc_gate, m.gate, self.ff.net[2].in_features)
+        h = expert_modulate(self.norm2.norm(x), n_text, (m.enc_shift, m.enc_scale), (m.shift, m.scale))
+        return expert_gated_add(x, n_text, (m.enc_gate, m.gate), self.ff(h))
 
 
 # ----------------------------------------------------------------------------------------------- model
 
 
-class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
+def _check_config(learned: bool, rotary: bool, timestep_activation_fn: str, ofs_embed_dim: int | None,
+                  time_embed_dim: int) -> None:
+    """ValueError for config combinations no released CogVideoX has (and diffusers would build wrongly)."""
+    if learned and not rotary:
+        raise ValueError(
+            "use_learned_positional_embeddings=True needs use_rotary_positional_embeddings=True "
+            "(the only CogVideoX models with learned positions, the 5B I2V ones, also use RoPE)"
+        )
+    if timestep_activation_fn != "silu":
+        raise ValueError(f"timestep_activation_fn {timestep_activation_fn!r} is not supported; accepted: 'silu'")
+    if ofs_embed_dim and ofs_embed_dim != time_embed_dim:
+        raise ValueError(f"ofs_embed_dim ({ofs_embed_dim}) must equal time_embed_dim ({time_embed_dim}): "
+                         "they are summed")
+
+
+class CogVideoXTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMixin, ConfigMixin,
+                                  PeftAdapterMixin, CacheMixin):
     """CogVideoX denoiser: patch embed -> N expert-adaLN blocks over [text, video] -> adaLN out -> unpatchify.
 
     Config keys and defaults are exactly diffusers', so its config.json and safetensors load unchanged.
@@ -302,22 +186,13 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
-        if use_learned_positional_embeddings and not use_rotary_positional_embeddings:
-            raise ValueError(
-                "use_learned_positional_embeddings=True needs use_rotary_positional_embeddings=True "
-                "(the only CogVideoX models with learned positions, the 5B I2V ones, also use RoPE)"
-            )
-        if timestep_activation_fn != "silu":
-            raise ValueError(f"timestep_activation_fn {timestep_activation_fn!r} is not supported; accepted: 'silu'")
-        if ofs_embed_dim and ofs_embed_dim != time_embed_dim:
-            raise ValueError(f"ofs_embed_dim ({ofs_embed_dim}) must equal time_embed_dim ({time_embed_dim}): they are summed")
-
-        learned_grid = None
-        if use_learned_positional_embeddings:
-            learned_grid = ((sample_frames - 1) // temporal_compression_ratio + 1, sample_height // patch_size,
-                            sample_width // patch_size)
+        _check_config(use_learned_positional_embeddings, use_rotary_positional_embeddings, timestep_activation_fn,
+                      ofs_embed_dim, time_embed_dim)
+        frames = (sample_frames - 1) // temporal_compression_ratio + 1  # latent frames of the sample size
+        learned_grid = (frames, sample_height // patch_size, sample_width // patch_size)
         self.patch_embed = CogVideoXPatchEmbed(
-            patch_size, patch_size_t, in_channels, dim, text_embed_dim, patch_bias, max_text_seq_length, learned_grid,
+            patch_size, patch_size_t, in_channels, dim, text_embed_dim, patch_bias, max_text_seq_length,
+            learned_grid if use_learned_positional_embeddings else None,
             (spatial_interpolation_scale, temporal_interpolation_scale),
         )
         self.embedding_dropout = nn.Dropout(dropout)
@@ -336,28 +211,15 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
         self.norm_final = nn.LayerNorm(dim, norm_eps, norm_elementwise_affine)
         self.norm_out = AdaLayerNormModulation(time_embed_dim, dim, ("shift", "scale"), norm_eps, norm_elementwise_affine)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * (patch_size_t or 1) * out_channels)
-
         self.gradient_checkpointing = False
-        self.attn_backend: Backend = None
         self.init_buffers()
 
-    # -- buffers, backend, diffusers API --------------------------------------------------------------
+    # -- buffers --------------------------------------------------------------
 
     def init_buffers(self) -> None:
         """Forget cached position tables (they are rebuilt per input shape and device on first use)."""
         self._pos_cache: dict[tuple, Tensor] = {}
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def set_attention_backend(self, backend: Backend) -> None:
-        """'sdpa', 'xformers', 'math', or a callable attention(q, k, v, *, mask, scale) (context parallel)."""
-        resolve_backend(backend)  # fail now, with the list of accepted names, rather than mid-forward
-        self.attn_backend = backend
-
-    def fuse_qkv_projections(self) -> None:
-        """No-op kept for diffusers' pipeline API: q, k and v are always projected with one fused matmul."""
-
-    def unfuse_qkv_projections(self) -> None:
-        """No-op kept for diffusers' pipeline API (see fuse_qkv_projections)."""
 
     # -- positions ------------------------------------------------------------------------------------
 
@@ -454,12 +316,6 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
                 got = [tuple(t.shape) for t in image_rotary_emb]
                 raise ValueError(f"image_rotary_emb must be (cos, sin), each of shape {shape}, got {got}")
 
-    @staticmethod
-    def _batched(t: Any, batch: int, device: torch.device) -> Tensor:
-        """A timestep-like scalar, 0-d, (1,) or (B,) tensor -> (B,) tensor."""
-        t = torch.as_tensor(t, device=device)
-        return t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
-
     @apply_lora_scale("attention_kwargs")
     def forward(
         self,
@@ -481,12 +337,13 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
         b, f, _, h, w = hidden_states.shape
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
         grid = (f // pt, h // p, w // p)  # token grid (F', H', W')
-        dtype, device = self.time_embedding.linear_1.weight.dtype, hidden_states.device
+        # The compute dtype: patch_embed is exempt from layerwise casting (fp8 storage elsewhere).
+        dtype, device = self.patch_embed.text_proj.weight.dtype, hidden_states.device
         n_text = encoder_hidden_states.shape[1]
 
-        temb = self.time_embedding(self._batched(timestep, b, device), dtype)  # (B, time_embed_dim)
+        temb = self.time_embedding(broadcast_timestep(timestep, b, device), dtype)  # (B, time_embed_dim)
         if self.ofs_embedding is not None:
-            temb = temb + self.ofs_embedding(self._batched(ofs, b, device), dtype)
+            temb = temb + self.ofs_embedding(broadcast_timestep(ofs, b, device), dtype)
 
         rope = None
         if cfg.use_rotary_positional_embeddings:
@@ -504,10 +361,7 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, ModelMixin, ConfigMixin,
             rope = None if rope is None else self._cp_shard_rows(rope).clone()  # (N_r, Dh/2), not a view of (N, ..)
 
         for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, temb, n_text, rope, self.attn_backend)
-            else:
-                x = block(x, temb, n_text, rope, self.attn_backend)
+            x = checkpointed(self, block, x, temb, n_text, rope)
 
         video = self.norm_final(x[:, n_text:])  # (B, N, D); text tokens are done
         m = self.norm_out(temb)

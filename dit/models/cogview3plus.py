@@ -15,10 +15,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d, timestep_embedding, unpatchify_2d
-from dit.layers import Modulation, modulate
-from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
-                                      TextProjection, broadcast_timestep, check_latents, check_shape, checkpointed,
-                                      gated_add, layer_norm)
+from dit.layers import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Modulation,
+                        broadcast_timestep, checkpointed, expert_gated_add, expert_modulate, layer_norm, modulate)
+from dit.models._image_common import TextProjection, check_latents, check_shape
 
 EPS = 1e-5  # the block LayerNorms (the qk-norm and the output norm use 1e-6)
 # The block's 12 modulation chunks: image (x) first, then text (context) with a "c_" prefix.
@@ -79,19 +78,15 @@ class CogView3PlusTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, emb: Tensor) -> tuple[Tensor, Tensor]:
-        x, c, m = hidden_states, encoder_hidden_states, self.norm1(emb)  # (B, N, D), (B, M, D), named chunks
-        n_text = c.shape[1]
-        joint = torch.cat([modulate(layer_norm(c, EPS), m.c_shift_msa, m.c_scale_msa),
-                           modulate(layer_norm(x, EPS), m.shift_msa, m.scale_msa)], dim=1)  # (B, M + N, D)
-        out = self.attn1(joint)  # (B, M + N, D)
-        x, c = gated_add(x, m.gate_msa, out[:, n_text:]), gated_add(c, m.c_gate_msa, out[:, :n_text])
-        joint = torch.cat([modulate(layer_norm(c, EPS), m.c_shift_mlp, m.c_scale_mlp),
-                           modulate(layer_norm(x, EPS), m.shift_mlp, m.scale_mlp)], dim=1)  # (B, M + N, D)
-        out = self.ff(joint)
-        x, c = gated_add(x, m.gate_mlp, out[:, n_text:]), gated_add(c, m.c_gate_mlp, out[:, :n_text])
+        m, n_text = self.norm1(emb), encoder_hidden_states.shape[1]  # named (B, D) chunks
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # joint [text, image] (B, M + N, D)
+        h = expert_modulate(layer_norm(x, EPS), n_text, (m.c_shift_msa, m.c_scale_msa), (m.shift_msa, m.scale_msa))
+        x = expert_gated_add(x, n_text, (m.c_gate_msa, m.gate_msa), self.attn1(h))
+        h = expert_modulate(layer_norm(x, EPS), n_text, (m.c_shift_mlp, m.c_scale_mlp), (m.shift_mlp, m.scale_mlp))
+        x = expert_gated_add(x, n_text, (m.c_gate_mlp, m.gate_mlp), self.ff(h))
         if x.dtype == torch.float16:  # fp16 activations of the released model overflow otherwise
-            x, c = x.clip(-65504, 65504), c.clip(-65504, 65504)
-        return x, c
+            x = x.clip(-65504, 65504)
+        return x[:, n_text:], x[:, :n_text]  # image (B, N, D), text (B, M, D)
 
 
 # ------------------------------------------------------------------------------------------------- model

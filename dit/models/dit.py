@@ -18,9 +18,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
-from dit.layers import Modulation, modulate
-from dit.models._image_common import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, broadcast_timestep,
-                                      check_latents, checkpointed, gated_add, layer_norm)
+from dit.layers import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Modulation, broadcast_timestep,
+                        checkpointed, gated_add, layer_norm, modulate)
+from dit.models._image_common import check_latents
 
 
 # ----------------------------------------------------------------------------------------------- embedders

@@ -18,11 +18,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
-from dit.layers import Modulation, modulate
+from dit.layers import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Modulation,
+                        broadcast_timestep, checkpointed, gated_add, layer_norm, modulate)
+from dit.models._image_common import TextProjection, check_latents, check_shape
 from dit.parallel.model import ContextParallelMixin
-from dit.models._image_common import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward,
-                                      TextProjection, broadcast_timestep, check_latents, check_shape, checkpointed,
-                                      gated_add, layer_norm)
 
 EPS = 1e-6  # every LayerNorm / qk-norm in SD3
 
@@ -83,8 +82,8 @@ class JointTransformerBlock(nn.Module):
         self.norm1 = Modulation(dim, dim, ADALN_ZERO + dual)
         # The last block's context norm is an AdaLayerNormContinuous: (scale, shift) only, no gates.
         self.norm1_context = Modulation(dim, dim, ("scale_msa", "shift_msa") if context_pre_only else ADALN_ZERO)
-        self.attn = Attention(dim, heads, head_dim, qk_norm=qk_norm, eps=EPS, context=True,
-                              context_out=not context_pre_only)
+        self.attn = Attention(dim, heads, head_dim, qk_norm=qk_norm, eps=EPS, added_kv_proj_dim=dim, joint=True,
+                              joint_out=not context_pre_only)
         self.attn2 = Attention(dim, heads, head_dim, qk_norm=qk_norm, eps=EPS) if use_dual_attention else None
         self.ff = FeedForward(dim)
         self.ff_context = None if context_pre_only else FeedForward(dim)
@@ -95,7 +94,7 @@ class JointTransformerBlock(nn.Module):
         m, mc = self.norm1(temb), self.norm1_context(temb)  # named (B, D) chunks
         x_norm, c_norm = layer_norm(x, EPS), layer_norm(c, EPS)
         x_attn, c_attn = self.attn(modulate(x_norm, m.shift_msa, m.scale_msa),
-                                   modulate(c_norm, mc.shift_msa, mc.scale_msa))  # joint over [image, text]
+                                   added=modulate(c_norm, mc.shift_msa, mc.scale_msa))  # joint over [image, text]
         x = gated_add(x, m.gate_msa, x_attn)
         if self.attn2 is not None:
             x = gated_add(x, m.gate_msa2, self.attn2(modulate(x_norm, m.shift_msa2, m.scale_msa2)))
