@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import samplers
 from bench.common import emit, median_time
 from dit.models.cogvideox import CogVideoXTransformer3DModel
+from dit.sampling import denoise
 
 
 def main() -> None:
@@ -70,22 +71,20 @@ def main() -> None:
                                            "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, steps)
     path = samplers.TrainPath.vp(samplers.rescale_zero_terminal_snr(samplers.snr_shift(
         samplers.alphas_cumprod_from_betas(samplers.ddpm_betas()), 3.0)))
-    relay = samplers.relay_schedule(path, args.relay_start, relay_steps)
+    relay = samplers.relay_spec(path, args.relay_start, relay_steps, "v", block_size=2)
 
     def model_fn(x, t):
         return model(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]), return_dict=False)[0]
 
-    denoiser = samplers.Denoiser(model_fn, "v")
     lo = torch.randn(1, frames, 16, height, width)  # (B, F', C, H', W'): CogVideoX's latent layout
     hi = torch.randn(1, frames, 16, 2 * height, 2 * width)
 
     def direct():
-        return samplers.sample_ddim(denoiser, hi, spec.schedule)
+        return denoise(model_fn, hi, spec)
 
     def relayed():
-        base = samplers.sample_ddim(denoiser, lo, spec.schedule)
-        return samplers.sample_relay(denoiser, samplers.upsample(base, 2), relay, block_size=2,
-                                     generator=torch.Generator().manual_seed(0))
+        base = denoise(model_fn, lo, spec)
+        return denoise(model_fn, samplers.upsample(base, 2), relay, generator=torch.Generator().manual_seed(0))
 
     full_size = None if args.quick else full_size_flops_ratio(steps, relay_steps)
     with torch.inference_mode():

@@ -24,6 +24,7 @@ import torch
 
 import samplers
 from bench.common import emit
+from dit.sampling import denoise
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,12 +97,11 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
             return stage(hidden_states=x, encoder_hidden_states=text, timestep=t.reshape(-1).expand(x.shape[0]),
                          return_dict=False)[0].float()
 
-        denoiser = samplers.Denoiser(model_fn, "v_prediction")
         target = (video[0].permute(0, 2, 3, 1).numpy() + 1) / 2  # (F, H, W, 3) in [0, 1]
         results = {}
         for name, alpha in (("block", defaults.get("relay_noise_alpha", 0.15)), ("white", 0.0)):
-            z = samplers.sample_relay(denoiser, z_low, schedule, block_size=2, noise_alpha=alpha,
-                                      generator=torch.Generator().manual_seed(i))
+            spec = samplers.SamplerSpec(schedule, "v_prediction", "relay", {"block_size": 2, "noise_alpha": alpha})
+            z = denoise(model_fn, z_low, spec, generator=torch.Generator().manual_seed(i))
             frames = vae.decode(z.permute(0, 2, 1, 3, 4) / scale).sample.clamp(-1, 1)  # (1, 3, F, H, W)
             results[name] = (frames[0].permute(1, 2, 3, 0).numpy() + 1) / 2
             out[name].append(psnr(results[name], target))

@@ -23,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.video_processor import VideoProcessor
 
 import samplers
+from dit.sampling import GuidanceScale, denoise
 from dit.convert import (LEGACY_CLASSES, TRANSFORMER_CLASSES, library_load, load_transformer, read_folder_json, resolve,
                          safetensors_files)
 from dit.text import ENCODER_CLASSES, TOKENIZER_CLASSES, load_encoder_folder, load_tokenizer_folder
@@ -211,13 +212,17 @@ class DiTPipeline(DiffusionPipeline):
         config = dict(self.scheduler.config, _class_name=type(self.scheduler).__name__)
         return samplers.from_diffusers_config(config, num_inference_steps, mu=mu)
 
-    def _sample(self, solve: Callable, denoiser: Callable, latents: torch.Tensor, schedule, steps: int,
-                callback_on_step_end: Callable | None, tensor_inputs, state: dict, **options: Any) -> torch.Tensor:
-        """Run a solver with a progress bar and diffusers' callback_on_step_end; NonFiniteLatentsError as soon
-        as a step leaves NaN or inf in the latents."""
+    def _sample(self, model_fn: Callable, latents: torch.Tensor, spec: samplers.SamplerSpec, *,
+                guidance_scale: GuidanceScale, callback_on_step_end: Callable | None, tensor_inputs, state: dict,
+                solver: str | None = None, **runtime: Any) -> torch.Tensor:
+        """dit.sampling.denoise with a progress bar and diffusers' callback_on_step_end; NonFiniteLatentsError as
+        soon as a step leaves NaN or inf in the latents."""
+        steps = len(spec.schedule)
+        state["timesteps"] = spec.schedule.timesteps.to(latents.device)
         with self.progress_bar(total=steps) as progress:
             callback = self._step_callback(callback_on_step_end, list(tensor_inputs), state, progress, steps)
-            return solve(denoiser, latents, schedule, callback=callback, **options)
+            return denoise(model_fn, latents, spec, guidance_scale=guidance_scale, solver=solver, callback=callback,
+                           **runtime)
 
     def _step_callback(self, callback_on_step_end: Callable | None, tensor_inputs: list[str], state: dict,
                        progress, total: int) -> Callable:
@@ -390,25 +395,6 @@ class CogVideoXDiTPipeline(DiTPipeline):
         _check_sizes(height, width, num_frames, spatial * t["patch_size"], int(temporal))
         return height, width, num_frames
 
-    def _rotary(self, height: int, width: int, latent_frames: int, device: torch.device):
-        """3D RoPE for the video tokens as CogVideoXPipeline computes it (None if the model uses sin-cos)."""
-        if not self.transformer.config.use_rotary_positional_embeddings:
-            return None
-        from diffusers.models.embeddings import get_3d_rotary_pos_embed
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
-
-        cfg = self.transformer.config
-        p, p_t = cfg.patch_size, cfg.patch_size_t
-        gh, gw = height // (self.vae_scale_factor_spatial * p), width // (self.vae_scale_factor_spatial * p)
-        base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
-        if p_t is None:
-            crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
-            return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
-                                           temporal_size=latent_frames, device=device)
-        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(gh, gw),
-                                       temporal_size=(latent_frames + p_t - 1) // p_t, grid_type="slice",
-                                       max_size=(base_h, base_w), device=device)
-
     def _relay_upsample(self, latents: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
         """The relay stage's z_L: the base latents (B, F, C, H, W) upsampled k times in space."""
         if mode != "pixel":
@@ -458,21 +444,50 @@ class CogVideoXDiTPipeline(DiTPipeline):
         then `relay_steps` steps run from training step T_r = relay_start with block noise of block size k. The
         stage uses the folder's `relay_transformer` if it has one (trained with the relay loss), else the base
         transformer."""
-        cfg = self.transformer.config
-        # Only None means "the default": 0 is a size like any other, refused by the checks below.
-        if max_sequence_length is None:
-            max_sequence_length = cfg.max_text_seq_length  # 226 for released CogVideoX
-        default_height, default_width, default_frames = self.default_size()
-        height = default_height if height is None else height
-        width = default_width if width is None else width
-        num_frames = default_frames if num_frames is None else num_frames
+        height, width, num_frames, max_sequence_length = self._call_defaults(height, width, num_frames,
+                                                                            max_sequence_length)
         self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                           max_sequence_length)
+        self._check_call(num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, relay, relay_steps,
+                         relay_upsample)
+        spec = self._sampler(num_inference_steps)
+        # Relay schedule errors (T_r outside the schedule, ...) come before any model runs.
+        stage_spec = self._relay_spec(spec, relay, relay_start, relay_steps, relay_noise_alpha) if relay else None
+        do_cfg = guidance_scale > 1.0
+        state = self._encode_state(prompt, negative_prompt, do_cfg, max_sequence_length)
+        latents, extra = self._initial_latents(state["prompt_embeds"], num_frames, height, width, generator, latents)
+
+        def run(transformer, x: torch.Tensor, stage: samplers.SamplerSpec, steps: int, **runtime) -> torch.Tensor:
+            scale = (samplers.cogvideox_dynamic_scale(guidance_scale, steps) if use_dynamic_cfg and do_cfg
+                     else guidance_scale)
+            return self._sample(self._model_fn(transformer, state, do_cfg, attention_kwargs), x, stage,
+                                guidance_scale=scale, callback_on_step_end=callback_on_step_end,
+                                tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
+                                **runtime)
+
+        latents = run(self.transformer, latents, spec, num_inference_steps, solver=solver, eta=eta)
+        if relay is not None:
+            z_low = self._relay_upsample(latents[:, extra:], relay, relay_upsample)  # (B, F', C, kH', kW')
+            stage = getattr(self, "relay_transformer", None) or self.transformer
+            latents, extra = run(stage, z_low, stage_spec, relay_steps, eta=relay_eta), 0
+        return self._finish_video(latents[:, extra:], output_type, return_dict)
+
+    def _call_defaults(self, height: int | None, width: int | None, num_frames: int | None,
+                       max_sequence_length: int | None) -> tuple[int, int, int, int]:
+        """The model's defaults where the call gave None (only None: 0 is a size like any other, refused later)."""
+        default_height, default_width, default_frames = self.default_size()
+        max_text = self.transformer.config.max_text_seq_length  # 226 for released CogVideoX
+        return (default_height if height is None else height, default_width if width is None else width,
+                default_frames if num_frames is None else num_frames,
+                max_text if max_sequence_length is None else max_sequence_length)
+
+    def _check_call(self, num_videos_per_prompt: int, output_type: str, tensor_inputs, relay: int | None,
+                    relay_steps: int, relay_upsample: str) -> None:
         if num_videos_per_prompt != 1:
             raise ValueError(f"num_videos_per_prompt must be 1 (as in CogVideoXPipeline), got {num_videos_per_prompt}")
         if output_type not in ("np", "pil", "pt", "latent"):
             raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
-        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
         if relay is not None:
@@ -480,88 +495,62 @@ class CogVideoXDiTPipeline(DiTPipeline):
             _check_positive_int("relay_steps", relay_steps)
             if relay_upsample not in RELAY_UPSAMPLE:
                 raise ValueError(f"relay_upsample {relay_upsample!r} is not one of {', '.join(RELAY_UPSAMPLE)}")
-        spec = self._sampler(num_inference_steps)
-        relay_path = None
-        if relay is not None:  # schedule errors (T_r outside the schedule, ...) before any model runs
-            relay_path = samplers.train_path_from_config(dict(self.scheduler.config,
-                                                              _class_name=type(self.scheduler).__name__))
-            relay_schedule = samplers.relay_schedule(relay_path, relay_start, relay_steps)
-        solve = samplers.get_solver(solver or spec.solver)
-        options = dict(spec.options) if solver in (None, spec.solver) else {}
 
+    def _relay_spec(self, spec: samplers.SamplerSpec, relay: int, start: int, steps: int,
+                    noise_alpha: float) -> samplers.SamplerSpec:
+        """The relay stage on the folder's training path, from training step T_r = start, block noise of size k."""
+        path = samplers.train_path_from_config(dict(self.scheduler.config, _class_name=type(self.scheduler).__name__))
+        return samplers.relay_spec(path, start, steps, spec.prediction, block_size=relay, noise_alpha=noise_alpha)
+
+    def _encode_state(self, prompt, negative_prompt, do_cfg: bool, max_sequence_length: int) -> dict:
+        """Prompt embeddings (and the negative ones for guidance): the state callbacks read and may replace."""
         device = self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds = self.encode_prompt(prompts, max_sequence_length=max_sequence_length, device=device)
-        negative_embeds = None
+        state = {"prompt_embeds": self.encode_prompt(prompts, max_sequence_length=max_sequence_length, device=device),
+                 "negative_prompt_embeds": None}
         if do_cfg:
             neg = negative_prompt or ""
-            neg = [neg] * batch if isinstance(neg, str) else list(neg)
-            negative_embeds = self.encode_prompt(neg, max_sequence_length=max_sequence_length, device=device)
+            neg = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+            state["negative_prompt_embeds"] = self.encode_prompt(neg, max_sequence_length=max_sequence_length,
+                                                                 device=device)
+        return state
 
-        # Latents (B, F', C, H', W'); CogVideoX 1.5 pads the latent frames to a multiple of patch_size_t.
-        k = self.vae_scale_factor_temporal
+    def _initial_latents(self, embeds: torch.Tensor, num_frames: int, height: int, width: int, generator,
+                         latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Noise (B, F', C, H', W') and the padding frames it has: CogVideoX 1.5 pads the latent frames to a
+        multiple of patch_size_t (dropped again before decoding)."""
+        cfg, k = self.transformer.config, self.vae_scale_factor_temporal
         latent_frames = (num_frames - 1) // k + 1
-        extra = 0
-        if cfg.patch_size_t is not None and latent_frames % cfg.patch_size_t:
-            extra = cfg.patch_size_t - latent_frames % cfg.patch_size_t
-        shape = (batch, latent_frames + extra, cfg.in_channels, height // self.vae_scale_factor_spatial,
+        extra = -latent_frames % cfg.patch_size_t if cfg.patch_size_t is not None else 0
+        shape = (embeds.shape[0], latent_frames + extra, cfg.in_channels, height // self.vae_scale_factor_spatial,
                  width // self.vae_scale_factor_spatial)
         if latents is None:
-            latents = samplers.solvers.randn(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-        elif tuple(latents.shape) != shape:
+            return samplers.solvers.randn(shape, generator=generator, device=embeds.device, dtype=embeds.dtype), extra
+        if tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
-        else:
-            latents = latents.to(device=device, dtype=prompt_embeds.dtype)
-        rope = self._rotary(height, width, shape[1], device)
-        state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": prompt_embeds,
-                 "negative_prompt_embeds": negative_embeds}
+        return latents.to(device=embeds.device, dtype=embeds.dtype), extra
 
-        def denoiser_for(transformer, rope, steps: int) -> samplers.Denoiser:
-            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                context = state["prompt_embeds"] if not do_cfg else torch.cat([state["negative_prompt_embeds"],
-                                                                               state["prompt_embeds"]])
-                timestep = t.to(device).expand(x.shape[0])
-                return transformer(hidden_states=x, encoder_hidden_states=context, timestep=timestep,
-                                   image_rotary_emb=rope, attention_kwargs=attention_kwargs,
-                                   return_dict=False)[0].float()
+    @staticmethod
+    def _model_fn(transformer, state: dict, do_cfg: bool, attention_kwargs: dict | None) -> Callable:
+        """The transformer as model_fn(x, t): conditioning [uncond, cond] under guidance; positions are the
+        model's own (it computes the same RoPE tables diffusers' pipeline passes)."""
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
+                       else state["prompt_embeds"])
+            return transformer(hidden_states=x, encoder_hidden_states=context, timestep=t.to(x.device).expand(
+                x.shape[0]), attention_kwargs=attention_kwargs, return_dict=False)[0].float()
 
-            if not do_cfg:
-                return samplers.Denoiser(model_fn, spec.prediction)
-            scale = samplers.cogvideox_dynamic_scale(guidance_scale, steps) if use_dynamic_cfg else guidance_scale
-            return samplers.Denoiser(samplers.classifier_free_guidance(model_fn, scale), spec.prediction)
+        return model_fn
 
-        denoiser = denoiser_for(self.transformer, rope, num_inference_steps)
-        if solve is samplers.sample_ddim and eta:
-            options["eta"] = eta
-        if solve in (samplers.sample_cogvideox_dpm,) or options.get("eta"):
-            options["generator"] = generator
-        latents = self._sample(solve, denoiser, latents, spec.schedule, num_inference_steps, callback_on_step_end,
-                               callback_on_step_end_tensor_inputs, state, **options)
-
-        if relay is not None:
-            latents = latents[:, extra:]
-            z_low = self._relay_upsample(latents, relay, relay_upsample)  # (B, F', C, kH', kW')
-            stage = getattr(self, "relay_transformer", None) or self.transformer
-            rope = self._rotary(height * relay, width * relay, z_low.shape[1], device)
-            state["timesteps"] = relay_schedule.schedule.timesteps.to(device)
-            latents = self._sample(samplers.sample_relay, denoiser_for(stage, rope, relay_steps), z_low,
-                                   relay_schedule, relay_steps, callback_on_step_end,
-                                   callback_on_step_end_tensor_inputs, state, eta=relay_eta, block_size=relay,
-                                   noise_alpha=relay_noise_alpha, generator=generator)
-            extra = 0
-
+    def _finish_video(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         if output_type == "latent":
             video = latents
         else:
-            latents = latents[:, extra:].permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image  # (B, C, F, H, W)
-            video = self.vae.decode(latents).sample
-            video = self.video_processor.postprocess_video(video=video, output_type=output_type)
+            latents = latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image  # (B, F, C, H, W) -> (B, C, F, H, W)
+            video = self.video_processor.postprocess_video(video=self.vae.decode(latents).sample,
+                                                           output_type=output_type)
         self.maybe_free_model_hooks()
-        if not return_dict:
-            return (video,)
-        return DiTPipelineOutput(frames=video)
+        return DiTPipelineOutput(frames=video) if return_dict else (video,)
 
 
 class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline):
@@ -625,8 +614,7 @@ class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline)
                                            cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
                                            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
         spec = self._sampler(num_inference_steps, mu=mu)
-        solve = samplers.get_solver(solver or spec.solver)
-        state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": pe}
+        state = {"prompt_embeds": pe}
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
@@ -634,9 +622,9 @@ class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline)
                                     pooled_projections=ppe, joint_attention_kwargs=joint_attention_kwargs,
                                     return_dict=False)[0]
 
-        model = samplers.classifier_free_guidance(model_fn, guidance_scale) if do_cfg else model_fn
-        latents = self._sample(solve, samplers.Denoiser(model, spec.prediction), latents, spec.schedule,
-                               num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs, state)
+        latents = self._sample(model_fn, latents, spec, guidance_scale=guidance_scale,
+                               callback_on_step_end=callback_on_step_end,
+                               tensor_inputs=callback_on_step_end_tensor_inputs, state=state, solver=solver)
         return self._finish_images(latents, output_type, return_dict, shift=True)
 
 
@@ -691,19 +679,15 @@ class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipe
         sizes = {name: torch.tensor([value], dtype=pe.dtype, device=device).repeat(rows, 1) for name, value in (
             ("original_size", original_size or (height, width)), ("target_size", (height, width)),
             ("crop_coords", crops_coords_top_left))}
-        solve = samplers.get_solver(solver or spec.solver)
-        options = dict(spec.options) if solver in (None, spec.solver) else {}
-        if solve is samplers.sample_cogvideox_dpm:
-            options["generator"] = generator
-        state = {"timesteps": spec.schedule.timesteps.to(device), "prompt_embeds": pe}
+        state = {"prompt_embeds": pe}
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.transformer(hidden_states=x, encoder_hidden_states=state["prompt_embeds"],
                                     timestep=t.to(device).expand(x.shape[0]), return_dict=False,
                                     **sizes)[0].float()
 
-        model = samplers.classifier_free_guidance(model_fn, guidance_scale) if do_cfg else model_fn
-        latents = self._sample(solve, samplers.Denoiser(model, spec.prediction), latents, spec.schedule,
-                               num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs, state,
-                               **options)
+        latents = self._sample(model_fn, latents, spec, guidance_scale=guidance_scale,
+                               callback_on_step_end=callback_on_step_end,
+                               tensor_inputs=callback_on_step_end_tensor_inputs, state=state, solver=solver, eta=eta,
+                               generator=generator)
         return self._finish_images(latents, output_type, return_dict, shift=False)

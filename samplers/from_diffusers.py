@@ -6,6 +6,7 @@ either runs as diffusers runs it, or not at all.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from samplers import schedules as S
 from samplers.paths import check_prediction
+from samplers.solvers import get_solver
 
 SCHEDULER_CLASSES = (
     "CogVideoXDDIMScheduler",
@@ -29,12 +32,33 @@ SCHEDULER_CLASSES = (
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """What a scheduler config amounts to: the schedule, how to read the model, which solver, its options."""
+    """What a scheduler config amounts to: the schedule, how to read the model, which solver, its options.
 
-    schedule: S.Schedule
+    `schedule` is what the solver walks: a Schedule, or a RelaySchedule for the "relay" solver."""
+
+    schedule: Any
     prediction: str
     solver: str
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def sample(spec: SamplerSpec, denoiser: Any, x: Tensor, *, solver: str | None = None, callback: Any = None,
+           **runtime: Any) -> Tensor:
+    """Run the spec's solver from x, or `solver` instead (the spec's options belong to its own solver and are
+    then dropped). Runtime options (eta, generator, ...) go to the solver where it takes them, as diffusers'
+    pipelines pass eta and generator only to schedulers whose step() accepts them; None is "not given", a
+    zero eta needs no noise, and any other option the solver does not take is an error, never dropped."""
+    name = solver or spec.solver
+    solve = get_solver(name)
+    options = dict(spec.options) if name == spec.solver else {}
+    accepted = inspect.signature(solve).parameters
+    for key, value in runtime.items():
+        if key in accepted and value is not None:
+            options[key] = value
+        elif value is not None and not (key == "eta" and value == 0) and key != "generator":
+            raise ValueError(f"solver {name!r} does not take {key}={value!r}; it takes "
+                             f"{', '.join(k for k in accepted if k not in ('denoiser', 'x', 'schedule'))}")
+    return solve(denoiser, x, spec.schedule, callback=callback, **options)
 
 
 def load_scheduler_config(path_or_config: str | os.PathLike | dict) -> dict:

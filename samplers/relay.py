@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samplers.from_diffusers import SamplerSpec
 from samplers.paths import DenoiserFn, ModelFn, check_prediction, diffusion_loss
 from samplers.schedules import Schedule, TrainPath
-from samplers.solvers import Callback, _after_step, _compute, _exp_neg_h, randn
+from samplers.solvers import SOLVERS, Callback, _after_step, _compute, _exp_neg_h, randn
 
 BLUR_MODES = ("time", "step")
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -171,6 +172,13 @@ class RelaySchedule:
     blur: Tensor
     blur_next: Tensor
 
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def timesteps(self) -> Tensor:
+        return self.schedule.timesteps
+
 
 def relay_schedule(path: TrainPath, t_relay: int, num_steps: int, *, blur: str = "time") -> RelaySchedule:
     """M = num_steps evenly spaced steps from training step T_r = t_relay down to the data.
@@ -306,3 +314,14 @@ def relay_loss(
     eps_eff = ((x_t - alpha.view(view) * z0) / sigma.view(view)).to(z0.dtype)
     return diffusion_loss(model_fn, z0, path.model_t.to(z0.device)[t], alpha.to(z0.dtype), sigma.to(z0.dtype),
                           prediction, noise=eps_eff)
+
+
+def relay_spec(path: TrainPath, t_relay: int, num_steps: int, prediction: str, *, block_size: int,
+               noise_alpha: float = 0.15, blur: str = "time") -> SamplerSpec:
+    """The relay stage as a sampler spec (solver "relay"): `samplers.sample(spec, denoiser, z_low, eta=...,
+    generator=...)` runs it like any other sampler."""
+    return SamplerSpec(relay_schedule(path, t_relay, num_steps, blur=blur), prediction, "relay",
+                       {"block_size": block_size, "noise_alpha": noise_alpha})
+
+
+SOLVERS["relay"] = sample_relay  # registered here: solvers.py cannot import this module back

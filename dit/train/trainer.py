@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit.sampling import denoise
 from dit.outputs import atomic_write, atomic_write_text, open_append_nofollow, write_video
 from dit.train import checkpoint as ckpt
 from dit.train.config import TrainConfig
@@ -352,7 +353,8 @@ class Trainer:
         ext = "mp4" if b.family == "cogvideox" else "png"
         g = torch.Generator().manual_seed(t.seed)
         o = self.cfg.objective
-        schedule = samplers.relay_schedule(self.objective.path, o.relay_t, min(t.validation_steps, o.relay_t))
+        spec = samplers.relay_spec(self.objective.path, o.relay_t, min(t.validation_steps, o.relay_t),
+                                   self.objective.prediction, block_size=o.block_size, noise_alpha=o.noise_alpha)
         for i, item in enumerate(items):
             video = item["video"][None].to(device)  # (1, F, 3, H, W)
             low = low_resolution(video, o.scale_factor)
@@ -363,8 +365,7 @@ class Trainer:
                 ts = torch.as_tensor(ts, device=device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
                 return b.forward(model, x, ts, cond).float()
 
-            z = samplers.sample_relay(samplers.Denoiser(model_fn, self.objective.prediction), z_low, schedule,
-                                      block_size=o.block_size, noise_alpha=o.noise_alpha, generator=g)
+            z = denoise(model_fn, z_low, spec, generator=g)
             for name, clip in (("input", low), ("relay", self._decode(z)), ("target", video)):
                 frames = ((clip[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2)  # (F, H, W, 3) in [0, 1]
                 _write_media(frames if ext == "mp4" else frames[:1], folder / f"{i:02d}-{name}.{ext}")
