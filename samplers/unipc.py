@@ -25,18 +25,9 @@ from torch import Tensor
 
 from samplers.paths import DenoiserFn
 from samplers.schedules import Schedule
-from samplers.solvers import SOLVERS, Callback, _after_step, _require_chained
+from samplers.solvers import SOLVERS, Callback, _after_step, _lambda, _require_chained
 
 UNIPC_VARIANTS = ("bh1", "bh2")
-
-
-def _lambda(alpha: float, sigma: float) -> float:
-    """Half log-SNR log(alpha / sigma); -inf at alpha = 0, +inf at sigma = 0."""
-    if alpha == 0:
-        return -math.inf
-    if sigma == 0:
-        return math.inf
-    return math.log(alpha) - math.log(sigma)
 
 
 def unipc_rhos(rks: Sequence[float], hh: float, variant: str, *, corrector: bool) -> tuple[list[float], float]:
