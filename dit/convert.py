@@ -34,6 +34,7 @@ TRANSFORMER_CLASSES: dict[str, str] = {
     "SD3Transformer2DModel": "dit.models.mmdit:SD3Transformer2DModel",
     "DiTTransformer2DModel": "dit.models.dit:DiTTransformer2DModel",
     "CogView3PlusTransformer2DModel": "dit.models.cogview3plus:CogView3PlusTransformer2DModel",
+    "WanTransformer3DModel": "dit.models.wan:WanTransformer3DModel",
 }
 
 # diffusers' legacy Transformer2DModel stands for several models and its `norm_type` says which; released

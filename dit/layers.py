@@ -1,7 +1,8 @@
 """The transformer primitives every family is built from (DiT, MMDiT, CogVideoX, CogView3-Plus, and new ones).
 
 - adaLN: `modulate`, `gated_add` and their two-expert forms (`expert_modulate`, `expert_gated_add`: text tokens
-  and vision tokens of one sequence, each with its own chunks); `Modulation`, the named, zero-initialised chunks.
+  and vision tokens of one sequence, each with its own chunks); `Modulation`, the named, zero-initialised chunks;
+  `modulation_chunks`, the same names over precomputed parameters (Wan's table + shared projection).
 - Norms: `layer_norm` (no affine), `RMSNorm`, and `qk_norm_layer`, the q/k norms the families use.
 - `FeedForward` and `Attention` (self, cross, joint and extra-K/V attention, optional q/k norm, a RoPE hook,
   always through `dit.attention.attention`); `fused_linear`, the one fused-QKV projection.
@@ -94,6 +95,15 @@ class ModulationOut(dict):
             return self[name]
         except KeyError:
             raise AttributeError(f"modulation has no chunk {name!r}; it has {', '.join(self)}") from None
+
+
+def modulation_chunks(params: Tensor, names: Sequence[str]) -> ModulationOut:
+    """Named chunks of adaLN parameters laid out (..., len(names), D) (Wan: a block's learned `scale_shift_table`
+    plus the model's shared timestep projection, instead of a per-block `Modulation` linear); each (..., D)."""
+    if params.shape[-2] != len(names):
+        raise ValueError(f"expected {len(names)} modulation chunks ({', '.join(names)}), "
+                         f"got shape {tuple(params.shape)}")
+    return ModulationOut(zip(names, params.unbind(-2)))
 
 
 class Modulation(nn.Module):

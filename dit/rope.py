@@ -1,8 +1,11 @@
-"""3D rotary position embedding for video tokens (RoFormer, Su et al. 2021; CogVideoX, Yang et al. 2024).
+"""3D rotary position embedding for video tokens (RoFormer, Su et al. 2021; CogVideoX, Yang et al. 2024; Wan 2025).
 
-The head dimension is split into a time part (1/4) and two space parts (3/8 each); each part rotates
-consecutive channel pairs (x[2i], x[2i+1]) by angle pos * theta^(-2i/d) of its own axis. The numbers equal
-diffusers' `get_3d_rotary_pos_embed` as CogVideoXPipeline calls it, so a caller may pass either.
+The head dimension is split into a time part and two space parts; each part rotates consecutive channel pairs
+(x[2i], x[2i+1]) by angle pos * theta^(-2i/d) of its own axis.
+- CogVideoX (`cogvideox_rope`): time 1/4, height and width 3/8 each; equal to diffusers' `get_3d_rotary_pos_embed`
+  as CogVideoXPipeline calls it, so a caller may pass either.
+- Wan (`wan_rope`): height and width 2 * (head_dim // 6) channels each, time the rest (44 / 42 / 42 of 128),
+  integer positions; equal to diffusers' `WanRotaryPosEmbed`.
 """
 
 from __future__ import annotations
@@ -73,6 +76,28 @@ def cogvideox_rope(
         gw = torch.linspace(left, right * (grid_w - 1) / grid_w, grid_w, **f32)
         gt = torch.linspace(0, frames * (frames - 1) / frames, frames, **f32)
     return rope_3d(head_dim, gt, gh, gw)
+
+
+def wan_rope(head_dim: int, frames: int, height: int, width: int, *, theta: float = 10000.0,
+             device: torch.device | None = None) -> Tensor:
+    """Wan's RoPE for a (frames, height, width) token grid as unit complex rotations (F*H*W, head_dim/2), complex64,
+    frame-major tokens; channel pairs [time | height | width].
+
+    Angles are computed in float64 and rounded once, as diffusers' `WanRotaryPosEmbed` tables are (its tables hold
+    rope_max_seq_len positions per axis; the rows of the first n are these).
+    """
+    if head_dim % 2:
+        raise ValueError(f"Wan's rotary embedding needs an even head_dim, got {head_dim}")
+    space = 2 * (head_dim // 6)
+    axes = []
+    for dim, n in zip((head_dim - 2 * space, space, space), (frames, height, width)):
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+        angles = torch.outer(torch.arange(n, dtype=torch.float64), inv_freq)  # (n, dim/2)
+        axes.append(torch.complex(angles.cos().float(), angles.sin().float()))
+    t, h, w = axes
+    rot = torch.cat([t[:, None, None].expand(-1, height, width, -1), h[None, :, None].expand(frames, -1, width, -1),
+                     w[None, None, :].expand(frames, height, -1, -1)], dim=-1)  # (F, H, W, head_dim/2)
+    return rot.reshape(frames * height * width, head_dim // 2).to(device)
 
 
 def rope_as_complex(cos: Tensor, sin: Tensor) -> Tensor:
