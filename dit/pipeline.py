@@ -37,6 +37,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "CogVideoXPipeline": "dit.pipeline:CogVideoXDiTPipeline",
     "StableDiffusion3Pipeline": "dit.pipeline:SD3DiTPipeline",
     "CogView3PlusPipeline": "dit.pipeline:CogView3PlusDiTPipeline",
+    "WanPipeline": "dit.pipeline_wan:WanDiTPipeline",
 }
 
 
@@ -77,9 +78,11 @@ _ENCODER_ENTRIES = frozenset(("transformers", name) for name in ENCODER_CLASSES)
 _TOKENIZER_ENTRIES = frozenset(("transformers", name) for name in TOKENIZER_CLASSES)
 COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
     "transformer": _TRANSFORMER_ENTRIES,
+    "transformer_2": _TRANSFORMER_ENTRIES,  # Wan 2.2 A14B's low-noise expert
     "relay_transformer": _TRANSFORMER_ENTRIES,
     "vae": frozenset({("diffusers", "AutoencoderKLCogVideoX"), ("vae3d.model", "CausalVAE3D"),
-                      ("vae3d", "CausalVAE3D"), ("diffusers", "AutoencoderKL")}),
+                      ("vae3d", "CausalVAE3D"), ("diffusers", "AutoencoderKL"),
+                      ("diffusers", "AutoencoderKLWan")}),
     **{f"text_encoder{s}": _ENCODER_ENTRIES for s in ("", "_2", "_3")},
     **{f"tokenizer{s}": _TOKENIZER_ENTRIES for s in ("", "_2", "_3")},
     "scheduler": frozenset(("diffusers", name) for name in SCHEDULER_CLASSES),
@@ -109,6 +112,13 @@ def _check_index(folder: Path, index: dict) -> dict[str, tuple[str | None, str |
     return entries
 
 
+def _settings(index: dict, target: type) -> dict[str, Any]:
+    """Plain (non-component) entries of model_index.json that the pipeline's constructor takes, such as Wan 2.2's
+    boundary_ratio and expand_timesteps; other plain entries are diffusers' own bookkeeping."""
+    params = inspect.signature(target.__init__).parameters
+    return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list) and k in params}
+
+
 def _check_roles(folder: Path, target: type, entries: dict) -> None:
     """The pipeline's required components are all named in model_index.json (checked before any load)."""
     params = inspect.signature(target.__init__).parameters
@@ -127,7 +137,7 @@ def _load_component(folder: Path, name: str, library: str | None, class_name: st
     if library is None:
         return None
     sub = folder / name
-    if name in ("transformer", "relay_transformer"):
+    if name in ("transformer", "transformer_2", "relay_transformer"):
         return load_transformer(sub, torch_dtype=torch_dtype)
     if name == "vae" and class_name in _VIDEO_VAES:
         from vae3d import load_vae
@@ -175,7 +185,7 @@ class DiTPipeline(DiffusionPipeline):
             raise ValueError(f"{str(folder)!r} holds a {family}, which {cls.__name__} cannot load")
         _check_roles(folder, target, entries)
         components = {name: _load_component(folder, name, *spec, torch_dtype) for name, spec in entries.items()}
-        pipe = target(**components)
+        pipe = target(**components, **_settings(index, target))
         return pipe.to(device) if device is not None else pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:

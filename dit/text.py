@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel,
-                          PreTrainedTokenizerBase, PreTrainedTokenizerFast, T5Config, T5EncoderModel)
+                          PreTrainedTokenizerBase, PreTrainedTokenizerFast, T5Config, T5EncoderModel,
+                          UMT5EncoderModel)
 
 from dit.convert import library_load, read_folder_json, safetensors_files
 
@@ -27,6 +28,7 @@ TEXT_ENCODER_KINDS: tuple[str, ...] = ("auto", "t5", "clip")
 # rather than guessed.
 ENCODER_CLASSES: dict[str, type[PreTrainedModel]] = {
     "T5EncoderModel": T5EncoderModel,
+    "UMT5EncoderModel": UMT5EncoderModel,  # Wan
     "CLIPTextModel": CLIPTextModel,
     "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
 }

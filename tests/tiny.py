@@ -142,3 +142,50 @@ def tiny_cogview3plus_pipeline(folder: Path, *, scheduler: str = "ddim"):
                                 transformer=transformer, scheduler=sched)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
+
+
+def tiny_umt5(d_model: int = 32, vocab: int = len(WORDS) + 3):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    return UMT5EncoderModel(UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                       relative_attention_num_buckets=8)).eval()
+
+
+def tiny_wan_transformer(seed: int, *, channels: int = 16, text_dim: int = 32):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                  in_channels=channels, out_channels=channels, text_dim=text_dim, freq_dim=32,
+                                  ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  rope_max_seq_len=32)
+    return randomize(model, seed, 0.1).eval()
+
+
+def tiny_wan_pipeline(folder: Path, *, two_experts: bool = False, ti2v: bool = False, scheduler: str = "unipc"):
+    """Save a tiny diffusers WanPipeline into `folder` and return it: Wan 2.1 (one expert), Wan 2.2 A14B-shaped
+    (two experts, boundary_ratio 0.875) or TI2V-5B-shaped (48-channel residual VAE, expand_timesteps)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    if ti2v:
+        z = 48
+        g = torch.Generator().manual_seed(1)
+        vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+                               in_channels=12, out_channels=12, scale_factor_spatial=16,
+                               latents_mean=(torch.randn(z, generator=g) * 0.3).tolist(),
+                               latents_std=(torch.rand(z, generator=g) + 0.5).tolist())
+    else:
+        z = 16
+        vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    sched = (UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+             if scheduler == "unipc" else FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe = WanPipeline(tokenizer=tiny_tokenizer(16), text_encoder=tiny_umt5(), vae=vae.eval(), scheduler=sched,
+                       transformer=tiny_wan_transformer(2, channels=z),
+                       transformer_2=tiny_wan_transformer(3, channels=z) if two_experts else None,
+                       boundary_ratio=0.875 if two_experts else None, expand_timesteps=ti2v)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
