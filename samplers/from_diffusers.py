@@ -158,53 +158,64 @@ def from_diffusers_config(
     cls = cfg.get("_class_name")
     if cls not in SCHEDULER_CLASSES:
         raise ValueError(f"unsupported scheduler class {cls!r}; accepted: {', '.join(SCHEDULER_CLASSES)}")
-    T = cfg.get("num_train_timesteps", 1000)
-    S.check_num_steps(num_steps, T)
-
+    S.check_num_steps(num_steps, cfg.get("num_train_timesteps", 1000))
     if cls in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
-        acp = _cogvideox_alphas_cumprod(cfg, cls)
-        ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "leading"),
-                                steps_offset=cfg.get("steps_offset", 0))
-        final = 1.0 if cfg.get("set_alpha_to_one", True) else float(acp[0])
-        schedule = S.vp_schedule(acp, ts, target="offset", final_alpha_cumprod=final, num_train_timesteps=T)
-        prediction = check_prediction(cfg.get("prediction_type", "epsilon"))
-        if cls == "CogVideoXDDIMScheduler":
-            return SamplerSpec(schedule, prediction, "ddim")
-        # diffusers' last step is first order only when its target t - T // N is negative.
-        last_second_order = num_steps > 1 and int(ts[-1]) - T // num_steps >= 0
-        return SamplerSpec(schedule, prediction, "cogvideox_dpm", {"last_step_second_order": last_second_order})
-
+        return _cogvideox_spec(cfg, cls, num_steps)
     if cls == "DDIMScheduler":
-        _reject(cfg, cls, thresholding=False)
-        acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
-        if cfg.get("rescale_betas_zero_snr", False):
-            acp = S.rescale_zero_terminal_snr(acp)
-        ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "leading"),
-                                steps_offset=cfg.get("steps_offset", 0))
-        final = 1.0 if cfg.get("set_alpha_to_one", True) else float(acp[0])
-        schedule = S.vp_schedule(acp, ts, target="offset", final_alpha_cumprod=final, num_train_timesteps=T)
-        options = {"clip_x0": cfg.get("clip_sample_range", 1.0)} if cfg.get("clip_sample", True) else {}
-        return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), "ddim", options)
-
+        return _ddim_spec(cfg, cls, num_steps)
     if cls == "DPMSolverMultistepScheduler":
-        _reject(cfg, cls, algorithm_type="dpmsolver++", solver_type="midpoint", thresholding=False,
-                use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
-                use_flow_sigmas=False, euler_at_final=False, variance_type=None, use_dynamic_shifting=False)
-        _reject(cfg, cls, lambda_min_clipped=-float("inf"))
-        order = cfg.get("solver_order", 2)
-        if order not in (1, 2):
-            raise ValueError(f"{cls}: solver_order={order} is not supported (supported: 1, 2)")
-        schedule = _multistep_vp_schedule(cfg, cls, num_steps)
-        solver = "dpmpp_2m" if order == 2 else "ddim"
-        options = {"lower_order_final": cfg.get("lower_order_final", True)} if order == 2 else {}
-        return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), solver, options)
-
+        return _dpmsolver_spec(cfg, cls, num_steps)
     if cls == "UniPCMultistepScheduler":
         return _unipc_spec(cfg, cls, num_steps, mu)
+    return _flow_euler_spec(cfg, cls, num_steps, mu)
 
-    # FlowMatchEulerDiscreteScheduler
+
+def _cogvideox_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
+    T = cfg.get("num_train_timesteps", 1000)
+    acp = _cogvideox_alphas_cumprod(cfg, cls)
+    ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "leading"), steps_offset=cfg.get("steps_offset", 0))
+    final = 1.0 if cfg.get("set_alpha_to_one", True) else float(acp[0])
+    schedule = S.vp_schedule(acp, ts, target="offset", final_alpha_cumprod=final, num_train_timesteps=T)
+    prediction = check_prediction(cfg.get("prediction_type", "epsilon"))
+    if cls == "CogVideoXDDIMScheduler":
+        return SamplerSpec(schedule, prediction, "ddim")
+    # diffusers' last step is first order only when its target t - T // N is negative.
+    last_second_order = num_steps > 1 and int(ts[-1]) - T // num_steps >= 0
+    return SamplerSpec(schedule, prediction, "cogvideox_dpm", {"last_step_second_order": last_second_order})
+
+
+def _ddim_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
+    _reject(cfg, cls, thresholding=False)
+    T = cfg.get("num_train_timesteps", 1000)
+    acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
+    if cfg.get("rescale_betas_zero_snr", False):
+        acp = S.rescale_zero_terminal_snr(acp)
+    ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "leading"), steps_offset=cfg.get("steps_offset", 0))
+    final = 1.0 if cfg.get("set_alpha_to_one", True) else float(acp[0])
+    schedule = S.vp_schedule(acp, ts, target="offset", final_alpha_cumprod=final, num_train_timesteps=T)
+    options = {"clip_x0": cfg.get("clip_sample_range", 1.0)} if cfg.get("clip_sample", True) else {}
+    return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), "ddim", options)
+
+
+def _dpmsolver_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
+    _reject(cfg, cls, algorithm_type="dpmsolver++", solver_type="midpoint", thresholding=False,
+            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
+            use_flow_sigmas=False, euler_at_final=False, variance_type=None, use_dynamic_shifting=False)
+    _reject(cfg, cls, lambda_min_clipped=-float("inf"))
+    order = cfg.get("solver_order", 2)
+    if order not in (1, 2):
+        raise ValueError(f"{cls}: solver_order={order} is not supported (supported: 1, 2)")
+    schedule = _multistep_vp_schedule(cfg, cls, num_steps)
+    solver = "dpmpp_2m" if order == 2 else "ddim"
+    options = {"lower_order_final": cfg.get("lower_order_final", True)} if order == 2 else {}
+    return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), solver, options)
+
+
+def _flow_euler_spec(cfg: dict, cls: str, num_steps: int, mu: float | None) -> SamplerSpec:
+    """FlowMatchEulerDiscreteScheduler."""
     _reject(cfg, cls, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
             use_beta_sigmas=False, stochastic_sampling=False)
+    T = cfg.get("num_train_timesteps", 1000)
     dynamic = cfg.get("use_dynamic_shifting", False)
     if dynamic and mu is None:
         raise ValueError(f"{cls}: use_dynamic_shifting is set, so mu is required (see samplers.dynamic_shift_mu)")

@@ -300,7 +300,17 @@ def _positive(where: str, value: float, *, zero: bool = False) -> None:
 
 def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     """Cross-field checks and file existence; relative paths resolve against `base` (the config's folder)."""
-    m, o, d, op, t, p = cfg.model, cfg.objective, cfg.data, cfg.optim, cfg.train, cfg.parallel
+    _validate_model(cfg, base)
+    _validate_objective(cfg)
+    _validate_data(cfg, base)
+    _validate_optim(cfg)
+    _validate_train(cfg)
+    cfg.output_dir = str(base / cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir
+    return cfg
+
+
+def _validate_model(cfg: TrainConfig, base: Path) -> None:
+    m = cfg.model
     _choice("model.family", m.family, FAMILIES)
     if m.pretrained is not None:
         m.pretrained = _existing(base, m.pretrained, "model.pretrained", folder=True)
@@ -325,6 +335,10 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
         _positive("model.lora.alpha", m.lora.alpha)
         if not m.lora.target_modules:
             raise ValueError("model.lora.target_modules: must name at least one module (e.g. to_q)")
+
+
+def _validate_objective(cfg: TrainConfig) -> None:
+    m, o, d, p = cfg.model, cfg.objective, cfg.data, cfg.parallel
     _choice("objective.kind", o.kind, OBJECTIVES)
     _choice("objective.relay_path", o.relay_path, RELAY_PATHS)
     _positive("objective.num_train_timesteps", o.num_train_timesteps)
@@ -353,6 +367,10 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
         _check_init_keys("model.transformer", m.transformer, "dit.models.cogvideox", "CogVideoXTransformer3DModel")
     if m.vae is not None:
         _check_init_keys("model.vae", m.vae, "vae3d.model", "CausalVAE3D")
+
+
+def _validate_data(cfg: TrainConfig, base: Path) -> None:
+    d = cfg.data
     _choice("data.source", d.source, SOURCES)
     if d.source == "shapes":
         from dit.data import ShapesConfig
@@ -382,6 +400,10 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     if not 0 <= d.caption_dropout < 1:
         raise ValueError(f"data.caption_dropout: must be in [0, 1), got {d.caption_dropout}")
     _positive("data.num_workers", d.num_workers, zero=True)
+
+
+def _validate_optim(cfg: TrainConfig) -> None:
+    op = cfg.optim
     _positive("optim.lr", op.lr)
     if len(op.betas) != 2 or not all(0 <= b < 1 for b in op.betas):
         raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {op.betas!r}")
@@ -390,6 +412,10 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
     _positive("optim.grad_accumulation", op.grad_accumulation)
     if op.max_grad_norm is not None:
         _positive("optim.max_grad_norm", op.max_grad_norm)
+
+
+def _validate_train(cfg: TrainConfig) -> None:
+    o, t, p = cfg.objective, cfg.train, cfg.parallel
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_last", "validation_steps"):
         _positive(f"train.{name}", getattr(t, name))
     _choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
@@ -402,8 +428,6 @@ def validate(cfg: TrainConfig, base: Path) -> TrainConfig:
             raise ValueError("train.validation_prompts: give at least one prompt when train.validate_every is set")
     _positive("parallel.ring_degree", p.ring_degree)
     _positive("parallel.ulysses_degree", p.ulysses_degree)
-    cfg.output_dir = str(base / cfg.output_dir) if not Path(cfg.output_dir).is_absolute() else cfg.output_dir
-    return cfg
 
 
 def _check_init_keys(where: str, values: dict[str, Any], module: str, cls_name: str) -> None:
