@@ -1,7 +1,7 @@
 """Whole transformers under context parallelism equal the single-process model: outputs, input gradients and
 weight gradients (averaged over ranks, as DDP does) within 1e-5, for Ulysses, ring and USP meshes and CFG
 parallel (the batch of 2 split over two rank groups), with token counts the world size does not divide
-(13 text tokens; 45 video / 20 image tokens)."""
+(13 text tokens; 45 video / 20 image tokens) and head counts the Ulysses degree does not divide (3, 5, 6, 30)."""
 
 import pytest
 import torch
@@ -12,12 +12,12 @@ from tests.distributed import run_distributed
 pytestmark = pytest.mark.parallel
 
 
-def _cogvideox():
+def _cogvideox(heads=4):
     from dit.models.cogvideox import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=16, num_layers=2, sample_width=10, sample_height=6, sample_frames=9, patch_size=2,
         max_text_seq_length=13, use_rotary_positional_embeddings=True)
     g = torch.Generator().manual_seed(1)
@@ -29,12 +29,12 @@ def _cogvideox():
     return model, inputs, ("hidden_states", "encoder_hidden_states")
 
 
-def _sd35():
+def _sd35(heads=4):
     from dit.models.mmdit import SD3Transformer2DModel
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
-                                  num_attention_heads=4, joint_attention_dim=16, caption_projection_dim=64,
+                                  num_attention_heads=heads, joint_attention_dim=16, caption_projection_dim=16 * heads,
                                   pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
                                   dual_attention_layers=(0,), qk_norm="rms_norm")
     g = torch.Generator().manual_seed(2)
@@ -45,6 +45,24 @@ def _sd35():
                   encoder_hidden_states=torch.randn(2, 13, 16, generator=g),
                   pooled_projections=torch.randn(2, 8, generator=g), timestep=torch.tensor([500.0, 20.0]))
     return model, inputs, ("hidden_states", "encoder_hidden_states", "pooled_projections")
+
+
+def _wan(heads=4):
+    """Wan 2.1 I2V-shaped: cross-attention to whole text and image K/V on every rank (only the video is sharded)."""
+    from dit.models.wan import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8,
+                                  in_channels=12, out_channels=4, text_dim=24, freq_dim=16, ffn_dim=48, num_layers=2,
+                                  rope_max_seq_len=32, image_dim=20, added_kv_proj_dim=8 * heads)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    inputs = dict(hidden_states=torch.randn(2, 12, 3, 2, 10, generator=g),  # 15 video tokens
+                  encoder_hidden_states=torch.randn(2, 13, 24, generator=g),
+                  encoder_hidden_states_image=torch.randn(2, 5, 20, generator=g), timestep=torch.tensor([17, 803]))
+    return model, inputs, ("hidden_states", "encoder_hidden_states")
 
 
 def _run(model, inputs, grad_inputs, out_grad):
@@ -68,22 +86,26 @@ def _avg(t):
     return t / dist.get_world_size()
 
 
-def _check_models(rank, world, meshes):
+def _check_models(rank, world, meshes, heads=4, builds=("cogvideox", "sd35"), inference=False):
     from dit.parallel import ContextParallelConfig
 
-    for build in (_cogvideox, _sd35):
-        model, inputs, grad_inputs = build()
+    for build in (globals()[f"_{b}"] for b in builds):
+        model, inputs, grad_inputs = build(heads)
         ref_out = model(**inputs, return_dict=False)[0]
         out_grad = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(3))
         ref = _run(model, inputs, grad_inputs, out_grad)
         for i, mesh in enumerate(meshes):
-            ring, ulysses, cfg = (*mesh, 1)[:3]  # (ring, ulysses) or (ring, ulysses, cfg)
-            name = f"{build.__name__} ring={ring} ulysses={ulysses} cfg={cfg}"
-            model.enable_parallelism(ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, cfg_degree=cfg))
+            ring, ulysses, cfg, chunks = (*mesh, *(1, None)[len(mesh) - 2:])  # (ring, ulysses[, cfg[, head_chunks]])
+            name = f"{build.__name__} heads={heads} ring={ring} ulysses={ulysses} cfg={cfg} head_chunks={chunks}"
+            model.enable_parallelism(ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses, cfg_degree=cfg,
+                                                           head_chunks=chunks))
             if i == 0:
                 model.enable_gradient_checkpointing()  # shard sizes must survive the recomputation
             out, in_grads, w_grads = _run(model, inputs, grad_inputs, out_grad)
             model.disable_gradient_checkpointing()
+            if inference:  # the no-grad path (the ring streams into the output; CogVideoX's low-memory blocks)
+                with torch.no_grad():
+                    _close(model(**inputs, return_dict=False)[0], ref[0], f"{name} no grad")
             model.disable_parallelism()
             _close(out, ref[0], name)
             for k in grad_inputs:
@@ -145,16 +167,49 @@ def test_cfg_parallel_pipeline_same_frames(tmp_path):
     run_distributed(_cfg_pipeline, 2, tmp_path)
 
 
-def _head_mismatch(rank, world):
-    model, _, _ = _cogvideox()
+def _uneven_heads(rank, world, cases):
+    for heads, builds, meshes in cases:
+        _check_models(rank, world, meshes, heads, builds, inference=True)
+
+
+def test_uneven_heads_two_ranks():
+    """3 heads over 2 Ulysses ranks (2 and 1 heads), CogVideoX and SD3.5 (with its image-only second attention)."""
+    run_distributed(_uneven_heads, 2, [(3, ("cogvideox", "sd35"), [(1, 2), (1, 2, 1, 1)])])
+
+
+def test_uneven_heads_four_ranks():
+    """6 heads over 4 Ulysses ranks (2, 2, 1, 1); USP 2 x 2 and CFG 2 x Ulysses 2 with 5 heads (3, 2)."""
+    run_distributed(_uneven_heads, 4, [(6, ("cogvideox", "sd35"), [(1, 4)]),
+                                       (5, ("cogvideox", "sd35"), [(2, 2), (1, 2, 2)])])
+
+
+def test_cogvideox_thirty_heads_four_ranks():
+    """CogVideoX's 30 heads over 4 Ulysses ranks (8, 8, 7, 7): one head per rank per chunk, and all in one exchange."""
+    run_distributed(_uneven_heads, 4, [(30, ("cogvideox",), [(1, 4), (1, 4, 1, 1)])])
+
+
+def test_wan_uneven_heads_four_ranks():
+    """Wan (self-attention sharded, cross-attention local): 6 heads over 4 Ulysses ranks; USP 2 x 2 and CFG 2 x
+    Ulysses 2 with 5 heads; the text's gradient (whole on every rank) averaged over the ranks as well."""
+    pytest.importorskip("dit.models.wan")
+    run_distributed(_uneven_heads, 4, [(6, ("wan",), [(1, 4)]), (5, ("wan",), [(2, 2), (1, 2, 2)])])
+
+
+def _heads_not_divisible(rank, world):
     from dit.parallel import ContextParallelConfig
 
-    with pytest.raises(ValueError, match="4 attention heads are not divisible by ulysses_degree 3"):
+    _check_models(rank, world, [(1, 3)], 4, ("cogvideox",))  # 4 heads over 3 Ulysses ranks: 2, 1, 1
+    model, _, _ = _cogvideox(2)
+    with pytest.raises(ValueError, match=r"ulysses_degree 3 is more than the 2 attention heads: .* would hold none and "
+                                         r"sit idle .* ring_degree"):
         model.enable_parallelism(ContextParallelConfig(ulysses_degree=3))
+    assert not model.is_parallel
 
 
-def test_ulysses_degree_must_divide_heads():
-    run_distributed(_head_mismatch, 3)
+def test_ulysses_degree_need_not_divide_heads():
+    """A Ulysses degree that does not divide the head count gives uneven head shares and the single-process result;
+    more Ulysses ranks than heads is refused (a rank would have no head to compute), pointing to the ring."""
+    run_distributed(_heads_not_divisible, 3)
 
 
 def _dp_times_cp(rank, world):

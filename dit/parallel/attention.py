@@ -3,7 +3,9 @@
 Each is a callable with the signature of `dit.attention.attention`'s backends, working on this rank's
 sequence shard (B, H, L_r, D) and returning its shard of the output, so a model switches to it by setting
 its attention backend; no model file changes. Shards may be uneven (sizes differ by one): full attention
-without a mask does not depend on the order of the keys, so exactness needs no padding or masking.
+without a mask does not depend on the order of the keys, so exactness needs no padding or masking. Head shares may
+be uneven too (a head count the Ulysses degree does not divide: 6 over 4 is 2, 2, 1, 1), through all-to-alls with
+uneven split sizes. Cross-attention to keys/values whole on every rank needs no exchange (`cross=True`).
 Gradients are exact: the all-to-all and all-gather are autograd collectives, and the p2p ring has a hand-written
 backward that sends the K/V gradients round the ring back to their owners.
 The ring's forward (training and inference) streams K/V round the ring in pieces within a message budget (by
@@ -290,30 +292,47 @@ def _a2a(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tenso
     return fc.wait_tensor(y) if hasattr(fc, "wait_tensor") else y
 
 
-def seq_to_heads(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
-    """(B, H, L_r, D) sequence shard -> (B, H / P, L, D) head shard of the full sequence."""
+def seq_to_heads(x: Tensor, sizes: list[int], group: dist.ProcessGroup, heads: list[int] | None = None) -> Tensor:
+    """(B, H, L_r, D) sequence shard -> (B, heads[rank], L, D): this rank's heads over the full sequence.
+
+    heads: how many of x's H heads each rank gets, consecutive in rank order (default split_sizes(H, P): H / P each
+    where P divides H; uneven shares and zero are fine). All ranks pass the same list. On the wire a rank's block
+    for rank i is (heads[i], B, L_r, D), one copy of x; a received block from rank j is (heads[rank], B, L_j, D), so
+    with B x heads[rank] = 1 the blocks arrive in sequence order and are used as received (no reordering copy).
+    """
     world, rank = len(sizes), dist.get_rank(group)
     b, h, l_r, d = x.shape
-    hp = h // world
-    send = x.reshape(b, world, hp, l_r, d).transpose(0, 1).reshape(-1)  # (P * B * H/P * L_r * D,)
-    recv = _a2a(send, [b * hp * n * d for n in sizes], [b * hp * l_r * d] * world, group)
-    if b * hp == 1:  # the pieces arrive in sequence order already: no reordering copy (one head's full length)
+    heads = split_sizes(h, world) if heads is None else list(heads)
+    if len(heads) != world or sum(heads) != h:
+        raise ValueError(f"heads {heads} must give each of the {world} ranks its share of the {h} heads")
+    mine = heads[rank]
+    send = x.transpose(0, 1).reshape(-1)  # (H, B, L_r, D): each destination's heads one block
+    recv = _a2a(send, [mine * b * n * d for n in sizes], [n * b * l_r * d for n in heads], group)
+    if b * mine == 1:  # one head of one sequence: the pieces are already in sequence order
         return recv.view(1, 1, sum(sizes), d)
-    pieces = recv.split([b * hp * n * d for n in sizes])
-    return torch.cat([p.view(b, hp, n, d) for p, n in zip(pieces, sizes)], dim=2)  # (B, H/P, L, D)
+    pieces = recv.split([mine * b * n * d for n in sizes])
+    return torch.cat([p.view(mine, b, n, d).transpose(0, 1) for p, n in zip(pieces, sizes)], dim=2)  # (B, h_r, L, D)
 
 
-def heads_to_seq(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
-    """(B, H / P, L, D) head shard -> (B, H, L_r, D) sequence shard: the inverse of seq_to_heads."""
+def heads_to_seq(x: Tensor, sizes: list[int], group: dist.ProcessGroup, heads: list[int] | None = None) -> Tensor:
+    """(B, heads[rank], L, D) head shard -> (B, sum(heads), L_r, D) sequence shard: the inverse of seq_to_heads.
+
+    heads: every rank's head count, as given to seq_to_heads (default: every rank holds as many as this one). On the
+    wire a rank's block for rank j is (L_j, B, heads[rank], D), one copy of x (none for one head of one sequence);
+    with B = 1 and at most one head per rank the received blocks are already (H, L_r, D) and used as received.
+    """
     world, rank = len(sizes), dist.get_rank(group)
-    b, hp, _, d = x.shape
+    b, mine, _, d = x.shape
+    heads = [mine] * world if heads is None else list(heads)
+    if len(heads) != world or heads[rank] != mine:
+        raise ValueError(f"heads {heads} must list the {world} ranks' head counts, this rank's being {mine}")
     l_r = sizes[rank]
-    if b * hp == 1:  # (1, 1, L, D): the sequence chunks are already rank by rank in memory
-        send = x.reshape(-1)
-    else:
-        send = torch.cat([p.reshape(-1) for p in x.split(sizes, dim=2)])  # chunks of the sequence, rank by rank
-    recv = _a2a(send, [b * hp * l_r * d] * world, [b * hp * n * d for n in sizes], group)
-    return recv.view(world, b, hp, l_r, d).transpose(0, 1).reshape(b, world * hp, l_r, d)
+    send = x.permute(2, 0, 1, 3).reshape(-1)  # (L, B, h_r, D): each destination's chunk of the sequence one block
+    recv = _a2a(send, [l_r * b * n * d for n in heads], [n * b * mine * d for n in sizes], group)
+    if b == 1 and max(heads) <= 1:  # one (L_r, D) block per head, in head order
+        return recv.view(1, sum(heads), l_r, d)
+    pieces = recv.split([l_r * b * n * d for n in heads])
+    return torch.cat([p.view(l_r, b, n, d) for p, n in zip(pieces, heads)], dim=2).permute(1, 2, 0, 3)  # (B,H,L_r,D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,10 +346,23 @@ class ContextParallelAttention:
     Called as a `dit.attention` backend on this rank's shard. The shard sizes of the other ranks are taken from
     `sizes` (set by the model for its current sequence with `attn.set_sizes(sizes)`) or, when unset,
     gathered with a tiny collective.
+
+    Heads need not divide evenly over the Ulysses ranks: `ContextParallelConfig.head_plan` gives each rank its share
+    (6 heads over 4 ranks: 2, 2, 1, 1) and cuts the shares into head chunks; each chunk is one all-to-all per q, k, v
+    and one back for the output, with uneven split sizes. A rank with no head in a chunk still sends its sequence
+    shard of the others' heads and receives its shard of their outputs.
+
+    cross=True: cross-attention (e.g. Wan's text K/V), the queries this rank's sequence shard, the keys and values
+    whole on every rank (this rank's batch: the model splits them like the queries under CFG parallel). Each query's
+    attention over the whole K/V is complete on its rank, so nothing is exchanged (Ulysses would only move q to head
+    shards and the output back, the ring has nothing to pass); gradients follow the rule of the joint streams: the
+    K/V gradients are each rank's queries' share, times P through the output gather, so their mean over the ranks
+    (DDP) is exact.
     """
 
-    def __init__(self, context: ParallelContext):
+    def __init__(self, context: ParallelContext, *, cross: bool = False):
         self.context = context
+        self.cross = cross
         self._sizes: list[int] | None = None
 
     def set_sizes(self, sizes: list[int] | None) -> None:
@@ -340,8 +372,20 @@ class ContextParallelAttention:
             raise ValueError(f"need {self.context.world_size} shard sizes, got {len(sizes)}")
         self._sizes = None if sizes is None else list(sizes)
 
+    def _cross_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"cross-attention keys/values have batch {k.shape[0]}, the queries {q.shape[0]}: under "
+                             "CFG parallel give the keys/values the cfg group's part of the batch too (_cfg_split)")
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+            raise ValueError("context-parallel cross-attention takes a mask over the keys only (size 1 along the "
+                             f"queries, e.g. (B, 1, 1, L_kv)), got {tuple(mask.shape)}: the queries are this rank's "
+                             "shard, and a per-query mask would have to be sharded with them")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
                  scale: float | None = None) -> Tensor:
+        if self.cross:
+            return self._cross_attention(q, k, v, mask, scale)
         if mask is not None:
             raise ValueError("context-parallel attention does not take an attention mask (joint DiT attention has none)")
         ctx, cfg = self.context, self.context.config
@@ -350,42 +394,41 @@ class ContextParallelAttention:
             raise ValueError(f"queries ({q.shape[2]}) and keys ({k.shape[2]}) must both be this rank's shard "
                              f"of {sizes[ctx.shard_index]} tokens")
         u = cfg.ulysses_degree
-        if q.shape[1] % u:
-            raise ValueError(
-                f"the head count {q.shape[1]} is not divisible by ulysses_degree {u}; "
-                f"use a ulysses_degree that divides it (e.g. {max(d for d in range(1, u + 1) if q.shape[1] % d == 0)}) "
-                "and put the rest in ring_degree"
-            )
-        per_rank = q.shape[1] // u
-        chunks = cfg.head_chunks or (per_rank if u > 1 else 1)
-        if per_rank % chunks:
-            raise ValueError(f"head_chunks {chunks} must divide the {per_rank} heads per Ulysses rank "
-                             f"({q.shape[1]} heads / ulysses_degree {u})")
+        b, h, l_r, d = q.shape
+        plan = cfg.head_plan(h)  # plan[chunk][i]: heads of Ulysses rank i in that chunk (consecutive, rank order)
         r0 = ctx.ring_rank * u
         u_sizes = sizes[r0: r0 + u]  # the shards of my Ulysses group
         ring_sizes = [sum(sizes[r * u:(r + 1) * u]) for r in range(cfg.ring_degree)]
-        b, h, l_r, d = q.shape
         needs_grad = _needs_grad(q, k, v)
         ring = dict(sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl,
                     message_bytes=cfg.ring_message_bytes)
         # Written chunk by chunk in (B, L_r, H, D) so that the caller's (B, L_r, H D) view of it needs no copy.
         out = q.new_empty(b, l_r, h, d)
-        step = h // chunks
-        # With one head per Ulysses rank per chunk, batch elements go one at a time too (e.g. CFG's two halves):
-        # an all-to-all of one sequence for one head needs no reordering copy (seq_to_heads / heads_to_seq).
-        b_step = 1 if u > 1 and step == u else b
-        for start in range(0, h, step):  # heads are independent: a chunk's all-to-all buffers die before the next
+        # With at most one head per Ulysses rank per chunk, batch elements go one at a time too (e.g. CFG's two
+        # halves): an all-to-all of one sequence for one head needs no reordering copy (seq_to_heads / heads_to_seq).
+        # The plan is the same on every rank, so all ranks make the same collectives.
+        b_step = 1 if u > 1 and max(plan[0]) == 1 else b
+        start = 0
+        for heads in plan:  # heads are independent: a chunk's all-to-all buffers die before the next
+            hs, start = slice(start, start + sum(heads)), start + sum(heads)
+            mine = heads[ctx.ulysses_rank]
             for b0 in range(0, b, b_step):
-                target = out[b0:b0 + b_step, :, start:start + step].transpose(1, 2)  # (b', H/chunks, L_r, D)
-                qc, kc, vc = (t[b0:b0 + b_step, start:start + step] for t in (q, k, v))  # (b', H/chunks, L_r, D)
+                target = out[b0:b0 + b_step, :, hs].transpose(1, 2)  # (b', H_chunk, L_r, D)
+                qc, kc, vc = (t[b0:b0 + b_step, hs] for t in (q, k, v))  # (b', H_chunk, L_r, D)
                 if u == 1 and not needs_grad:  # the ring writes (and accumulates) straight into the output
                     ring_attention(qc, kc, vc, out=target, **ring)
                     continue
                 if u > 1:
-                    qc, kc, vc = (seq_to_heads(t, u_sizes, ctx.ulysses_group) for t in (qc, kc, vc))
-                o = ring_attention(qc, kc, vc, **ring)
+                    qc, kc, vc = (seq_to_heads(t, u_sizes, ctx.ulysses_group, heads) for t in (qc, kc, vc))
+                if mine:
+                    o = ring_attention(qc, kc, vc, **ring)  # (b', mine, L_ring, D); ring peers hold as many heads
+                else:
+                    # No head here in this chunk (uneven shares), and none on the ring peers (same Ulysses rank).
+                    # The empty output still depends on q, k and v, so that the backward runs this rank's part of
+                    # all three exchanges, in the same order as the ranks that computed attention.
+                    o = qc + kc + vc  # (b', 0, L, D)
                 del qc, kc, vc
                 if u > 1:
-                    o = heads_to_seq(o, u_sizes, ctx.ulysses_group)  # (b', H/chunks, L_r, D)
+                    o = heads_to_seq(o, u_sizes, ctx.ulysses_group, heads)  # (b', H_chunk, L_r, D)
                 target.copy_(o)
         return out.transpose(1, 2)  # (B, H, L_r, D)

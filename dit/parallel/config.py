@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dit.parallel.sequence import split_sizes
+
 RING_IMPLS = ("p2p", "allgather")
 
 
@@ -14,16 +16,19 @@ RING_IMPLS = ("p2p", "allgather")
 class ContextParallelConfig:
     """How a batch and its sequence are split over ranks: cfg_degree x ring_degree x ulysses_degree processes.
 
-    ulysses_degree: DeepSpeed-Ulysses (all-to-all from sequence shards to head shards); needs the head count
-    divisible by it. ring_degree: ring attention (K/V passed round the ring, partial results merged in fp32 by
-    log-sum-exp). Both > 1 is USP (Fang & Zhao 2024) on a 2-D mesh, ulysses the inner (fast) dimension.
+    ulysses_degree: DeepSpeed-Ulysses (all-to-all from sequence shards to head shards). The head count need not be
+    divisible by it: rank i of a Ulysses group gets split_sizes(heads, ulysses_degree)[i] whole heads (6 over 4:
+    2, 2, 1, 1; `head_plan`), through exchanges with uneven splits; it must not exceed the head count.
+    ring_degree: ring attention (K/V passed round the ring, partial results merged in fp32 by log-sum-exp).
+    Both > 1 is USP (Fang & Zhao 2024) on a 2-D mesh, ulysses the inner (fast) dimension.
     ring_impl: "p2p", a true ring with send/recv (memory O(L / P) per rank), or "allgather", K/V gathered once
     (simpler, memory O(L) for K/V).
     cfg_degree: CFG parallelism (as in xDiT): 2 runs the [uncond; cond] halves of a classifier-free-guidance batch on
     two groups of ring x ulysses ranks and all-gathers the batch at the end, so guidance costs no extra time.
     head_chunks: attention runs over the heads in this many chunks, each through its own all-to-alls (and ring), so
     only one chunk's head-sharded q/k/v exist at a time; None: with Ulysses one head per rank per chunk (least
-    memory), without it 1; 1: all heads at once (fewest collectives). Must divide heads / ulysses_degree; exact.
+    memory), without it 1; 1: all heads at once (fewest collectives). Each rank's head share is split into this many
+    parts (uneven where it does not divide), so at most the largest share's head count; exact.
     ring_message_bytes: the p2p ring streams K/V in messages of at most this many bytes (but at least one token of
     one head per piece), each used as it arrives and forwarded, and merges partial outputs in query blocks of half
     that size, so a rank's attention memory is its output shard plus about three messages; "auto": on the CPU
@@ -53,6 +58,31 @@ class ContextParallelConfig:
             raise ValueError(f"ring_message_bytes must be 'auto', None or an integer >= 1 (bytes), got {m!r}")
         if self.cfg_degree not in (1, 2):  # guidance batches have two halves; more groups would have nothing to do
             raise ValueError(f"cfg_degree must be 1 or 2, got {self.cfg_degree}")
+
+    def head_plan(self, heads: int) -> list[list[int]]:
+        """How attention goes through `heads` heads: plan[k][i] = the heads Ulysses rank i gets in chunk k.
+
+        Rank i's share is split_sizes(heads, ulysses_degree)[i] (larger first; 6 over 4: 2, 2, 1, 1), cut into
+        head_chunks parts by split_sizes again; chunk k takes consecutive heads, part k of each rank's share in rank
+        order. Every head is in exactly one chunk on exactly one rank. Raises for a plan with an idle rank or chunk.
+        """
+        u = self.ulysses_degree
+        if heads < u:
+            # Ulysses gives each rank whole heads: splitting one head's softmax over ranks is the ring's job.
+            fit = max(d for d in range(1, heads + 1) if u % d == 0)
+            raise ValueError(
+                f"ulysses_degree {u} is more than the {heads} attention heads: Ulysses gives each rank whole heads, so "
+                f"{u - heads} rank(s) would hold none and sit idle in every attention while the others compute it; "
+                f"use ulysses_degree <= {heads} and put the rest of the ranks in ring_degree (USP), e.g. "
+                f"ulysses_degree {fit} x ring_degree {u // fit} for these {u} ranks"
+            )
+        shares = split_sizes(heads, u)
+        chunks = self.head_chunks or (shares[0] if u > 1 else 1)
+        if chunks > shares[0]:
+            raise ValueError(f"head_chunks {chunks} is more than the {shares[0]} heads of the largest Ulysses rank "
+                             f"share ({heads} heads over ulysses_degree {u}): a chunk would hold no head on any rank")
+        parts = [split_sizes(n, chunks) for n in shares]
+        return [[p[k] for p in parts] for k in range(chunks)]
 
     @property
     def world_size(self) -> int:

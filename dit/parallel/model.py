@@ -3,7 +3,9 @@
 Every rank passes the full inputs and gets the full output. After the patch embedding each token stream
 (CogVideoX: text, video; MMDiT: image, text) is split into this rank's shard, positional rotations are sliced
 to match, the blocks run on the local shards with `ContextParallelAttention` as their attention backend (every
-op but attention is token-local), and the output tokens are gathered back in order.
+op but attention is token-local), and the output tokens are gathered back in order. Cross-attention to a stream
+kept whole on every rank (Wan's text) uses `_cp_cross_attention()`, which needs no exchange. The head count need
+not be divisible by ulysses_degree (uneven head shares; `ContextParallelConfig.head_plan`).
 
 CFG parallel (cfg_degree 2): before the sequence split, each cfg group also keeps its contiguous half of the
 batch (the pipelines concatenate [uncond; cond]), and the output is all-gathered along the batch after the
@@ -31,6 +33,7 @@ class _CPState:
     attention: ContextParallelAttention  # over all streams jointly
     previous_backend: object
     streams: dict[int, ContextParallelAttention] = field(default_factory=dict)  # over one stream alone
+    cross: ContextParallelAttention | None = None  # sharded queries over whole keys/values (text cross-attention)
 
 
 class ContextParallelMixin:
@@ -43,12 +46,9 @@ class ContextParallelMixin:
         model call; a multiple of them is data parallel)."""
         if not isinstance(config, ContextParallelConfig):
             raise ValueError(f"enable_parallelism takes a ContextParallelConfig, got {type(config).__name__}")
-        heads = self.config.num_attention_heads
-        if heads % config.ulysses_degree:
-            raise ValueError(
-                f"the model's {heads} attention heads are not divisible by ulysses_degree {config.ulysses_degree}; "
-                f"choose a divisor of {heads} for ulysses_degree and put the rest in ring_degree"
-            )
+        # Any head count works (uneven head shares over the Ulysses ranks); this refuses, before any process group
+        # is made, a plan that would leave a rank or a head chunk without heads (ContextParallelConfig.head_plan).
+        config.head_plan(self.config.num_attention_heads)
         if device_type is None:
             device_type = next(self.parameters()).device.type
         context = ParallelContext(config, device_type=device_type)
@@ -70,6 +70,14 @@ class ContextParallelMixin:
         if stream not in self._cp.streams:
             self._cp.streams[stream] = ContextParallelAttention(self._cp.context)
         return self._cp.streams[stream]
+
+    def _cp_cross_attention(self) -> ContextParallelAttention:
+        """An attention backend for cross-attention (Wan's text K/V): queries this rank's token shard, keys/values
+        whole on every rank. The model keeps the text whole (no `_cp_shard`) but splits it with `_cfg_split` like
+        the rest of the batch; nothing is exchanged, and the gradients follow the same averaging rule."""
+        if self._cp.cross is None:
+            self._cp.cross = ContextParallelAttention(self._cp.context, cross=True)
+        return self._cp.cross
 
     def _cfg_split(self, x: Tensor) -> Tensor:
         """This cfg group's contiguous part of the batch of a (B, ...) tensor: (B / cfg_degree, ...)."""
