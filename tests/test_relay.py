@@ -1,6 +1,5 @@
 """Block noise statistics (exact and sampled), the relay forward process and sampler, and bad input."""
 
-import math
 
 import pytest
 import torch

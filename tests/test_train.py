@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from dit.train.config import load_config, parse_config
+from dit.train.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))

@@ -20,7 +20,7 @@ import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 from torch import Tensor
 
-from dit.parallel.config import ContextParallelConfig, ParallelContext
+from dit.parallel.config import ParallelContext
 from dit.parallel.sequence import gather, gather_sizes, split_sizes
 
 # ----------------------------------------------------------------------------------------------------------------
