@@ -86,8 +86,9 @@ def _check_memory(folder: Path, todo: list, args: argparse.Namespace, guidance: 
                          f"what fits: {fits} (--force tries anyway)")
 
 
-def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], dict]:
-    """Every check that needs no weights: requests, output paths, the model folder, settings, the device."""
+def _requests(args: argparse.Namespace) -> tuple[list[Request], list[Path]]:
+    """The requests (a PROMPT or a prompt file, with the command line's sizes where a line gives none) and the
+    output path of each, whose folders must be writable."""
     if args.prompt is None and args.prompts_file is None:
         raise UsageError("give a PROMPT or --prompts-file FILE")
     if args.prompt is not None and args.prompts_file is not None:
@@ -103,25 +104,45 @@ def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], d
     paths = output_paths(requests, args.output, args.format)
     for folder in {p.parent for p in paths}:
         check_writable(folder)
+    return requests, paths
+
+
+def _video_family(folder: Path, args: argparse.Namespace) -> type:
+    """The folder's video pipeline class (from model_index.json; an image pipeline folder is a one-line error),
+    and what the family cannot do refused before loading: --relay without a relay stage."""
+    from dit.pipeline import video_pipeline_class
+
+    family = video_pipeline_class(folder)
+    if args.relay and not family.supports_relay:
+        raise UsageError(f"--relay {args.relay}: {family.diffusers_class_name} folders have no relay stage yet; drop "
+                         "--relay (--height and --width set the size)")
+    return family
+
+
+def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], dict]:
+    """Every check that needs no weights: requests, output paths, the model folder, settings, the device."""
+    requests, paths = _requests(args)
     folder = model_folder(args.model)
-    defaults = generation_defaults(folder)
+    family = _video_family(folder, args)
+    defaults = {**family.generation_defaults, **generation_defaults(folder)}  # the folder's file wins
     settings = {"steps": args.steps or defaults.get("num_inference_steps", 50),
                 "guidance": args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0),
                 "fps": args.fps or defaults.get("fps", 8), "relay_options": relay_defaults(defaults)}
     _check_guidance(settings["guidance"], args.cfg_degree)
+    if args.solver is not None:
+        import samplers
+
+        samplers.get_solver(args.solver)  # an unknown name: one line naming the accepted ones
     settings["world"] = _check_parallel_degrees(args)
     _check_device(args.device)
     if args.offload and not args.device.startswith("cuda"):
         raise UsageError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device "
                          f"{args.device}")
-    # Sizes are checked from the folder's configs before any weights are loaded.
-    from dit.pipeline import CogVideoXDiTPipeline
-
-    for r in requests:
+    for r in requests:  # sizes checked by the family from the folder's configs, before any weights load
         r.height = r.height or defaults.get("height")
         r.width = r.width or defaults.get("width")
         r.frames = r.frames or defaults.get("num_frames")
-        r.height, r.width, r.frames = CogVideoXDiTPipeline.check_folder_request(folder, r.height, r.width, r.frames)
+        r.height, r.width, r.frames = family.check_folder_request(folder, r.height, r.width, r.frames)
     return folder, list(zip(requests, paths)), settings
 
 
@@ -162,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     steps, guidance = settings["steps"], settings["guidance"]
     with _parallel(pipe, args, world) as writer:
         for r, _, _ in todo:  # and every request against the loaded model before generating anything
-            pipe.check_inputs(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
+            pipe.check_request(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
         for r, path, record in tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1):
             start = time.perf_counter()
             _shard_vae_decode(pipe, r.frames)
@@ -227,8 +248,9 @@ def _parallel(pipe, args: argparse.Namespace, world: int) -> Iterator[bool]:
     try:
         from dit.parallel import ContextParallelConfig
 
-        pipe.transformer.enable_parallelism(ContextParallelConfig(
-            ring_degree=args.ring_degree, ulysses_degree=args.ulysses_degree, cfg_degree=args.cfg_degree))
+        for model in pipe.denoisers():  # Wan 2.2 A14B: both experts
+            model.enable_parallelism(ContextParallelConfig(
+                ring_degree=args.ring_degree, ulysses_degree=args.ulysses_degree, cfg_degree=args.cfg_degree))
         pipe.set_progress_bar_config(disable=dist.get_rank() != 0)
         yield dist.get_rank() == 0
         if own_group:
@@ -241,15 +263,18 @@ def _parallel(pipe, args: argparse.Namespace, world: int) -> Iterator[bool]:
 def _shard_vae_decode(pipe, num_frames: int) -> None:
     """Under torchrun, split the VAE decode along time when the clip has at least one of diffusers' frame
     batches per rank ("parity" statistics: the frames equal the single-process ones); otherwise every rank
-    decodes the whole clip."""
+    decodes the whole clip. Only our vae3d VAE shards: diffusers' (AutoencoderKLWan) decodes whole on each rank."""
     import torch.distributed as dist
 
     from dit.parallel import ContextParallelConfig
+    from vae3d import CausalVAE3D
     from vae3d.streaming import frame_batches
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     vae = pipe.vae
+    if not isinstance(vae, CausalVAE3D):
+        return
     latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
     batches = len(frame_batches(latent_frames, vae.num_latent_frames_batch_size, vae.frame_batching))
     world = dist.get_world_size()
@@ -326,21 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", help="output file (one prompt) or folder (default: outputs/)")
     gen.add_argument("--prompts-file", help="prompts, one per line (.txt) or JSON objects per line (.jsonl) with "
                      "prompt and optional seed, negative_prompt, height, width, frames")
-    gen.add_argument("--model", help="a diffusers-format pipeline folder (CogVideoX); default: the embedded demo")
+    gen.add_argument("--model", help="a diffusers-format video pipeline folder (CogVideoXPipeline, WanPipeline: Wan "
+                     "2.1, 2.2); default: the embedded demo")
     gen.add_argument("--negative-prompt", help="what to steer away from (with --guidance > 1)")
-    gen.add_argument("--frames", type=_positive_int, help="frame count (1 + 4n for CogVideoX VAEs)")
+    gen.add_argument("--frames", type=_positive_int, help="frame count (1 + 4n for CogVideoX and Wan VAEs)")
     gen.add_argument("--height", type=_positive_int, help="height in pixels")
     gen.add_argument("--width", type=_positive_int, help="width in pixels")
     gen.add_argument("--steps", type=_positive_int, help="sampling steps (default: the model's, else 50)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 disables)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 disables; default: the "
+                     "model's, else 6 for CogVideoX, 5 for Wan)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (batch item i uses seed + i unless given)")
     gen.add_argument("--fps", type=_positive_int, help="frames per second of the written video")
     gen.add_argument("--format", choices=FORMATS, help="output format when -o is a folder (default mp4)")
-    gen.add_argument("--solver", help="override the model's sampler: ddim, euler, heun, dpmpp_2m, cogvideox_dpm")
+    gen.add_argument("--solver", help="override the model's sampler: ddim, euler, heun, dpmpp_2m, cogvideox_dpm, "
+                     "unipc")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations dtype")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until used (GPU memory saver)")
-    gen.add_argument("--relay", type=_positive_int, help="relay super-resolution factor (e.g. 2), if the model has a relay stage")
+    gen.add_argument("--relay", type=_positive_int,
+                     help="relay super-resolution factor (e.g. 2): CogVideoX folders (Wan has no relay stage yet)")
     gen.add_argument("--overwrite", action="store_true",
                      help="replace outputs that exist (default: skip those made with the same settings)")
     gen.add_argument("--force", action="store_true",

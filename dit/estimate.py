@@ -5,6 +5,9 @@ the largest frame count and size that fit, instead of running into an out-of-mem
 estimate is coarse on purpose: it is meant to catch requests that are far out of reach (a million frames, a 64x
 relay), not to predict a peak to the megabyte. Its VAE term follows the default CogVideoX VAE's measured decode
 (docs/vae3d.md) and is several times high for narrow VAEs such as the demo's; `--force` overrides it.
+
+Each video family reads its own configs (`cogvideox_shape`, `wan_shape`), through its pipeline class's
+`memory_shape` hook; `video_shape(folder)` finds the family from model_index.json.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ _VAE_MAPS = 48
 # Per output pixel and frame: the decoded video in fp32, the post-processed float copy and the written uint8s.
 _OUTPUT_BYTES = 3 * (4 + 4 + 1)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-WEIGHT_FOLDERS = ("transformer", "relay_transformer", "vae", "text_encoder")
+# Every transformer the pipeline loads counts (Wan 2.2 A14B's two experts, CogVideoX's relay stage).
+WEIGHT_FOLDERS = ("transformer", "transformer_2", "relay_transformer", "vae", "text_encoder")
+WAN_TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
+WAN_VAE_FACTORS = (8, 4)  # AutoencoderKLWan's default scale_factor_spatial, scale_factor_temporal (Wan 2.1's VAE)
 
 
 @dataclass(frozen=True)
 class VideoShape:
-    """What the estimate needs from a CogVideoX-format folder's configs."""
+    """What the estimate needs from a video pipeline folder's configs."""
 
     spatial: int  # VAE spatial factor
     temporal: int  # VAE temporal factor
@@ -76,6 +82,14 @@ def folder_weight_numel(folder: Path) -> int:
 
 
 def video_shape(folder: Path) -> VideoShape:
+    """The estimate's view of a video pipeline folder, read by its family's `memory_shape` hook (the family from
+    model_index.json through dit.pipeline.PIPELINE_FAMILIES; nothing is loaded)."""
+    from dit.pipeline import video_pipeline_class
+
+    return video_pipeline_class(folder).memory_shape(folder)
+
+
+def cogvideox_shape(folder: Path) -> VideoShape:
     from dit.convert import read_folder_json
 
     t = read_folder_json(folder / "transformer", what="a CogVideoX transformer config", required={
@@ -88,6 +102,27 @@ def video_shape(folder: Path) -> VideoShape:
         patch=t["patch_size"], patch_t=t.get("patch_size_t") or 1,
         hidden=t["num_attention_heads"] * t["attention_head_dim"], text_tokens=t.get("max_text_seq_length", 226),
         vae_width=v["block_out_channels"][0], weight_numel=folder_weight_numel(folder),
+    )
+
+
+def wan_shape(folder: Path) -> VideoShape:
+    """A WanPipeline folder: hidden = heads x head_dim, patch_size (t, h, w), the VAE's scale factors, and the
+    decoder's full-resolution width (decoder_base_dim or base_dim) x dim_mult[0], over patch_size**2 where the VAE
+    (TI2V-5B's) unpatchifies its last level from a 1/patch_size grid."""
+    from dit.convert import read_folder_json
+
+    t = read_folder_json(folder / "transformer", what="a Wan transformer config", required={
+        "patch_size": tuple[int, int, int], "num_attention_heads": int, "attention_head_dim": int})
+    v = read_folder_json(folder / "vae", what="a Wan VAE config", optional={
+        "scale_factor_spatial": int, "scale_factor_temporal": int, "base_dim": int, "decoder_base_dim": int | None,
+        "dim_mult": tuple[int, ...], "patch_size": int | None})
+    width = (v.get("decoder_base_dim") or v.get("base_dim", 96)) * (v.get("dim_mult") or [1])[0]
+    return VideoShape(
+        spatial=v.get("scale_factor_spatial", WAN_VAE_FACTORS[0]),
+        temporal=v.get("scale_factor_temporal", WAN_VAE_FACTORS[1]),
+        patch=t["patch_size"][1], patch_t=t["patch_size"][0],
+        hidden=t["num_attention_heads"] * t["attention_head_dim"], text_tokens=WAN_TEXT_TOKENS,
+        vae_width=max(1, width // (v.get("patch_size") or 1) ** 2), weight_numel=folder_weight_numel(folder),
     )
 
 

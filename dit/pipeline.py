@@ -163,10 +163,59 @@ def _load_component(folder: Path, name: str, library: str | None, class_name: st
         sub, local_files_only=True, use_safetensors=True, **kwargs))
 
 
+def _family(folder: Path, index: dict) -> type:
+    """The pipeline class PIPELINE_FAMILIES names for model_index.json's `_class_name`."""
+    family = index.get("_class_name")
+    if family not in PIPELINE_FAMILIES:
+        raise ValueError(f"{str(folder)!r}: unsupported pipeline {family!r}; accepted: {', '.join(PIPELINE_FAMILIES)}")
+    return resolve(PIPELINE_FAMILIES[family])
+
+
+def pipeline_class(folder: str | os.PathLike) -> type["DiTPipeline"]:
+    """The pipeline class for a folder, from model_index.json alone: every entry is checked against the allow-list
+    first, nothing is imported from the folder and no weights are read."""
+    folder = Path(folder)
+    index = _read_index(folder)
+    _check_index(folder, index)
+    return _family(folder, index)
+
+
+def video_pipeline_class(folder: str | os.PathLike) -> type["DiTPipeline"]:
+    """pipeline_class for `dit generate`: a video family (one with the `check_folder_request` hook), else a
+    one-line error naming what the folder holds and the families accepted."""
+    target = pipeline_class(folder)
+    if not hasattr(target, "check_folder_request"):
+        video = [name for name, q in PIPELINE_FAMILIES.items() if hasattr(resolve(q), "check_folder_request")]
+        raise ValueError(f"{str(folder)!r} holds a {target.diffusers_class_name}; `dit generate` takes video "
+                         f"pipeline folders ({', '.join(video)})")
+    return target
+
+
+def _require_family(folder: Path, target: type) -> None:
+    """The folder holds `target`'s family (a family's check_folder_request called on another family's folder)."""
+    found = video_pipeline_class(folder)
+    if found is not target:
+        raise ValueError(f"{str(folder)!r} holds a {found.diffusers_class_name}; {target.__name__} takes "
+                         f"{target.diffusers_class_name} folders")
+
+
 class DiTPipeline(DiffusionPipeline):
-    """Base of our pipelines: family dispatch on load, our samplers for the denoising loop."""
+    """Base of our pipelines: family dispatch on load, our samplers for the denoising loop.
+
+    A video family is what `dit generate` drives; it has these hooks, found through PIPELINE_FAMILIES from a
+    folder's model_index.json (`video_pipeline_class`): `check_folder_request(folder, height, width, num_frames)`
+    (defaults and sizes from the folder's configs, before any weights load), `memory_shape(folder)` (what
+    dit.estimate needs), `check_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
+    guidance_scale)` (after loading, before generating), `generation_defaults` (the family's defaults where the
+    folder has no generation_config.json) and `supports_relay` (whether `relay=k` is a call argument)."""
 
     diffusers_class_name: str = ""
+    supports_relay: bool = False
+    generation_defaults: dict[str, Any] = {}
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The transformers that run the denoising steps (context parallelism is enabled on each)."""
+        return [self.transformer]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
@@ -177,12 +226,9 @@ class DiTPipeline(DiffusionPipeline):
         folder = Path(pretrained_model_name_or_path)
         index = _read_index(folder)
         entries = _check_index(folder, index)  # before any import or load: the folder names only what we load
-        family = index.get("_class_name")
-        if family not in PIPELINE_FAMILIES:
-            raise ValueError(f"{str(folder)!r}: unsupported pipeline {family!r}; accepted: {', '.join(PIPELINE_FAMILIES)}")
-        target = resolve(PIPELINE_FAMILIES[family])
+        target = _family(folder, index)
         if not issubclass(target, cls):
-            raise ValueError(f"{str(folder)!r} holds a {family}, which {cls.__name__} cannot load")
+            raise ValueError(f"{str(folder)!r} holds a {index['_class_name']}, which {cls.__name__} cannot load")
         _check_roles(folder, target, entries)
         components = {name: _load_component(folder, name, *spec, torch_dtype) for name, spec in entries.items()}
         pipe = target(**components, **_settings(index, target))
@@ -311,6 +357,8 @@ class CogVideoXDiTPipeline(DiTPipeline):
 
     diffusers_class_name = "CogVideoXPipeline"
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    supports_relay = True
+    generation_defaults = {"num_inference_steps": 50, "guidance_scale": 6.0, "fps": 8}  # sizes: the transformer's
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     _optional_components = ["relay_transformer"]
@@ -372,17 +420,24 @@ class CogVideoXDiTPipeline(DiTPipeline):
                      self.vae_scale_factor_temporal)
         samplers.check_guidance_scale(guidance_scale)
 
+    def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
+                      num_inference_steps: int, guidance_scale: float) -> None:
+        """The video families' common request check (`dit generate` calls it after loading): check_inputs."""
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale)
+
+    @staticmethod
+    def memory_shape(folder: str | os.PathLike):
+        """What dit.estimate needs from the folder's configs (dit.estimate.cogvideox_shape)."""
+        from dit.estimate import cogvideox_shape
+
+        return cogvideox_shape(Path(folder))
+
     @staticmethod
     def check_folder_request(folder: str | os.PathLike, height: int | None, width: int | None,
                              num_frames: int | None) -> tuple[int, int, int]:
         """Fill the defaults and check sizes from the folder's config files alone, before loading any weights."""
         folder = Path(folder)
-        index = _read_index(folder)
-        _check_index(folder, index)
-        family = index.get("_class_name")
-        if family != CogVideoXDiTPipeline.diffusers_class_name:
-            raise ValueError(f"{str(folder)!r} holds a {family}; `dit generate` takes CogVideoX-format video "
-                             "pipeline folders (CogVideoXPipeline)")
+        _require_family(folder, CogVideoXDiTPipeline)
         t = read_folder_json(folder / "transformer", what="a CogVideoX transformer config",
                              required={"sample_height": int, "sample_width": int, "sample_frames": int,
                                        "patch_size": int})

@@ -9,13 +9,17 @@ steps (t >= boundary_ratio x T), `transformer_2` for the rest, with its own guid
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from diffusers import WanPipeline
 
 import samplers
-from dit.pipeline import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
+from dit.convert import read_folder_json
+from dit.estimate import WAN_VAE_FACTORS
+from dit.pipeline import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes, _require_family
 
 
 class WanDiTPipeline(DiTPipeline, WanPipeline):
@@ -23,20 +27,59 @@ class WanDiTPipeline(DiTPipeline, WanPipeline):
 
     diffusers_class_name = "WanPipeline"
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    supports_relay = False  # no relay stage yet: `dit generate --relay` is refused before loading
+    # diffusers' WanPipeline call defaults (fps: the 16 of diffusers' Wan examples); a folder's
+    # generation_config.json overrides them.
+    generation_defaults = {"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50,
+                           "guidance_scale": 5.0, "fps": 16}
 
-    def _experts(self) -> list:
+    def denoisers(self) -> list:
+        """The experts: `transformer`, and Wan 2.2 A14B's low-noise `transformer_2`."""
         return [m for m in (self.transformer, getattr(self, "transformer_2", None)) if m is not None]
 
+    @staticmethod
+    def memory_shape(folder: str | os.PathLike):
+        """What dit.estimate needs from the folder's configs (dit.estimate.wan_shape)."""
+        from dit.estimate import wan_shape
+
+        return wan_shape(Path(folder))
+
+    @staticmethod
+    def check_folder_request(folder: str | os.PathLike, height: int | None, width: int | None,
+                             num_frames: int | None) -> tuple[int, int, int]:
+        """Fill the defaults (generation_defaults, diffusers' WanPipeline's) and check the sizes against the
+        transformer's patch_size and the VAE's scale factors, from the folder's config files alone."""
+        folder = Path(folder)
+        _require_family(folder, WanDiTPipeline)
+        t = read_folder_json(folder / "transformer", what="a Wan transformer config",
+                             required={"patch_size": tuple[int, int, int]})
+        v = read_folder_json(folder / "vae", what="a Wan VAE config",
+                             optional={"scale_factor_spatial": int, "scale_factor_temporal": int})
+        spatial = v.get("scale_factor_spatial", WAN_VAE_FACTORS[0])  # TI2V-5B's VAE: 16
+        temporal = v.get("scale_factor_temporal", WAN_VAE_FACTORS[1])
+        for file, key, value in ((folder / "transformer" / "config.json", "patch_size", min(t["patch_size"])),
+                                 (folder / "vae" / "config.json", "scale_factor_spatial", spatial),
+                                 (folder / "vae" / "config.json", "scale_factor_temporal", temporal)):
+            if value < 1:
+                raise ValueError(f"{str(file)!r}: {key} must be positive, got {value!r}")
+        defaults = WanDiTPipeline.generation_defaults
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
+        num_frames = defaults["num_frames"] if num_frames is None else num_frames
+        _check_sizes(height, width, num_frames, spatial * t["patch_size"][1], temporal)
+        return height, width, num_frames
+
     def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
-                      num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None,
-                      tensor_inputs, output_type: str) -> None:
-        """Every input checked before any model runs. Where diffusers would silently round a size or a frame
-        count, this refuses it and names the value diffusers would have used instead."""
+                      num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None = None,
+                      tensor_inputs=("latents",), output_type: str = "np") -> None:
+        """Every input checked before any model runs (the first seven arguments: the video families' common
+        check). Where diffusers would silently round a size or a frame count, this refuses it and names the value
+        diffusers would have used instead."""
         if prompt is None or (not isinstance(prompt, str) and not (
                 isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
-        patch = self._experts()[0].config.patch_size
+        patch = self.denoisers()[0].config.patch_size
         _check_sizes(height, width, num_frames, self.vae_scale_factor_spatial * patch[1],
                      self.vae_scale_factor_temporal)
         samplers.check_guidance_scale(guidance_scale)
@@ -79,7 +122,7 @@ class WanDiTPipeline(DiTPipeline, WanPipeline):
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
         do_cfg = guidance_scale > 1.0
-        model = self._experts()[0]
+        model = self.denoisers()[0]
         pe, npe = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
                                      num_videos_per_prompt=num_videos_per_prompt,
                                      max_sequence_length=max_sequence_length, device=self._execution_device)

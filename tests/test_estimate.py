@@ -1,4 +1,5 @@
-"""dit.estimate: weights counted from safetensors headers, the request estimate's growth, and what fits."""
+"""dit.estimate: weights counted from safetensors headers, each family's configs read (CogVideoX, Wan), the request
+estimate's growth, and what fits."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from safetensors.torch import save_file
 
 from dit.estimate import (VideoShape, folder_weight_numel, largest_fitting, safetensors_numel, video_request_bytes,
                           video_shape)
-from tests.tiny import tiny_cogvideox_pipeline
+from tests.tiny import tiny_cogvideox_pipeline, tiny_wan_pipeline
 
 SHAPE = VideoShape(spatial=8, temporal=4, patch=2, patch_t=1, hidden=1920, text_tokens=226, vae_width=128,
                    weight_numel=2_000_000_000)
@@ -31,6 +32,17 @@ def test_folder_counts_the_pipeline_weights(tmp_path):
     expected = sum(p.numel() for m in (pipe.transformer, pipe.vae, pipe.text_encoder) for p in m.parameters())
     assert folder_weight_numel(tmp_path) == expected
     assert video_shape(tmp_path).weight_numel == expected
+
+
+def test_wan_folders_read_the_wan_configs_and_count_both_experts(tmp_path):
+    pipe = tiny_wan_pipeline(tmp_path / "a14b", two_experts=True)
+    expected = sum(p.numel() for m in (pipe.transformer, pipe.transformer_2, pipe.vae, pipe.text_encoder)
+                   for p in m.parameters())
+    assert video_shape(tmp_path / "a14b") == VideoShape(  # hidden: 2 heads x 12; UMT5's 512 text tokens
+        spatial=8, temporal=4, patch=2, patch_t=1, hidden=24, text_tokens=512, vae_width=3, weight_numel=expected)
+    tiny_wan_pipeline(tmp_path / "ti2v", ti2v=True)
+    ti2v = video_shape(tmp_path / "ti2v")  # VAE x16; its last level: base_dim 8 on a 1/2 grid, 8 / 2**2 per pixel
+    assert (ti2v.spatial, ti2v.temporal, ti2v.vae_width) == (16, 4, 2)
 
 
 def test_the_estimate_grows_with_every_dimension_and_relay():

@@ -1,0 +1,144 @@
+"""`dit generate` on tiny diffusers WanPipeline folders (Wan 2.1, Wan 2.2's two experts, TI2V-5B): the frames of
+our pipeline called directly, sidecars and resume, the family's defaults, and every refusal one line before any
+weights load."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+
+import dit.estimate
+import dit.pipeline
+from dit import DiTPipeline
+from dit.cli import _plan, build_parser, main
+from dit.pipeline_wan import WanDiTPipeline
+from tests.tiny import tiny_wan_pipeline
+
+PROMPT, NEGATIVE = "a red circle moving right", "blue"
+ARGS = ["--frames", "9", "--height", "32", "--width", "32", "--steps", "4", "--guidance", "4.0",
+        "--negative-prompt", NEGATIVE]
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """{"wan21": one expert, "wan22": two experts (boundary_ratio 0.875), "ti2v": expand_timesteps, VAE x16}."""
+    root = tmp_path_factory.mktemp("tiny-wan")
+    for name, kw in (("wan21", {}), ("wan22", {"two_experts": True}), ("ti2v", {"ti2v": True})):
+        tiny_wan_pipeline(root / name, **kw)
+    return {name: root / name for name in ("wan21", "wan22", "ti2v")}
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fails the test if any weights are loaded (the checks must come first)."""
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(dit.pipeline.DiTPipeline, "from_pretrained", refuse)
+
+
+def _error_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def _direct(folder, seed: int, **kw) -> np.ndarray:
+    """Our pipeline called directly, as the command line calls it (fp32, a CPU generator): frames (F, H, W, 3)."""
+    pipe = DiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=9, num_inference_steps=4, guidance_scale=4.0,
+                generator=torch.Generator(device="cpu").manual_seed(seed), output_type="np", **kw).frames[0]
+
+
+def _read_png_folder(path) -> np.ndarray:
+    return np.stack([iio.imread(p) for p in sorted(path.iterdir())])
+
+
+@pytest.mark.parametrize("name,size,extra", [("wan21", 32, []), ("wan22", 32, []), ("ti2v", 64, []),
+                                             ("wan21", 32, ["--solver", "euler"])])
+def test_the_cli_writes_the_pipelines_frames_and_a_rerun_skips(wan, tmp_path, capsys, monkeypatch, name, size,
+                                                                extra):
+    out = tmp_path / "clip.png"
+    argv = ["generate", PROMPT, "-o", str(out), "--model", str(wan[name]), "--seed", "3", *ARGS,
+            "--height", str(size), "--width", str(size), *extra]
+    assert main(argv) == 0
+    written = _read_png_folder(out)
+    direct = _direct(wan[name], 3, height=size, width=size, **({"solver": "euler"} if extra else {}))
+    assert written.shape == direct.shape == (9, size, size, 3)
+    assert np.abs(written.astype(np.float64) - direct * 255).max() <= 1  # equal within 8-bit rounding
+    side = json.loads((tmp_path / "clip.png.json").read_text())
+    assert (side["model"], side["seed"], side["steps"], side["guidance"]) == (str(wan[name]), 3, 4, 4.0)
+    assert (side["height"], side["width"], side["frames"], side["fps"]) == (size, size, 9, 16)
+    assert side["negative_prompt"] == NEGATIVE and side["solver"] == (extra[1] if extra else None)
+    mtime = (out / "frame_0000.png").stat().st_mtime_ns
+    capsys.readouterr()
+    monkeypatch.setattr(dit.pipeline.DiTPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    assert main(argv) == 0  # the same request again: skipped from its sidecar, no weights loaded
+    assert "skip (exists)" in capsys.readouterr().err and (out / "frame_0000.png").stat().st_mtime_ns == mtime
+
+
+def test_defaults_are_wan_pipelines_or_the_folders_generation_config(wan, tmp_path):
+    def plan(folder):
+        args = build_parser().parse_args(["generate", PROMPT, "--model", str(folder), "-o", str(tmp_path / "x.mp4")])
+        _, [(request, _)], settings = _plan(args)
+        return (request.height, request.width, request.frames), settings
+
+    sizes, settings = plan(wan["wan21"])
+    assert sizes == (480, 832, 81)  # diffusers' WanPipeline defaults
+    assert (settings["steps"], settings["guidance"], settings["fps"]) == (50, 5.0, 16)
+    assert WanDiTPipeline.check_folder_request(wan["ti2v"], None, None, None) == (480, 832, 81)
+    folder = tmp_path / "with-config"
+    shutil.copytree(wan["wan22"], folder)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"height": 64, "width": 96, "num_frames": 17, "num_inference_steps": 40, "guidance_scale": 3.0, "fps": 24}))
+    sizes, settings = plan(folder)
+    assert sizes == (64, 96, 17) and (settings["steps"], settings["guidance"], settings["fps"]) == (40, 3.0, 24)
+
+
+@pytest.mark.parametrize("name,argv,match", [
+    ("wan21", ["--height", "36"], "height 36 must be divisible by 16; nearest valid: 32 or 48"),
+    ("wan22", ["--frames", "8"], "num_frames 8 must be 1 + 4n for this VAE; nearest valid: 5 or 9"),
+    ("ti2v", ["--height", "48"], "height 48 must be divisible by 32; nearest valid: 32 or 64"),  # VAE x16, patch 2
+    ("wan21", ["--relay", "2"], "--relay 2: WanPipeline folders have no relay stage yet"),
+    ("wan22", ["--solver", "banana"], "unknown solver 'banana'"),
+])
+def test_bad_requests_are_one_line_before_any_weights_load(wan, tmp_path, capsys, no_load, name, argv, match):
+    out = tmp_path / "new" / "x.mp4"
+    assert main(["generate", PROMPT, "-o", str(out), "--model", str(wan[name]), *ARGS, *argv]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("dit: error: ") and match in lines[0], lines
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_request_that_cannot_fit_is_refused_with_what_fits(wan, tmp_path, capsys, no_load, monkeypatch):
+    monkeypatch.setattr(dit.estimate, "available_bytes", lambda device: 16 * dit.estimate.GiB)
+    assert main(["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--model", str(wan["wan22"]), *ARGS,
+                 "--frames", "1000001"]) == 2
+    [line] = _error_lines(capsys)
+    assert "1000001 frames needs about" in line and "16.0 GiB is free" in line and "--force" in line
+    assert "what fits: --frames" in line and not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parallel
+def test_generate_under_torchrun_with_context_parallelism_equals_single_process(wan, tmp_path):
+    """Both experts run context parallel (Ulysses over the 2 heads); diffusers' VAE decodes whole on each rank."""
+    common = ["--model", str(wan["wan22"]), "--seed", "5", *ARGS]
+    single = tmp_path / "single.png"
+    assert main(["generate", PROMPT, "-o", str(single), *common]) == 0
+    par = tmp_path / "par.png"
+    from distributed import _free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), "-m", "dit", "generate", PROMPT, "-o", str(par),
+                        "--ulysses-degree", "2", *common], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _read_png_folder(single), _read_png_folder(par)
+    assert a.shape == b.shape == (9, 32, 32, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same frames (8-bit rounding)
+    assert json.loads((tmp_path / "par.png.json").read_text())["context_parallel"] == [1, 2]
