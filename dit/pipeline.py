@@ -353,7 +353,13 @@ def _check_sizes(height: int, width: int, num_frames: int, spatial_multiple: int
 
 
 class CogVideoXDiTPipeline(DiTPipeline):
-    """Text-to-video with CogVideoX (1.0 2B/5B, 1.5): the same call and the same frames as CogVideoXPipeline."""
+    """Text-to-video with CogVideoX (1.0 2B/5B, 1.5): the same call and the same frames as CogVideoXPipeline.
+
+    relay=k adds a relay super-resolution stage (CogView3; samplers.relay): the base result at H x W is upsampled
+    to kH x kW (in latent space, nearest or bilinear, or in pixel space with a VAE re-encode), then `relay_steps`
+    steps run from training step T_r = relay_start with block noise of block size k. The stage uses the folder's
+    `relay_transformer` if it has one (trained with the relay loss), else the base transformer.
+    """
 
     diffusers_class_name = "CogVideoXPipeline"
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -501,14 +507,8 @@ class CogVideoXDiTPipeline(DiTPipeline):
         relay_noise_alpha: float = 0.15,
         relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); by default the folder's
-        scheduler decides, as in diffusers.
-
-        relay=k adds a relay super-resolution stage (CogView3; samplers.relay): the base result at H x W is
-        upsampled to kH x kW (in latent space, nearest or bilinear, or in pixel space with a VAE re-encode),
-        then `relay_steps` steps run from training step T_r = relay_start with block noise of block size k. The
-        stage uses the folder's `relay_transformer` if it has one (trained with the relay loss), else the base
-        transformer."""
+        """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); `relay=k` adds the relay
+        super-resolution stage described in the class docstring."""
         height, width, num_frames, max_sequence_length = self._call_defaults(height, width, num_frames,
                                                                             max_sequence_length)
         self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
@@ -672,13 +672,7 @@ class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline)
         batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         latents = self.prepare_latents(batch, self.transformer.config.in_channels, height, width, pe.dtype, device,
                                        generator, latents)  # (B, C, H/8, W/8)
-        cfg = self.scheduler.config
-        if cfg.get("use_dynamic_shifting", False) and mu is None:
-            p = self.transformer.config.patch_size
-            mu = samplers.dynamic_shift_mu((latents.shape[2] // p) * (latents.shape[3] // p),
-                                           cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
-        spec = self._sampler(num_inference_steps, mu=mu)
+        spec = self._sampler(num_inference_steps, mu=self._dynamic_mu(latents) if mu is None else mu)
         state = {"prompt_embeds": pe}
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -691,6 +685,16 @@ class SD3DiTPipeline(_ImagePipelineMixin, DiTPipeline, StableDiffusion3Pipeline)
                                callback_on_step_end=callback_on_step_end,
                                tensor_inputs=callback_on_step_end_tensor_inputs, state=state, solver=solver)
         return self._finish_images(latents, output_type, return_dict, shift=True)
+
+    def _dynamic_mu(self, latents: torch.Tensor) -> float | None:
+        """The flow shift's mu for this image size when the scheduler shifts dynamically (as diffusers' SD3
+        pipeline computes it from the token count); None otherwise."""
+        cfg, p = self.scheduler.config, self.transformer.config.patch_size
+        if not cfg.get("use_dynamic_shifting", False):
+            return None
+        return samplers.dynamic_shift_mu((latents.shape[2] // p) * (latents.shape[3] // p),
+                                         cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
 
 
 class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipeline):
@@ -739,11 +743,7 @@ class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipe
         spec = self._sampler(num_inference_steps)
         latents = self.prepare_latents(batch, self.transformer.config.in_channels, height, width, pe.dtype, device,
                                        generator, latents)  # (B, C, H/8, W/8)
-        # Size conditioning (SDXL-style micro-conditioning), one row per model input.
-        rows = pe.shape[0]
-        sizes = {name: torch.tensor([value], dtype=pe.dtype, device=device).repeat(rows, 1) for name, value in (
-            ("original_size", original_size or (height, width)), ("target_size", (height, width)),
-            ("crop_coords", crops_coords_top_left))}
+        sizes = _size_conditioning(pe, original_size or (height, width), (height, width), crops_coords_top_left)
         state = {"prompt_embeds": pe}
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -756,3 +756,11 @@ class CogView3PlusDiTPipeline(_ImagePipelineMixin, DiTPipeline, CogView3PlusPipe
                                tensor_inputs=callback_on_step_end_tensor_inputs, state=state, solver=solver, eta=eta,
                                generator=generator)
         return self._finish_images(latents, output_type, return_dict, shift=False)
+
+
+def _size_conditioning(embeds: torch.Tensor, original: tuple[int, int], target: tuple[int, int],
+                       crop: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """CogView3-Plus's SDXL-style micro-conditioning: each size as a (rows, 2) tensor, one row per model input."""
+    rows = embeds.shape[0]
+    return {name: torch.tensor([value], dtype=embeds.dtype, device=embeds.device).repeat(rows, 1)
+            for name, value in (("original_size", original), ("target_size", target), ("crop_coords", crop))}
