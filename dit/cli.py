@@ -155,35 +155,36 @@ def _record(r: Request, args: argparse.Namespace, folder_name: str, settings: di
     }
 
 
+@contextlib.contextmanager
+def _user_input() -> Iterator[None]:
+    """ValueErrors raised inside come from checking what the user gave (arguments, files, the model folder, the
+    request against the loaded model): they are reported as user errors (one line, exit 2). Elsewhere a
+    ValueError is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
     _quiet_libraries()  # before the pipelines are imported: transformers' import-time notices are noise here too
-    folder, requests, settings = _plan(args)
-    # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
-    folder_name = str(folder) if args.model is not None else EMBEDDED_MODEL_NAME
-    todo = [(r, p, rec) for r, p in requests
-            if needs_generating(p, rec := _record(r, args, folder_name, settings), args.overwrite)]
+    with _user_input():
+        folder, todo, settings = _todo(args)
+        if todo:
+            _check_memory(folder, todo, args, settings["guidance"])
+            pipe = _load(folder, args, todo)
     if not todo:
         return 0
-    world = settings["world"]
-    _check_memory(folder, todo, args, settings["guidance"])
-    for parent in {p.parent for _, p, _ in todo}:
-        remove_stale_temps(parent)  # a killed run's temporary files (only those of dead processes)
-    if world > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
-    from dit.pipeline import DiTPipeline
-
-    pipe = DiTPipeline.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[args.dtype]))
-    if args.offload:
-        pipe.enable_model_cpu_offload(device=args.device)
-    else:
-        pipe.to(args.device)
     steps, guidance = settings["steps"], settings["guidance"]
-    with _parallel(pipe, args, world) as writer:
-        for r, _, _ in todo:  # and every request against the loaded model before generating anything
-            pipe.check_request(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
+    with _parallel(pipe, args, settings["world"]) as writer:
+        with _user_input():
+            for r, _, _ in todo:  # every request against the loaded model before generating anything
+                pipe.check_request(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
         for r, path, record in tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1):
             start = time.perf_counter()
             _shard_vae_decode(pipe, r.frames)
@@ -198,6 +199,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "version": _version(), "context_parallel": [args.ring_degree, args.ulysses_degree],
                     "cfg_parallel": args.cfg_degree}, settings["fps"], args.overwrite)
     return 0
+
+
+def _todo(args: argparse.Namespace) -> tuple[Path, list, dict]:
+    """The checked plan and the requests whose outputs must be (re)generated, each with its sidecar record."""
+    folder, requests, settings = _plan(args)
+    # The embedded model by name: its install path says nothing to whoever reads the sidecar elsewhere.
+    folder_name = str(folder) if args.model is not None else EMBEDDED_MODEL_NAME
+    todo = [(r, p, rec) for r, p in requests
+            if needs_generating(p, rec := _record(r, args, folder_name, settings), args.overwrite)]
+    return folder, todo, settings
+
+
+def _load(folder: Path, args: argparse.Namespace, todo: list):
+    """Remove a killed run's temporaries beside the outputs, then load the pipeline onto its device."""
+    import torch
+
+    from dit.pipeline import DiTPipeline
+
+    for parent in {p.parent for _, p, _ in todo}:
+        remove_stale_temps(parent)  # only those of dead processes
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
+    pipe = DiTPipeline.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=args.device)
+    else:
+        pipe.to(args.device)
+    return pipe
 
 
 def _write_output(frames, path: Path, record: dict, fps: int, overwrite: bool) -> None:
@@ -304,7 +333,8 @@ def _version() -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from dit.train.config import load_config, parse_overrides
 
-    cfg = load_config(args.config, overrides=parse_overrides(args.set or []))
+    with _user_input():
+        cfg = load_config(args.config, overrides=parse_overrides(args.set or []))
     _quiet_libraries()
     if args.build_cache:
         from dit.train.cache import build_cache
@@ -312,11 +342,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--build-cache runs in one process: use `python -m dit train CONFIG --build-cache`")
 
-        print(str(build_cache(cfg)))
+        with _user_input():
+            folder = build_cache(cfg)
+        print(str(folder))
         return 0
     from dit.train import train
 
-    final = train(cfg)
+    # dit train checks its data, checkpoints, output folder and parallel layout before the first step, and its
+    # ValueErrors are those checks (a second run on a locked output_dir, a checkpoint of another world size).
+    with _user_input():
+        final = train(cfg)
     if os.environ.get("RANK", "0") == "0":  # one line from the launch, not one per process
         print(str(final))
     return 0
@@ -405,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (UsageError, ValueError) as e:
+    except UsageError as e:  # only what _user_input and the checks call user errors; other bugs keep a traceback
         print(f"dit: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # non-finite latents or frames: not bad input, but nothing was written
