@@ -14,6 +14,8 @@ default on the CPU), so a rank's attention memory is its output shard plus a few
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
@@ -132,6 +134,84 @@ def _ring_plan(b: int, h: int, d: int, itemsize: int, acc_itemsize: int, sizes: 
     return heads, pieces, max(1, message_bytes // (2 * b * heads * d * acc_itemsize))
 
 
+@dataclass(frozen=True)
+class _RingSchedule:
+    """This rank's tokens per step of the streamed ring: its own piece sent, the pieces it forwards, the pieces
+    arriving; and where each own piece starts in its block."""
+
+    steps: int
+    offsets: list[int]
+    own: list[int]
+    ahead: list[int]
+    arriving: list[int]
+
+    @property
+    def longest(self) -> int:
+        return max([o + a for o, a in zip(self.own, self.ahead)] + self.arriving)
+
+
+def _ring_schedule(sizes: list[int], rank: int, pieces: int) -> _RingSchedule:
+    world = len(sizes)
+    lens = [split_sizes(n, pieces) for n in sizes]  # lens[c][i]: tokens of piece i of rank c's block
+    steps = pieces + world - 2  # the last piece leaves its owner at step pieces - 1, then makes P - 2 more hops
+
+    def piece(c: int, i: int) -> int:
+        return lens[c % world][i] if 0 <= i < pieces else 0
+
+    return _RingSchedule(
+        steps=steps, offsets=[sum(lens[rank][:i]) for i in range(pieces)],
+        own=[piece(rank, t) for t in range(steps)],
+        ahead=[sum(piece(rank - 1 - j, t - 1 - j) for j in range(world - 2)) for t in range(steps)],
+        arriving=[sum(piece(rank - 1 - j, t - j) for j in range(world - 1)) for t in range(steps)],
+    )
+
+
+def _message(buffer: Tensor, like: Tensor, n: int) -> Tensor:
+    """A message of n tokens for heads like `like` (B, g, L, D): (2, B, g, n, D), keys then values, contiguous."""
+    b, g, _, d = like.shape
+    return buffer[:2 * b * g * n * d].view(2, b, g, n, d)
+
+
+def _ring_step(t: int, plan: _RingSchedule, kh: Tensor, vh: Tensor, prev: Tensor | None, send_buffer: Tensor,
+               recv_buffer: Tensor, peers: tuple[int, int], group: dist.ProcessGroup) -> tuple[list, Tensor | None]:
+    """Start step t: send the own piece t followed by the prefix of the previous message that still has hops to
+    go, receive the next message; one batch, as NCCL needs both sides grouped. Returns (requests, receive)."""
+    ops, recv = [], None
+    if t < plan.steps:
+        mine, n_send = plan.own[t], plan.own[t] + plan.ahead[t]
+        if n_send:
+            send = _message(send_buffer, kh, n_send)
+            if mine:
+                o = plan.offsets[t]
+                send[0, :, :, :mine] = kh[:, :, o:o + mine]
+                send[1, :, :, :mine] = vh[:, :, o:o + mine]
+            if plan.ahead[t]:
+                send[:, :, :, mine:] = prev[:, :, :, :plan.ahead[t]]
+            ops.append(dist.P2POp(dist.isend, send, peers[0], group))
+        if plan.arriving[t]:
+            recv = _message(recv_buffer, kh, plan.arriving[t])
+            ops.append(dist.P2POp(dist.irecv, recv, peers[1], group))
+    return (dist.batch_isend_irecv(ops) if ops else []), recv
+
+
+def _ring_heads(qh: Tensor, kh: Tensor, vh: Tensor, acc: Tensor, lse: Tensor, scale: float, q_tokens: int,
+                plan: _RingSchedule, buffers: list[Tensor], peers: tuple[int, int], group: dist.ProcessGroup) -> None:
+    """One head group once round the ring, merged into acc / lse: each received message is used while the next
+    one travels. The three buffers rotate (send, receive, in use)."""
+    prev = None  # the message received at the previous step, (2, B, g, n, D)
+    for t in range(plan.steps + 1):  # step `steps` only uses the last message
+        send_buffer, recv_buffer, prev_buffer = buffers
+        reqs, recv = _ring_step(t, plan, kh, vh, prev, send_buffer, recv_buffer, peers, group)
+        if t == 0:  # the own block while the first message travels
+            _merge_into(acc, lse, qh, kh, vh, scale, q_tokens)
+        elif prev is not None:
+            _merge_into(acc, lse, qh, prev[0], prev[1], scale, q_tokens)
+        for req in reqs:
+            req.wait()
+        prev = recv
+        buffers = [send_buffer, prev_buffer, recv_buffer]  # the received message is the one in use next
+
+
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int], group: dist.ProcessGroup,
                   message_bytes: int | None, out: Tensor | None = None,
                   keep_lse: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -148,65 +228,24 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int
     of its output shard, where passing whole blocks round and merging whole partial outputs costs several shards.
     """
     world, rank = len(sizes), dist.get_rank(group)
-    nxt, prv = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
+    peers = (dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world))
     b, h, l_q, d = q.shape
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     heads, pieces, q_tokens = _ring_plan(b, h, d, k.element_size(), acc_dtype.itemsize, sizes, message_bytes)
-    lens = [split_sizes(n, pieces) for n in sizes]  # lens[c][i]: tokens of piece i of rank c's block
-    offsets = [sum(lens[rank][:i]) for i in range(pieces)]
-    steps = pieces + world - 2  # the last piece leaves its owner at step pieces - 1, then makes P - 2 more hops
-
-    def piece(c: int, i: int) -> int:
-        return lens[c % world][i] if 0 <= i < pieces else 0
-
-    # Tokens per step: own piece and pieces to forward (sent), pieces arriving (received).
-    own = [piece(rank, t) for t in range(steps)]
-    ahead = [sum(piece(rank - 1 - j, t - 1 - j) for j in range(world - 2)) for t in range(steps)]
-    arriving = [sum(piece(rank - 1 - j, t - j) for j in range(world - 1)) for t in range(steps)]
-    longest = max([o + a for o, a in zip(own, ahead)] + arriving)
+    plan = _ring_schedule(sizes, rank, pieces)
     # Three message buffers, reused round the steps (send, receive, in use): allocating each message afresh
     # fragments the heap when messages fall below the allocator's mmap threshold.
-    buffers = [k.new_empty(2 * b * min(h, heads) * longest * d) for _ in range(3)]
-
-    def message(buffer: Tensor, g: int, n: int) -> Tensor:
-        return buffer[:2 * b * g * n * d].view(2, b, g, n, d)  # contiguous: keys, then values
-
+    buffers = [k.new_empty(2 * b * min(h, heads) * plan.longest * d) for _ in range(3)]
     out = q.new_empty(b, h, l_q, d) if out is None else out
     lse = torch.empty(b, h if keep_lse else min(h, heads), l_q, dtype=torch.float32, device=q.device)
+    direct = out.dtype == acc_dtype  # accumulate in the output itself
     for h0 in range(0, h, heads):
         hs = slice(h0, h0 + heads)
-        qh, kh, vh = q[:, hs], k[:, hs], v[:, hs]
-        g = qh.shape[1]
+        g = q[:, hs].shape[1]
         lse_h = (lse[:, hs] if keep_lse else lse[:, :g]).fill_(float("-inf"))
-        direct = out.dtype == acc_dtype  # accumulate in the output itself
         acc = out[:, hs] if direct else torch.empty(b, g, l_q, d, dtype=acc_dtype, device=q.device)
         acc.zero_()
-        prev = None  # the message received at the previous step, (2, B, g, n, D)
-        for t in range(steps + 1):  # step `steps` only uses the last message
-            ops, recv = [], None
-            send_buffer, recv_buffer, prev_buffer = buffers
-            if t < steps:
-                mine, n_send = own[t], own[t] + ahead[t]
-                if n_send:
-                    send = message(send_buffer, g, n_send)
-                    if mine:
-                        send[0, :, :, :mine] = kh[:, :, offsets[t]:offsets[t] + mine]
-                        send[1, :, :, :mine] = vh[:, :, offsets[t]:offsets[t] + mine]
-                    if ahead[t]:
-                        send[:, :, :, mine:] = prev[:, :, :, :ahead[t]]
-                    ops.append(dist.P2POp(dist.isend, send, nxt, group))
-                if arriving[t]:
-                    recv = message(recv_buffer, g, arriving[t])
-                    ops.append(dist.P2POp(dist.irecv, recv, prv, group))
-            reqs = dist.batch_isend_irecv(ops) if ops else []  # one batch: NCCL needs both sides grouped
-            if t == 0:  # the own block while the first message travels
-                _merge_into(acc, lse_h, qh, kh, vh, scale, q_tokens)
-            elif prev is not None:
-                _merge_into(acc, lse_h, qh, prev[0], prev[1], scale, q_tokens)
-            for req in reqs:
-                req.wait()
-            prev = recv
-            buffers = [send_buffer, prev_buffer, recv_buffer]  # the received message is the one in use next
+        _ring_heads(q[:, hs], k[:, hs], v[:, hs], acc, lse_h, scale, q_tokens, plan, list(buffers), peers, group)
         if not direct:
             out[:, hs] = acc
     return out, lse if keep_lse else None
