@@ -46,6 +46,15 @@ def cogvideox_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    from tiny import tiny_wan_pipeline
+
+    folder = tmp_path_factory.mktemp("wan")
+    tiny_wan_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def sd3_folder(tmp_path_factory):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from test_mmdit import _clip_vocab
@@ -109,7 +118,7 @@ def media(tmp_path_factory):
     return _write_media(tmp_path_factory.mktemp("media") / "data")
 
 
-def _tiny_overrides(path: Path, tmp: Path, cogvideox: Path, sd3: Path, media: Path) -> dict:
+def _tiny_overrides(path: Path, tmp: Path, cogvideox: Path, sd3: Path, media: Path, wan: Path | None = None) -> dict:
     """What a smoke run substitutes: tiny models and data, two steps, no context parallelism (one process)."""
     raw = yaml.safe_load(path.read_text())
     family = raw["model"].get("family", "cogvideox")
@@ -118,7 +127,7 @@ def _tiny_overrides(path: Path, tmp: Path, cogvideox: Path, sd3: Path, media: Pa
          "train.log_every": 1, "train.keep_last": 1, "parallel.ring_degree": 1, "parallel.ulysses_degree": 1,
          "train.validation_steps": 2}
     if raw["model"].get("pretrained"):
-        o["model.pretrained"] = str(sd3 if image else cogvideox)
+        o["model.pretrained"] = str({"sd3": sd3, "wan": wan}.get(family, cogvideox))
     if raw["data"].get("source") == "folder":
         o["data.folder"] = str(media)
         o.update({"data.height": 32, "data.width": 32, "data.frames": 1 if image else 5,
@@ -143,13 +152,14 @@ def test_every_accelerate_config_parses():
         assert cfg.num_processes >= 1, path
 
 
-def test_every_train_config_parses(tmp_path, cogvideox_folder, sd3_folder, media):
+def test_every_train_config_parses(tmp_path, cogvideox_folder, sd3_folder, media, wan_folder):
     assert {p.stem for p in TRAIN_CONFIGS} >= {"tiny-cpu", "cogvideox-2b-lora", "cogvideox-2b-full-cp",
                                                "sd3-finetune", "relay-sr"}
     for path in TRAIN_CONFIGS:
         raw = yaml.safe_load(path.read_text())
         # As shipped, only the paths are substituted (the model and data folders are the user's).
-        paths = {k: v for k, v in _tiny_overrides(path, tmp_path, cogvideox_folder, sd3_folder, media).items()
+        overrides = _tiny_overrides(path, tmp_path, cogvideox_folder, sd3_folder, media, wan_folder)
+        paths = {k: v for k, v in overrides.items()
                  if k in ("model.pretrained", "data.folder", "data.cache", "output_dir")}
         cfg = load_config(path, overrides=paths)
         assert cfg.train.steps == raw["train"]["steps"]
@@ -305,10 +315,11 @@ def _oracle_out(obj, x, t, z0):
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
-def test_every_train_config_smoke_runs_with_a_tiny_model(path, tmp_path, cogvideox_folder, sd3_folder, media):
+def test_every_train_config_smoke_runs_with_a_tiny_model(path, tmp_path, cogvideox_folder, sd3_folder, media,
+                                                         wan_folder):
     from dit.train.trainer import Trainer
 
-    overrides = _tiny_overrides(path, tmp_path, cogvideox_folder, sd3_folder, media)
+    overrides = _tiny_overrides(path, tmp_path, cogvideox_folder, sd3_folder, media, wan_folder)
     if path.stem == "tiny-cpu":
         overrides["data.shapes"] = {"length": 8, "antialias": 1}
     cfg = load_config(path, overrides=overrides)

@@ -35,6 +35,7 @@ def build_cache(cfg: TrainConfig) -> Path:
         raise ValueError(f"data.cache: {str(target)!r} already holds a cache; delete it to rebuild")
     source = build_source(cfg.data, cfg.train.seed, use_cache=False)
     bundle = build_bundle(cfg.model, cfg.objective)
+    bundle.check_sizes(source.buckets)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-FAMILIES = ("cogvideox", "sd3")
+FAMILIES = ("cogvideox", "sd3", "wan")
 OBJECTIVES = ("v_prediction_zero_snr", "flow_matching", "relay", "autoencoder")
 SOURCES = ("shapes", "folder")
 CAPTION_FORMATS = ("txt", "csv", "jsonl")
@@ -25,6 +25,7 @@ MIXED_PRECISION = ("no", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TRANSFORMER_PRESETS = ("cogvideox-2b", "cogvideox-5b", "cogvideox-tiny")
 RELAY_PATHS = ("vp", "flow")
+DEFAULT_SHIFT = 3.0  # objective.shift when null, except for a Wan folder (its scheduler's flow shift)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,7 +77,9 @@ class ObjectiveConfig:
     """The training loss and its schedule.
 
     v_prediction_zero_snr: CogVideoX (scaled-linear betas, SNR shift, zero terminal SNR, v-prediction).
-    flow_matching: SD3 (logit-normal t with logit_mean / logit_std, then shift t' = s t / (1 + (s - 1) t)).
+    flow_matching: SD3 and Wan (logit-normal t with logit_mean / logit_std, then shift t' = s t / (1 + (s - 1) t);
+    x_t = (1 - t) x0 + t noise, target noise - x0, the model sees t x num_train_timesteps). `shift` null (the
+    default): a Wan folder's own scheduler shift (its flow_shift), 3.0 otherwise.
     relay: CogView3's relay super-resolution loss on the `relay_path` schedule, from `relay_t` of
     `num_train_timesteps`, with block noise of `block_size` mixed in at weight `noise_alpha`; the low-resolution
     input is the video downscaled by `scale_factor` and upscaled again (bilinear) before VAE encoding.
@@ -94,7 +97,7 @@ class ObjectiveConfig:
     snr_shift_scale: float = 3.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    shift: float = 3.0
+    shift: float | None = None
     relay_path: str = "vp"
     relay_t: int = 500
     block_size: int = 2
@@ -102,6 +105,11 @@ class ObjectiveConfig:
     scale_factor: int = 2
     kl_weight: float = 1e-4
     l2_weight: float = 0.0
+
+    @property
+    def flow_shift(self) -> float:
+        """`shift`, or DEFAULT_SHIFT where it is null (validation fills a Wan folder's own in first)."""
+        return DEFAULT_SHIFT if self.shift is None else self.shift
 
 
 @dataclass
@@ -324,8 +332,9 @@ def _validate_model(cfg: TrainConfig, base: Path) -> None:
         raise ValueError("model: give either transformer or transformer_preset, not both")
     if m.transformer_preset is not None:
         _choice("model.transformer_preset", m.transformer_preset, TRANSFORMER_PRESETS)
-    if m.pretrained is None and m.family == "sd3":
-        raise ValueError("model.family 'sd3' trains from a diffusers StableDiffusion3Pipeline folder: set model.pretrained")
+    if m.pretrained is None and m.family in ("sd3", "wan"):
+        pipeline = {"sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}[m.family]
+        raise ValueError(f"model.family {m.family!r} trains from a diffusers {pipeline} folder: set model.pretrained")
     if m.vae_pretrained is not None:
         if m.pretrained is not None or m.vae is not None or m.vae_preset is not None:
             raise ValueError("model.vae_pretrained: give it alone (not with pretrained, vae or vae_preset)")
@@ -343,6 +352,8 @@ def _validate_objective(cfg: TrainConfig) -> None:
     _choice("objective.relay_path", o.relay_path, RELAY_PATHS)
     _positive("objective.num_train_timesteps", o.num_train_timesteps)
     _positive("objective.logit_std", o.logit_std)
+    if o.shift is None:
+        o.shift = _folder_shift(m.pretrained) if m.family == "wan" and m.pretrained is not None else DEFAULT_SHIFT
     _positive("objective.shift", o.shift)
     _positive("objective.snr_shift_scale", o.snr_shift_scale)
     if not 1 <= o.relay_t <= o.num_train_timesteps - 1:
@@ -363,6 +374,8 @@ def _validate_objective(cfg: TrainConfig) -> None:
                              "trains the VAE: set ring_degree and ulysses_degree to 1")
     if m.family == "sd3" and o.kind == "v_prediction_zero_snr":
         raise ValueError("objective.kind 'v_prediction_zero_snr' does not fit model.family 'sd3'; accepted: flow_matching, relay")
+    if m.family == "wan" and o.kind != "flow_matching":
+        raise ValueError(f"objective.kind {o.kind!r} does not fit model.family 'wan'; accepted: flow_matching")
     if m.transformer is not None:
         _check_init_keys("model.transformer", m.transformer, "dit.models.cogvideox", "CogVideoXTransformer3DModel")
     if m.vae is not None:
@@ -428,6 +441,23 @@ def _validate_train(cfg: TrainConfig) -> None:
             raise ValueError("train.validation_prompts: give at least one prompt when train.validate_every is set")
     _positive("parallel.ring_degree", p.ring_degree)
     _positive("parallel.ulysses_degree", p.ulysses_degree)
+
+
+def _folder_shift(pretrained: str) -> float:
+    """The flow shift of a Wan folder's scheduler: UniPC / DPM-Solver with use_flow_sigmas keep it as
+    `flow_shift`, FlowMatchEulerDiscreteScheduler as `shift`. A folder without one (not a Wan folder: the model
+    loader names what it holds) gives DEFAULT_SHIFT."""
+    import json
+
+    path = Path(pretrained) / "scheduler" / "scheduler_config.json"
+    try:
+        sched = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return DEFAULT_SHIFT
+    value = sched.get("flow_shift") if sched.get("use_flow_sigmas") else sched.get("shift")
+    if value is None:
+        return DEFAULT_SHIFT
+    return _finite(value, f"objective.shift (from {str(path)!r})")
 
 
 def _check_init_keys(where: str, values: dict[str, Any], module: str, cls_name: str) -> None:

@@ -1,8 +1,9 @@
 """What the trainer trains: a transformer with its frozen VAE, text encoder(s) and scheduler config.
 
-`ModelBundle` hides the family differences behind four calls: encode_text, encode_pixels, forward and
+`ModelBundle` hides the family differences behind four calls: encode_text, encode_posterior, forward and
 pipeline. CogVideoX (video, T5) is built from scratch or loaded from a diffusers folder; SD3 (images, CLIP + T5)
-is loaded from a diffusers StableDiffusion3Pipeline folder.
+is loaded from a diffusers StableDiffusion3Pipeline folder; Wan 2.1 / 2.2 text-to-video (UMT5, AutoencoderKLWan,
+our WanTransformer3DModel) from a diffusers WanPipeline folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ COGVIDEOX_TINY: dict[str, Any] = dict(
 # The smallest CogVideoX VAE layout (4 levels: x8 space, x4 time), frozen and random in smoke runs.
 VAE_TINY: dict[str, Any] = dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                 norm_num_groups=2, sample_height=32, sample_width=32, scaling_factor=1.0)
+# Wan's text length: WanPipeline's (and our WanDiTPipeline's) max_sequence_length default, so training sees the
+# prompts as validation and `dit generate` encode them.
+WAN_TEXT_LENGTH = 512
+
+
 def _transformer_presets() -> dict[str, tuple[str, dict[str, Any]]]:
     from dit.models.cogvideox import COGVIDEOX_2B, COGVIDEOX_5B
 
@@ -51,10 +57,28 @@ class ModelBundle:
     def max_text_length(self) -> int:
         if self.family == "cogvideox":
             return int(self.transformer.config.max_text_seq_length)
-        return 77
+        return WAN_TEXT_LENGTH if self.family == "wan" else 77
+
+    @property
+    def is_video(self) -> bool:
+        """Video families sample clips (validation writes mp4); SD3 samples images."""
+        return self.family != "sd3"
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.vae, *self.text_encoders]
+
+    def check_sizes(self, buckets: list[tuple[int, int, int]]) -> None:
+        """Wan: every (height, width, frames) bucket fits the folder's VAE and patch size (as its pipeline checks
+        a request), refused before any step instead of failing inside the VAE or the transformer."""
+        if self.family != "wan":
+            return
+        from dit.pipeline_wan import WanDiTPipeline
+
+        for h, w, f in buckets:
+            try:
+                WanDiTPipeline.check_folder_request(self.extra["folder"], h, w, f)
+            except ValueError as e:
+                raise ValueError(f"data: bucket [{h}, {w}, {f}] does not fit this Wan model: {e}") from None
 
     # -- conditioning ------------------------------------------------------------------------------------------------
 
@@ -67,7 +91,13 @@ class ModelBundle:
             emb, _ = encode_prompts(captions, self.tokenizers[0], self.text_encoders[0],
                                     max_length=self.max_text_length, device=device)
             return {"encoder_hidden_states": emb}
-        pipe = self.extra["sd3_pipe"]
+        if self.family == "wan":
+            # WanPipeline.encode_prompt itself: Wan's prompt cleaning, UMT5, each prompt's embedding trimmed to its
+            # length and zero-padded to max_sequence_length.
+            emb, _ = self.extra["pipe"].encode_prompt(prompt=captions, do_classifier_free_guidance=False,
+                                                      max_sequence_length=self.max_text_length, device=device)
+            return {"encoder_hidden_states": emb}
+        pipe = self.extra["pipe"]
         emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
                                                do_classifier_free_guidance=False, max_sequence_length=self.max_text_length)
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
@@ -75,9 +105,12 @@ class ModelBundle:
     @torch.no_grad()
     def encode_posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """(B, F, 3, H, W) in [-1, 1] -> the VAE posterior's (mean, std), scaled into the transformer's latent
-        space and layout: CogVideoX (B, F', C, H', W'), SD3 (B, C, H', W') from the first frame."""
+        space and layout: CogVideoX (B, F', C, H', W'), Wan (B, C, F', H', W'), SD3 (B, C, H', W') from the
+        first frame."""
         cfg = self.vae.config
         dtype = next(self.vae.parameters()).dtype
+        if self.family == "wan":
+            return self._wan_posterior(video.permute(0, 2, 1, 3, 4).to(dtype))
         if self.family == "cogvideox":
             dist = self.vae.encode(video.permute(0, 2, 1, 3, 4).to(dtype)).latent_dist  # in: (B, 3, F, H, W)
             mean, std = dist.mean * cfg.scaling_factor, dist.std * cfg.scaling_factor
@@ -85,6 +118,15 @@ class ModelBundle:
         dist = self.vae.encode(video[:, 0].to(dtype)).latent_dist  # (B, C, H', W')
         shift = cfg.shift_factor or 0.0
         return ((dist.mean - shift) * cfg.scaling_factor).float(), (dist.std * cfg.scaling_factor).float()
+
+    def _wan_posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """AutoencoderKLWan on (B, 3, F, H, W): z = (posterior - latents_mean) / latents_std per channel, the
+        inverse of WanPipeline's decode (latents x std + mean), so a sample's std scales by 1 / latents_std."""
+        cfg = self.vae.config
+        dist = self.vae.encode(video).latent_dist  # (B, z_dim, F', H', W')
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=video.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=video.device).view(1, -1, 1, 1, 1)
+        return (dist.mean.float() - mean) / std, dist.std.float() / std
 
     @staticmethod
     def sample_posterior(mean: Tensor, std: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -99,16 +141,22 @@ class ModelBundle:
     # -- export ------------------------------------------------------------------------------------------------------
 
     def pipeline(self, transformer: nn.Module | None = None):
-        """A pipeline around (a copy of) the transformer: ours for CogVideoX, diffusers' for SD3."""
+        """A pipeline around (a copy of) the transformer: ours for CogVideoX and Wan, diffusers' for SD3."""
         transformer = self.transformer if transformer is None else transformer
         if self.family == "cogvideox":
             from dit.pipeline import CogVideoXDiTPipeline
 
             return CogVideoXDiTPipeline(tokenizer=self.tokenizers[0], text_encoder=self.text_encoders[0], vae=self.vae,
                                         transformer=transformer, scheduler=self.scheduler)
+        p = self.extra["pipe"]
+        if self.family == "wan":
+            from dit.pipeline_wan import WanDiTPipeline
+
+            return WanDiTPipeline(tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=self.vae,
+                                  scheduler=self.scheduler, transformer=transformer,
+                                  expand_timesteps=bool(p.config.expand_timesteps))
         from diffusers import StableDiffusion3Pipeline
 
-        p = self.extra["sd3_pipe"]
         return StableDiffusion3Pipeline(transformer=transformer, scheduler=self.scheduler, vae=self.vae,
                                         text_encoder=p.text_encoder, tokenizer=p.tokenizer,
                                         text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2,
@@ -120,7 +168,7 @@ def _scheduler(family: str, objective: ObjectiveConfig):
     from diffusers import CogVideoXDDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if objective.kind == "flow_matching" or (objective.kind == "relay" and objective.relay_path == "flow"):
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=objective.num_train_timesteps, shift=objective.shift)
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=objective.num_train_timesteps, shift=objective.flow_shift)
     return CogVideoXDDIMScheduler(num_train_timesteps=objective.num_train_timesteps,
                                   beta_schedule=objective.beta_schedule, beta_start=objective.beta_start,
                                   beta_end=objective.beta_end, prediction_type="v_prediction",
@@ -183,6 +231,8 @@ def _pretrained(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBundle:
     folder = Path(cfg.pretrained)
     index = json.loads((folder / "model_index.json").read_text())
     cls = index.get("_class_name")
+    if cfg.family == "wan":
+        return _pretrained_wan(folder, cls)
     transformer = dit.load_transformer(folder / "transformer")
     if cfg.family == "cogvideox":
         if cls != "CogVideoXPipeline":
@@ -206,7 +256,32 @@ def _pretrained(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBundle:
     encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
     tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3) if t is not None]
     return ModelBundle("sd3", transformer, pipe.vae.eval(), tokenizers, [e.eval() for e in encoders],
-                       _scheduler("sd3", objective), extra={"sd3_pipe": pipe})
+                       _scheduler("sd3", objective), extra={"pipe": pipe})
+
+
+def _pretrained_wan(folder: Path, cls: str | None) -> ModelBundle:
+    """A Wan 2.1 / 2.2 text-to-video folder through our WanDiTPipeline loader (allow-listed components, safetensors
+    only): our transformer, diffusers' AutoencoderKLWan, UMT5 and tokenizer, and the folder's own scheduler (its
+    flow shift is the training shift unless objective.shift says otherwise, see dit.train.config)."""
+    if cls != "WanPipeline":
+        raise ValueError(f"model.pretrained: {str(folder)!r} holds a {cls}; model.family 'wan' needs a WanPipeline "
+                         "folder (text to video)")
+    from dit.pipeline_wan import WanDiTPipeline
+
+    pipe = WanDiTPipeline.from_pretrained(folder)
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError(f"model.pretrained: {str(folder)!r} is a two-expert Wan 2.2 folder (transformer_2, "
+                         "boundary_ratio); training its experts is not supported yet: use a one-transformer folder")
+    if pipe.transformer.config.in_channels != pipe.vae.config.z_dim:
+        raise ValueError(f"model.pretrained: {str(folder)!r} has a transformer with in_channels "
+                         f"{pipe.transformer.config.in_channels} for a {pipe.vae.config.z_dim}-channel VAE (an "
+                         "image-to-video model); only text-to-video Wan folders are trained")
+    sched = pipe.scheduler.config
+    if not (sched.get("use_flow_sigmas") or "FlowMatch" in type(pipe.scheduler).__name__):
+        raise ValueError(f"model.pretrained: {str(folder / 'scheduler')!r} holds a {type(pipe.scheduler).__name__} "
+                         "without flow sigmas; Wan trains and samples on the flow-matching path")
+    return ModelBundle("wan", pipe.transformer, pipe.vae.eval(), [pipe.tokenizer], [pipe.text_encoder.eval()],
+                       pipe.scheduler, extra={"pipe": pipe, "folder": folder})
 
 
 def build_bundle(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBundle:

@@ -52,10 +52,10 @@ class Objective:
             idx = torch.randint(0, len(self.path), (b,), generator=generator)
             alpha, sigma, t = self.path.alphas[idx], self.path.sigmas[idx], self.path.model_t[idx]
         else:
-            # SD3: logit-normal t (Esser et al. 2024, sec. 3.1), then the static shift; the model sees sigma * T.
+            # SD3, Wan: logit-normal t (Esser et al. 2024, sec. 3.1), then the static shift; the model sees sigma * T.
             u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(b, generator=generator,
                                                                                      dtype=torch.float64))
-            sigma = samplers.flow_shift(u, self.cfg.shift)
+            sigma = samplers.flow_shift(u, self.cfg.flow_shift)
             alpha, t = 1 - sigma, sigma * self.cfg.num_train_timesteps
         noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype).to(z0.device)
         dev, dt = z0.device, z0.dtype

@@ -84,6 +84,7 @@ class Trainer:
         # per process); it and the EMA are saved by ckpt.save_checkpoint, not registered with accelerate (which
         # would pickle them).
         self.source = build_source(cfg.data, t.seed, fingerprint=cache_fingerprint(cfg) if cfg.data.cache else None)
+        self.bundle.check_sizes(self.source.buckets)
         self.stream = BatchStream(tuple(self.source.bucket_of), t.batch_size, self.layout.dp_rank,
                                   self.layout.dp_size, t.seed)
         self.step = 0
@@ -282,38 +283,46 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> None:
-        """Sample the validation prompts with the pipeline into OUTPUT/validation/step-N/ (main process)."""
-        acc, t = self.accelerator, self.cfg.train
+        """Sample into OUTPUT/validation/step-N/. The main process writes; with context parallelism the other ranks
+        of its group (data-parallel rank 0) sample alongside it, since their transformer's attention needs every
+        rank of the group (identical inputs and seeds on each)."""
+        acc = self.accelerator
         if self._sharded():
             acc.print("validation skipped under FSDP / ZeRO-3 (not supported yet)")
             return
-        folder = _subfolder(self.output, "validation", f"step-{self.step:08d}") if acc.is_main_process else None
-        if acc.is_main_process and self.trains_vae:
+        if self.layout.dp_rank == 0:
+            folder = _subfolder(self.output, "validation", f"step-{self.step:08d}") if acc.is_main_process else None
             with self._with_ema() as model:
-                self._validate_autoencoder(model.vae, folder)
-        elif acc.is_main_process and self.objective.needs_low_res:
-            with self._with_ema() as model:
-                model.eval()
-                self._validate_relay(model, folder)
-                model.train()
-        elif acc.is_main_process:
-            with self._with_ema() as model:
-                model.eval()
-                pipe = self.bundle.pipeline(model)
-                pipe.set_progress_bar_config(disable=True)
-                for i, prompt in enumerate(t.validation_prompts):
-                    g = torch.Generator().manual_seed(t.seed + i)
-                    kw = dict(prompt=prompt, num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
-                              generator=g, output_type="np")
-                    h, w, f = self.source.buckets[0]
-                    if self.bundle.family == "cogvideox":
-                        frames = pipe(height=h, width=w, num_frames=f, **kw).frames[0]
-                        _write_media(frames, folder / f"{i:02d}.mp4")
+                if self.trains_vae:  # no context parallelism here: the main process alone
+                    self._validate_autoencoder(model.vae, folder)
+                else:
+                    model.eval()
+                    if self.objective.needs_low_res:
+                        self._validate_relay(model, folder)
                     else:
-                        _write_media(pipe(height=h, width=w, **kw).images[:1], folder / f"{i:02d}.png")
-                atomic_write_text(folder / "prompts.json", json.dumps(t.validation_prompts, indent=2) + "\n")
-                model.train()
+                        self._validate_prompts(model, folder)
+                    model.train()
         acc.wait_for_everyone()
+
+    def _validate_prompts(self, model, folder: Path | None) -> None:
+        """The validation prompts through the family's pipeline: a video (mp4) or image (png) each, written into
+        `folder` (None: a context-parallel helper rank, which samples and writes nothing)."""
+        t = self.cfg.train
+        pipe = self.bundle.pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        h, w, f = self.source.buckets[0]
+        for i, prompt in enumerate(t.validation_prompts):
+            g = torch.Generator().manual_seed(t.seed + i)
+            kw = dict(prompt=prompt, num_inference_steps=t.validation_steps, guidance_scale=t.validation_guidance,
+                      generator=g, output_type="np")
+            if self.bundle.is_video:
+                media, name = pipe(height=h, width=w, num_frames=f, **kw).frames[0], f"{i:02d}.mp4"
+            else:
+                media, name = pipe(height=h, width=w, **kw).images[:1], f"{i:02d}.png"
+            if folder is not None:
+                _write_media(media, folder / name)
+        if folder is not None:
+            atomic_write_text(folder / "prompts.json", json.dumps(t.validation_prompts, indent=2) + "\n")
 
     def _validate_autoencoder(self, vae, folder: Path) -> None:
         """Reconstructions (posterior mean) of the first validation_items clips: input and output videos, and the
@@ -342,8 +351,9 @@ class Trainer:
             count += dist.mean.numel()
         return 1.0 / math.sqrt(total / count)
 
-    def _validate_relay(self, model, folder: Path) -> None:
-        """The relay stage on the first validation_items clips: input (upsampled low resolution), output, target."""
+    def _validate_relay(self, model, folder: Path | None) -> None:
+        """The relay stage on the first validation_items clips: input (upsampled low resolution), output, target
+        (written into `folder`; None: a context-parallel helper rank)."""
         import samplers
         t, b, device = self.cfg.train, self.bundle, self.accelerator.device
         n = min(t.validation_items, len(self.source))
@@ -366,10 +376,13 @@ class Trainer:
                 return b.forward(model, x, ts, cond).float()
 
             z = denoise(model_fn, z_low, spec, generator=g)
+            if folder is None:  # a context-parallel helper rank: it sampled with the main process
+                continue
             for name, clip in (("input", low), ("relay", self._decode(z)), ("target", video)):
                 frames = ((clip[0].permute(0, 2, 3, 1).float().cpu().numpy() + 1) / 2)  # (F, H, W, 3) in [0, 1]
                 _write_media(frames if ext == "mp4" else frames[:1], folder / f"{i:02d}-{name}.{ext}")
-        atomic_write_text(folder / "captions.json", json.dumps([it["caption"] for it in items], indent=2) + "\n")
+        if folder is not None:
+            atomic_write_text(folder / "captions.json", json.dumps([it["caption"] for it in items], indent=2) + "\n")
 
     @torch.no_grad()
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -412,12 +425,15 @@ class Trainer:
 
 
 def save_lora(transformer, family: str, folder: Path) -> None:
-    """The adapter as diffusers writes it: pytorch_lora_weights.safetensors, keys "transformer.<module>.lora_A.weight"."""
+    """The adapter as diffusers writes it: pytorch_lora_weights.safetensors, keys "transformer.<module>.lora_A.weight"
+    (the family's diffusers pipeline reads it with load_lora_weights)."""
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(transformer)
     if family == "cogvideox":
         from diffusers import CogVideoXPipeline as Pipe
+    elif family == "wan":
+        from diffusers import WanPipeline as Pipe
     else:
         from diffusers import StableDiffusion3Pipeline as Pipe
     Pipe.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
