@@ -19,7 +19,7 @@ from pathlib import Path
 from dit.outputs import atomic_write_json, remove_stale_temps, sidecar_path, write_video
 from dit.requests import (EMBEDDED_MODEL_NAME, FORMATS, Request, UsageError, check_seed,
                           check_writable, generation_defaults, model_folder, needs_generating, output_paths,
-                          read_prompts, relay_defaults)
+                          read_image, read_prompts, relay_defaults)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -109,10 +109,22 @@ def _requests(args: argparse.Namespace) -> tuple[list[Request], list[Path]]:
 
 def _video_family(folder: Path, args: argparse.Namespace) -> type:
     """The folder's video pipeline class (from model_index.json; an image pipeline folder is a one-line error),
-    and what the family cannot do refused before loading: --relay without a relay stage."""
+    and what the family cannot do refused before loading: --relay without a relay stage, --image on a text-only
+    folder, no --image on an image-to-video folder. With --image, the class that runs the folder from an image
+    (Wan 2.2 TI2V-5B's WanPipeline folder runs either way)."""
     from dit.pipeline import video_pipeline_class
 
     family = video_pipeline_class(folder)
+    if args.image is not None:
+        image_family = getattr(family, "image_family", None)
+        image_family = image_family(folder) if image_family is not None else None
+        if image_family is None:
+            raise UsageError(f"--image: {str(folder)!r} holds a text-to-video {family.diffusers_class_name}; --image "
+                             "takes image-to-video folders (WanImageToVideoPipeline, Wan 2.2 TI2V-5B)")
+        family = image_family
+    elif getattr(family, "requires_image", False):
+        raise UsageError(f"{str(folder)!r} holds an image-to-video {family.diffusers_class_name}: give its first "
+                         "frame with --image PATH (png, jpg or webp)")
     if args.relay and not family.supports_relay:
         raise UsageError(f"--relay {args.relay}: {family.diffusers_class_name} folders have no relay stage yet; drop "
                          "--relay (--height and --width set the size)")
@@ -127,7 +139,10 @@ def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], d
     defaults = {**family.generation_defaults, **generation_defaults(folder)}  # the folder's file wins
     settings = {"steps": args.steps or defaults.get("num_inference_steps", 50),
                 "guidance": args.guidance if args.guidance is not None else defaults.get("guidance_scale", 6.0),
-                "fps": args.fps or defaults.get("fps", 8), "relay_options": relay_defaults(defaults)}
+                "fps": args.fps or defaults.get("fps", 8), "relay_options": relay_defaults(defaults),
+                "family": family, "image": None, "image_sha256": None}
+    if args.image is not None:
+        settings["image"], settings["image_sha256"] = read_image(args.image)
     _check_guidance(settings["guidance"], args.cfg_degree)
     if args.solver is not None:
         import samplers
@@ -152,6 +167,7 @@ def _record(r: Request, args: argparse.Namespace, folder_name: str, settings: di
         **asdict(r), "model": folder_name, "steps": settings["steps"], "guidance": settings["guidance"],
         "fps": settings["fps"], "dtype": args.dtype, "solver": args.solver, "relay": args.relay,
         **(settings["relay_options"] if args.relay else {}),
+        **({"image": args.image, "image_sha256": settings["image_sha256"]} if args.image is not None else {}),
     }
 
 
@@ -177,20 +193,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         folder, todo, settings = _todo(args)
         if todo:
             _check_memory(folder, todo, args, settings["guidance"])
-            pipe = _load(folder, args, todo)
+            pipe = _load(folder, args, todo, settings["family"])
     if not todo:
         return 0
     steps, guidance = settings["steps"], settings["guidance"]
+    image = {"image": settings["image"]} if settings["image"] is not None else {}  # the first frame (I2V)
     with _parallel(pipe, args, settings["world"]) as writer:
         with _user_input():
             for r, _, _ in todo:  # every request against the loaded model before generating anything
-                pipe.check_request(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance)
+                pipe.check_request(r.prompt, r.negative_prompt, r.height, r.width, r.frames, steps, guidance, **image)
         for r, path, record in tqdm(todo, desc="prompts", unit="sample", disable=len(todo) == 1):
             start = time.perf_counter()
             _shard_vae_decode(pipe, r.frames)
             out = pipe(prompt=r.prompt, negative_prompt=r.negative_prompt, height=r.height, width=r.width,
                        num_frames=r.frames, num_inference_steps=steps, guidance_scale=guidance,
-                       generator=torch.Generator(device="cpu").manual_seed(r.seed), output_type="np",
+                       generator=torch.Generator(device="cpu").manual_seed(r.seed), output_type="np", **image,
                        **({"solver": args.solver} if args.solver else {}),
                        **({"relay": args.relay, **settings["relay_options"]} if args.relay else {}))
             if writer:  # under torchrun every rank computes the same frames; rank 0 writes them
@@ -211,17 +228,16 @@ def _todo(args: argparse.Namespace) -> tuple[Path, list, dict]:
     return folder, todo, settings
 
 
-def _load(folder: Path, args: argparse.Namespace, todo: list):
-    """Remove a killed run's temporaries beside the outputs, then load the pipeline onto its device."""
+def _load(folder: Path, args: argparse.Namespace, todo: list, family: type):
+    """Remove a killed run's temporaries beside the outputs, then load the folder as `family` (the pipeline
+    class _plan chose) onto its device."""
     import torch
-
-    from dit.pipeline import DiTPipeline
 
     for parent in {p.parent for _, p, _ in todo}:
         remove_stale_temps(parent)  # only those of dead processes
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
-    pipe = DiTPipeline.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+    pipe = family.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[args.dtype]))
     if args.offload:
         pipe.enable_model_cpu_offload(device=args.device)
     else:
@@ -387,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", help="prompts, one per line (.txt) or JSON objects per line (.jsonl) with "
                      "prompt and optional seed, negative_prompt, height, width, frames")
     gen.add_argument("--model", help="a diffusers-format video pipeline folder (CogVideoXPipeline, WanPipeline: Wan "
-                     "2.1, 2.2); default: the embedded demo")
+                     "2.1, 2.2; WanImageToVideoPipeline with --image); default: the embedded demo")
+    gen.add_argument("--image", metavar="PATH", help="the first frame for image-to-video (png, jpg or webp): "
+                     "WanImageToVideoPipeline folders (Wan 2.1 I2V, Wan 2.2 I2V A14B) and Wan 2.2 TI2V-5B")
     gen.add_argument("--negative-prompt", help="what to steer away from (with --guidance > 1)")
     gen.add_argument("--frames", type=_positive_int, help="frame count (1 + 4n for CogVideoX and Wan VAEs)")
     gen.add_argument("--height", type=_positive_int, help="height in pixels")

@@ -26,7 +26,7 @@ import samplers
 from dit.sampling import GuidanceScale, denoise
 from dit.convert import (LEGACY_CLASSES, TRANSFORMER_CLASSES, library_load, load_transformer, read_folder_json, resolve,
                          safetensors_files)
-from dit.text import ENCODER_CLASSES, TOKENIZER_CLASSES, load_encoder_folder, load_tokenizer_folder
+from dit.text import ENCODER_CLASSES, ENCODER_WEIGHTS, TOKENIZER_CLASSES, load_encoder_folder, load_tokenizer_folder
 from samplers.from_diffusers import SCHEDULER_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "dit.pipeline:SD3DiTPipeline",
     "CogView3PlusPipeline": "dit.pipeline:CogView3PlusDiTPipeline",
     "WanPipeline": "dit.pipeline_wan:WanDiTPipeline",
+    "WanImageToVideoPipeline": "dit.pipeline_wan_i2v:WanImageToVideoDiTPipeline",
 }
 
 
@@ -86,6 +87,10 @@ COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
     **{f"text_encoder{s}": _ENCODER_ENTRIES for s in ("", "_2", "_3")},
     **{f"tokenizer{s}": _TOKENIZER_ENTRIES for s in ("", "_2", "_3")},
     "scheduler": frozenset(("diffusers", name) for name in SCHEDULER_CLASSES),
+    # Wan 2.1 I2V's CLIP vision model and its preprocessing (transformers 5's CLIPImageProcessor is the torchvision
+    # backend, and falls back to CLIPImageProcessorPil where torchvision is not installed)
+    "image_encoder": frozenset(("transformers", name) for name in ("CLIPVisionModel", "CLIPVisionModelWithProjection")),
+    "image_processor": frozenset(("transformers", name) for name in ("CLIPImageProcessor", "CLIPImageProcessorPil")),
 }
 _VIDEO_VAES = ("AutoencoderKLCogVideoX", "CausalVAE3D")
 
@@ -155,6 +160,16 @@ def _load_component(folder: Path, name: str, library: str | None, class_name: st
         return load_tokenizer_folder(sub, getattr(transformers, class_name))
     if name.startswith("text_encoder"):
         return load_encoder_folder(sub, ENCODER_CLASSES[class_name], torch_dtype)
+    if name in ("image_encoder", "image_processor"):  # transformers' CLIP vision model (safetensors) / its config
+        import transformers
+
+        cls = getattr(transformers, class_name)
+        if name == "image_processor":
+            return library_load(sub, f"a {class_name}", lambda: cls.from_pretrained(sub, local_files_only=True))
+        safetensors_files(sub, *ENCODER_WEIGHTS)
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        return library_load(sub, f"a {class_name} image encoder", lambda: cls.from_pretrained(
+            sub, local_files_only=True, use_safetensors=True, **kwargs))
     import diffusers  # the image VAE (AutoencoderKL): diffusers' own, from safetensors only
 
     safetensors_files(sub)

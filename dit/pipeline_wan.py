@@ -5,11 +5,16 @@ with zeros) and VAE (AutoencoderKLWan until vae3d has Wan's); our transformer, a
 our samplers through the one denoising path. Wan 2.2 A14B has two experts: `transformer` for the high-noise
 steps (t >= boundary_ratio x T), `transformer_2` for the rest, with its own guidance scale. TI2V-5B
 (`expand_timesteps`) takes one timestep per latent token.
+
+`WanFamily` is what Wan's pipelines share (this one and dit.pipeline_wan_i2v's image-to-video): the command
+line's hooks, the request check, the expert switch and its guidance, the model function, the VAE's latent
+normalisation and the decode.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,18 +22,49 @@ import torch
 from diffusers import WanPipeline
 
 import samplers
-from dit.convert import read_folder_json
+from dit.convert import read_folder_json, resolve
 from dit.estimate import WAN_VAE_FACTORS
-from dit.pipeline import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes, _require_family
+from dit.pipeline import (PIPELINE_FAMILIES, DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes,
+                          _require_family)
 
 
-class WanDiTPipeline(DiTPipeline, WanPipeline):
-    """Text-to-video with Wan 2.1 (1.3B, 14B) and Wan 2.2 (A14B two-expert, TI2V-5B)."""
+@dataclass
+class ImageCondition:
+    """What image-to-video adds to the model's input, for a batch of B.
 
-    diffusers_class_name = "WanPipeline"
+    `latents`: without expand_timesteps (Wan 2.1 I2V, 2.2 A14B) the frame mask and the normalised VAE latents
+    of the conditioning video, (B, k + C, F', H', W'), concatenated after the noise's C channels; with it (TI2V-5B)
+    the normalised latents of the first frame, (B, C, 1, H', W'), which replace latent frame 0 wherever
+    `first_frame_mask` (1, 1, F', H', W') is 0 (that frame's tokens also get timestep 0). `embeds`: the CLIP image
+    tokens (B, M, E) (FLF2V: 2B, first and last frame adjacent) for a transformer with image cross-attention."""
+
+    latents: torch.Tensor
+    first_frame_mask: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+
+    def for_guidance(self) -> "ImageCondition":
+        """The condition for the doubled [uncond, cond] batch: both halves see the same image."""
+        return ImageCondition(torch.cat([self.latents, self.latents]), self.first_frame_mask,
+                              None if self.embeds is None else torch.cat([self.embeds, self.embeds]))
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformer's hidden_states for the latents x (B, C, F', H', W')."""
+        if self.first_frame_mask is None:
+            return torch.cat([x, self.latents], dim=1)
+        return self.hold_first_frame(x)
+
+    def hold_first_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """TI2V: latent frame 0 replaced by the image's (the same arithmetic as diffusers, so bit for bit)."""
+        return (1 - self.first_frame_mask) * self.latents + self.first_frame_mask * x
+
+
+class WanFamily:
+    """What Wan's pipelines share; mixed in before DiTPipeline and diffusers' pipeline class."""
+
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     supports_relay = False  # no relay stage yet: `dit generate --relay` is refused before loading
-    # diffusers' WanPipeline call defaults (fps: the 16 of diffusers' Wan examples); a folder's
+    requires_image = False  # the image-to-video family: `dit generate` needs --image
+    # diffusers' Wan pipelines' call defaults (fps: the 16 of diffusers' Wan examples); a folder's
     # generation_config.json overrides them.
     generation_defaults = {"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50,
                            "guidance_scale": 5.0, "fps": 16}
@@ -44,13 +80,13 @@ class WanDiTPipeline(DiTPipeline, WanPipeline):
 
         return wan_shape(Path(folder))
 
-    @staticmethod
-    def check_folder_request(folder: str | os.PathLike, height: int | None, width: int | None,
+    @classmethod
+    def check_folder_request(cls, folder: str | os.PathLike, height: int | None, width: int | None,
                              num_frames: int | None) -> tuple[int, int, int]:
-        """Fill the defaults (generation_defaults, diffusers' WanPipeline's) and check the sizes against the
+        """Fill the defaults (generation_defaults, diffusers' Wan pipelines') and check the sizes against the
         transformer's patch_size and the VAE's scale factors, from the folder's config files alone."""
         folder = Path(folder)
-        _require_family(folder, WanDiTPipeline)
+        cls._require_folder(folder)
         t = read_folder_json(folder / "transformer", what="a Wan transformer config",
                              required={"patch_size": tuple[int, int, int]})
         v = read_folder_json(folder / "vae", what="a Wan VAE config",
@@ -62,12 +98,26 @@ class WanDiTPipeline(DiTPipeline, WanPipeline):
                                  (folder / "vae" / "config.json", "scale_factor_temporal", temporal)):
             if value < 1:
                 raise ValueError(f"{str(file)!r}: {key} must be positive, got {value!r}")
-        defaults = WanDiTPipeline.generation_defaults
+        defaults = cls.generation_defaults
         height = defaults["height"] if height is None else height
         width = defaults["width"] if width is None else width
         num_frames = defaults["num_frames"] if num_frames is None else num_frames
         _check_sizes(height, width, num_frames, spatial * t["patch_size"][1], temporal)
         return height, width, num_frames
+
+    @classmethod
+    def _require_folder(cls, folder: Path) -> None:
+        """The folder is one this class runs (check_folder_request called on another family's folder)."""
+        _require_family(folder, cls)
+
+    @classmethod
+    def image_family(cls, folder: str | os.PathLike) -> type | None:
+        """The pipeline class that runs this folder from an image (`dit generate --image`); None for a text-only
+        folder. Wan 2.2 TI2V-5B's WanPipeline folder runs either way, as diffusers' WanImageToVideoPipeline
+        loads it too."""
+        index = read_folder_json(folder, "model_index.json", what="a diffusers pipeline folder",
+                                 optional={"expand_timesteps": bool})
+        return resolve(PIPELINE_FAMILIES["WanImageToVideoPipeline"]) if index.get("expand_timesteps") else None
 
     def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
                       num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None = None,
@@ -93,6 +143,101 @@ class WanDiTPipeline(DiTPipeline, WanPipeline):
         bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+
+    # -- the steps of a call -----------------------------------------------------------------------------------------
+
+    def _prompt_state(self, prompt, negative_prompt, do_cfg: bool, num_videos_per_prompt: int,
+                      max_sequence_length: int) -> dict:
+        """diffusers' prompt embeddings in the first expert's dtype: the state callbacks read and may replace."""
+        dtype = self.denoisers()[0].dtype
+        pe, npe = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
+                                     num_videos_per_prompt=num_videos_per_prompt,
+                                     max_sequence_length=max_sequence_length, device=self._execution_device)
+        return {"prompt_embeds": pe.to(dtype), "negative_prompt_embeds": None if npe is None else npe.to(dtype)}
+
+    def _denoise(self, state: dict, latents: torch.Tensor, spec: samplers.SamplerSpec, *, guidance_scale: float,
+                 guidance_scale_2: float | None, attention_kwargs: dict | None, callback_on_step_end: Callable | None,
+                 tensor_inputs, solver: str | None, generator, image: ImageCondition | None = None) -> torch.Tensor:
+        """The one denoising path (DiTPipeline._sample) with the experts, their guidance and the image."""
+        do_cfg = guidance_scale > 1.0
+        return self._sample(self._model_fn(state, do_cfg, attention_kwargs, image), latents, spec,
+                            guidance_scale=self._guidance(guidance_scale, guidance_scale_2),
+                            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, state=state,
+                            solver=solver, generator=generator)
+
+    def _boundary(self) -> float | None:
+        """The timestep from which the high-noise expert (`transformer`) runs; None with one expert."""
+        ratio = self.config.boundary_ratio
+        return None if ratio is None else ratio * self.scheduler.config.num_train_timesteps
+
+    def _guidance(self, guidance_scale: float, guidance_scale_2: float | None) -> float | Callable:
+        """The constant scale, or with two experts a scale per timestep (the low-noise expert's own)."""
+        boundary = self._boundary()
+        if boundary is None or guidance_scale <= 1.0:
+            return guidance_scale
+        low = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        return lambda t: guidance_scale if float(t) >= boundary else low
+
+    def _model_fn(self, state: dict, do_cfg: bool, attention_kwargs: dict | None,
+                  image: ImageCondition | None = None) -> Callable:
+        """The expert for t as model_fn(x, t) on latents (B, C, F', H', W'); conditioning [uncond, cond] under
+        guidance. expand_timesteps (TI2V) gives every latent token the step's timestep, as diffusers does, but 0
+        to the tokens of a first frame held at the image's latents."""
+        boundary = self._boundary()
+        image = image.for_guidance() if image is not None and do_cfg else image
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model = self.transformer if boundary is None or float(t) >= boundary else self.transformer_2
+            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
+                       else state["prompt_embeds"])
+            p = model.config.patch_size
+            t = t.to(device=x.device, dtype=torch.float32)
+            if self.config.expand_timesteps:  # (B, F' x H'/p x W'/p): one timestep per token
+                keep = (image.first_frame_mask[0, 0] if image is not None and image.first_frame_mask is not None
+                        else torch.ones(x.shape[2:], device=x.device))  # (F', H', W')
+                timestep = (keep[::p[0], ::p[1], ::p[2]] * t).flatten().unsqueeze(0).expand(x.shape[0], -1)
+            else:
+                timestep = t.reshape(1).expand(x.shape[0])
+            hidden = x if image is None else image.model_input(x)
+            return model(hidden_states=hidden.to(model.dtype), timestep=timestep, encoder_hidden_states=context,
+                         encoder_hidden_states_image=None if image is None else image.embeds,
+                         attention_kwargs=attention_kwargs, return_dict=False)[0].float()
+
+        return model_fn
+
+    # -- the VAE's latent space ----------------------------------------------------------------------------------
+
+    def _latent_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latents_mean and latents_std, each (1, C, 1, 1, 1)."""
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+        return mean.to(device, dtype), std.to(device, dtype)
+
+    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the transformer's latent space: (z - mean) / std (as diffusers: times 1 / std, fp32)."""
+        cfg = self.vae.config
+        mean, _ = self._latent_stats(z.device, torch.float32)
+        inv_std = (1.0 / torch.tensor(cfg.latents_std)).view(1, cfg.z_dim, 1, 1, 1).to(z.device, torch.float32)
+        return (z.float() - mean) * inv_std
+
+    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:
+        """Latents (B, C, F', H', W') -> frames: undo the VAE's per-channel normalisation, decode, post-process."""
+        if output_type == "latent":
+            video = latents
+        else:
+            mean, std = self._latent_stats(latents.device, self.vae.dtype)
+            z = latents.to(self.vae.dtype) * std + mean
+            video = self.video_processor.postprocess_video(self.vae.decode(z, return_dict=False)[0],
+                                                           output_type=output_type)
+        self.maybe_free_model_hooks()
+        return DiTPipelineOutput(frames=video) if return_dict else (video,)
+
+
+class WanDiTPipeline(WanFamily, DiTPipeline, WanPipeline):
+    """Text-to-video with Wan 2.1 (1.3B, 14B) and Wan 2.2 (A14B two-expert, TI2V-5B)."""
+
+    diffusers_class_name = "WanPipeline"
 
     @torch.no_grad()
     def __call__(
@@ -121,67 +266,13 @@ class WanDiTPipeline(DiTPipeline, WanPipeline):
                            guidance_scale_2, callback_on_step_end_tensor_inputs, output_type)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
-        do_cfg = guidance_scale > 1.0
-        model = self.denoisers()[0]
-        pe, npe = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
-                                     num_videos_per_prompt=num_videos_per_prompt,
-                                     max_sequence_length=max_sequence_length, device=self._execution_device)
-        state = {"prompt_embeds": pe.to(model.dtype), "negative_prompt_embeds": None if npe is None else
-                 npe.to(model.dtype)}
-        latents = self.prepare_latents(pe.shape[0], model.config.in_channels, height, width, num_frames,
-                                       torch.float32, self._execution_device, generator, latents)  # (B, C, F', H', W')
-        latents = self._sample(self._model_fn(state, do_cfg, attention_kwargs), latents, spec,
-                               guidance_scale=self._guidance(guidance_scale, guidance_scale_2),
-                               callback_on_step_end=callback_on_step_end,
-                               tensor_inputs=callback_on_step_end_tensor_inputs, state=state, solver=solver,
-                               generator=generator)
+        state = self._prompt_state(prompt, negative_prompt, guidance_scale > 1.0, num_videos_per_prompt,
+                                   max_sequence_length)
+        latents = self.prepare_latents(state["prompt_embeds"].shape[0], self.denoisers()[0].config.in_channels,
+                                       height, width, num_frames, torch.float32, self._execution_device, generator,
+                                       latents)  # (B, C, F', H', W')
+        latents = self._denoise(state, latents, spec, guidance_scale=guidance_scale,
+                                guidance_scale_2=guidance_scale_2, attention_kwargs=attention_kwargs,
+                                callback_on_step_end=callback_on_step_end,
+                                tensor_inputs=callback_on_step_end_tensor_inputs, solver=solver, generator=generator)
         return self._finish(latents, output_type, return_dict)
-
-    def _boundary(self) -> float | None:
-        """The timestep from which the high-noise expert (`transformer`) runs; None with one expert."""
-        ratio = self.config.boundary_ratio
-        return None if ratio is None else ratio * self.scheduler.config.num_train_timesteps
-
-    def _guidance(self, guidance_scale: float, guidance_scale_2: float | None) -> float | Callable:
-        """The constant scale, or with two experts a scale per timestep (the low-noise expert's own)."""
-        boundary = self._boundary()
-        if boundary is None or guidance_scale <= 1.0:
-            return guidance_scale
-        low = guidance_scale if guidance_scale_2 is None else guidance_scale_2
-        return lambda t: guidance_scale if float(t) >= boundary else low
-
-    def _model_fn(self, state: dict, do_cfg: bool, attention_kwargs: dict | None) -> Callable:
-        """The expert for t as model_fn(x, t) on latents (B, C, F', H', W'); conditioning [uncond, cond] under
-        guidance. TI2V (expand_timesteps) gives every latent token the step's timestep, as diffusers does."""
-        boundary = self._boundary()
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model = self.transformer if boundary is None or float(t) >= boundary else self.transformer_2
-            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
-                       else state["prompt_embeds"])
-            p = model.config.patch_size
-            t = t.to(device=x.device, dtype=torch.float32)
-            if self.config.expand_timesteps:  # (B, F' x H'/p x W'/p): one timestep per token
-                tokens = x.shape[2] // p[0] * (x.shape[3] // p[1]) * (x.shape[4] // p[2])
-                timestep = t.reshape(1, 1).expand(x.shape[0], tokens)
-            else:
-                timestep = t.reshape(1).expand(x.shape[0])
-            return model(hidden_states=x.to(model.dtype), timestep=timestep, encoder_hidden_states=context,
-                         attention_kwargs=attention_kwargs, return_dict=False)[0].float()
-
-        return model_fn
-
-    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        """Latents (B, C, F', H', W') -> frames: undo the VAE's per-channel normalisation, decode, post-process."""
-        if output_type == "latent":
-            video = latents
-        else:
-            cfg = self.vae.config
-            mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
-            std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
-            z = latents.to(self.vae.dtype) * std.to(latents.device, self.vae.dtype) + mean.to(latents.device,
-                                                                                               self.vae.dtype)
-            video = self.video_processor.postprocess_video(self.vae.decode(z, return_dict=False)[0],
-                                                           output_type=output_type)
-        self.maybe_free_model_hooks()
-        return DiTPipelineOutput(frames=video) if return_dict else (video,)

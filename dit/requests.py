@@ -146,7 +146,7 @@ def check_writable(folder: Path) -> None:
 def _settings_differ(old: dict, new: dict) -> list[str]:
     """The request settings (not RUN_KEYS) whose values differ between a sidecar and the planned record."""
     def norm(key: str, value: Any) -> Any:
-        return os.path.normpath(value) if key == "model" and isinstance(value, str) else value
+        return os.path.normpath(value) if key in ("model", "image") and isinstance(value, str) else value
 
     keys = (set(old) | set(new)) - RUN_KEYS
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(keys) if norm(k, old.get(k)) != norm(k, new.get(k))]
@@ -191,6 +191,34 @@ def model_folder(model: str | None) -> Path:
     if not (folder / "model_index.json").is_file():
         raise UsageError(f"model folder {model!r} has no model_index.json (expected a diffusers pipeline folder)")
     return folder
+
+
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # what PIL finds in the file -> what we call it
+
+
+def read_image(path: str) -> tuple[Any, str]:
+    """--image: the picture (RGB, its EXIF orientation applied, as diffusers' load_image reads it) and the sha256 of
+    the file (the sidecar records it, so a different picture at the same path is not taken as done)."""
+    import hashlib
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--image {path!r} does not exist" if not os.path.lexists(file)
+                         else f"--image {path!r} is not a file")
+    accepted = ", ".join(IMAGE_FORMATS.values())
+    try:
+        with Image.open(file) as img:
+            found = img.format
+            # reading the pixels here: a truncated file fails now, not after the weights load
+            picture = ImageOps.exif_transpose(img).convert("RGB") if found in IMAGE_FORMATS else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--image {path!r} cannot be read as an image ({accepted}): {reason}") from None
+    if picture is None:
+        raise UsageError(f"--image {path!r} is a {found} image; accepted: {accepted}")
+    return picture, hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 RELAY_DEFAULT_KEYS = ("relay_steps", "relay_start", "relay_upsample", "relay_noise_alpha")

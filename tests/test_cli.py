@@ -190,4 +190,4 @@ def test_an_image_pipeline_folder_is_a_clear_error_before_loading(tmp_path, caps
     code = main(["generate", "a cat", "--model", str(tmp_path / "sd3"), "-o", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and ("holds a StableDiffusion3Pipeline; `dit generate` takes video pipeline folders "
-                          "(CogVideoXPipeline, WanPipeline)") in err
+                          "(CogVideoXPipeline, WanPipeline, WanImageToVideoPipeline)") in err

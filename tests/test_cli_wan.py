@@ -142,3 +142,94 @@ def test_generate_under_torchrun_with_context_parallelism_equals_single_process(
     assert a.shape == b.shape == (9, 32, 32, 3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same frames (8-bit rounding)
     assert json.loads((tmp_path / "par.png.json").read_text())["context_parallel"] == [1, 2]
+
+
+# -- image-to-video (--image) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+    """{"wan21-i2v": CLIP image encoder + image cross-attention, "wan22-i2v": two experts, no encoder} and a
+    first frame written as PNG."""
+    from tests.tiny import tiny_picture, tiny_wan_i2v_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-wan-i2v")
+    tiny_wan_i2v_pipeline(root / "wan21-i2v")
+    tiny_wan_i2v_pipeline(root / "wan22-i2v", two_experts=True)
+    tiny_picture(0).save(root / "first.png")
+    return {"wan21-i2v": root / "wan21-i2v", "wan22-i2v": root / "wan22-i2v", "image": root / "first.png"}
+
+
+@pytest.mark.parametrize("name,size", [("wan21-i2v", 32), ("wan22-i2v", 32), ("ti2v", 64)])
+def test_the_cli_writes_the_i2v_pipelines_frames_and_a_rerun_skips(wan, i2v, tmp_path, capsys, monkeypatch, name,
+                                                                    size):
+    import hashlib
+
+    import PIL.Image
+
+    from dit.pipeline_wan_i2v import WanImageToVideoDiTPipeline
+
+    folder = i2v.get(name) or wan[name]  # TI2V-5B's WanPipeline folder runs from an image too
+    out = tmp_path / "clip.png"
+    argv = ["generate", PROMPT, "-o", str(out), "--model", str(folder), "--seed", "3", *ARGS,
+            "--height", str(size), "--width", str(size), "--image", str(i2v["image"])]
+    assert main(argv) == 0
+    pipe = WanImageToVideoDiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    direct = pipe(image=PIL.Image.open(i2v["image"]).convert("RGB"), prompt=PROMPT, negative_prompt=NEGATIVE,
+                  height=size, width=size, num_frames=9, num_inference_steps=4, guidance_scale=4.0,
+                  generator=torch.Generator(device="cpu").manual_seed(3), output_type="np").frames[0]
+    written = _read_png_folder(out)
+    assert written.shape == direct.shape == (9, size, size, 3)
+    assert np.abs(written.astype(np.float64) - direct * 255).max() <= 1  # equal within 8-bit rounding
+    side = json.loads((tmp_path / "clip.png.json").read_text())
+    assert side["image"] == str(i2v["image"])
+    assert side["image_sha256"] == hashlib.sha256(i2v["image"].read_bytes()).hexdigest()
+    capsys.readouterr()
+    monkeypatch.setattr(dit.pipeline.DiTPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    assert main(argv) == 0  # the same request again: skipped from its sidecar, no weights loaded
+    assert "skip (exists)" in capsys.readouterr().err
+    other = tmp_path / "other.png"  # the same picture at another path: another request
+    shutil.copy(i2v["image"], other)
+    assert main([*argv[:-1], str(other)]) == 2
+    [line] = _error_lines(capsys)
+    assert "exists with other settings (image " in line and "other.png" in line
+
+
+@pytest.mark.parametrize("name,image,match", [
+    ("wan21-i2v", None, "holds an image-to-video WanImageToVideoPipeline: give its first frame with --image PATH"),
+    ("wan21", "first.png", "--image: "),  # a text-only folder
+    ("wan21-i2v", "missing.png", "--image '{dir}/missing.png' does not exist"),
+    ("wan21-i2v", "notes.png", "cannot be read as an image (png, jpg, webp)"),
+    ("wan22-i2v", "clip.gif", "is a GIF image; accepted: png, jpg, webp"),
+])
+def test_bad_image_requests_are_one_line_before_any_weights_load(wan, i2v, tmp_path, capsys, no_load, name, image,
+                                                                  match):
+    from tests.tiny import tiny_picture
+
+    shutil.copy(i2v["image"], tmp_path / "first.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    tiny_picture(1).save(tmp_path / "clip.gif")
+    folder = i2v.get(name) or wan[name]
+    out = tmp_path / "new" / "x.mp4"
+    argv = ["generate", PROMPT, "-o", str(out), "--model", str(folder), *ARGS]
+    assert main(argv + ([] if image is None else ["--image", str(tmp_path / image)])) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("dit: error: ") and match.format(dir=tmp_path) in lines[0], lines
+    if name == "wan21":
+        assert "text-to-video WanPipeline" in lines[0]
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp"])
+def test_image_formats_read_as_diffusers_load_image(tmp_path, ext):
+    from diffusers.utils import load_image
+
+    from dit.requests import read_image
+    from tests.tiny import tiny_picture
+
+    path = tmp_path / f"first.{ext}"
+    tiny_picture(2).save(path)
+    picture, digest = read_image(str(path))
+    assert picture.mode == "RGB" and len(digest) == 64
+    assert np.array_equal(np.asarray(picture), np.asarray(load_image(str(path))))

@@ -152,15 +152,79 @@ def tiny_umt5(d_model: int = 32, vocab: int = len(WORDS) + 3):
                                        relative_attention_num_buckets=8)).eval()
 
 
-def tiny_wan_transformer(seed: int, *, channels: int = 16, text_dim: int = 32):
+def tiny_wan_transformer(seed: int, *, channels: int = 16, text_dim: int = 32, in_channels: int | None = None,
+                         image_dim: int | None = None, pos_embed_seq_len: int | None = None):
+    """in_channels: I2V's noise + mask + image latents (default: channels); image_dim: CLIP image cross-attention
+    (Wan 2.1 I2V), its added_kv_proj_dim the model width 24; pos_embed_seq_len: FLF2V's two images' tokens."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                  in_channels=channels, out_channels=channels, text_dim=text_dim, freq_dim=32,
-                                  ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                  rope_max_seq_len=32)
+                                  in_channels=in_channels or channels, out_channels=channels, text_dim=text_dim,
+                                  freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
+                                  added_kv_proj_dim=None if image_dim is None else 24,
+                                  pos_embed_seq_len=pos_embed_seq_len)
     return randomize(model, seed, 0.1).eval()
+
+
+def tiny_picture(seed: int, size: tuple[int, int] = (40, 48)):
+    """A seeded RGB noise picture (PIL), height x width `size`: another size than the tiny videos (pipelines
+    resize it)."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+CLIP_TOKENS = 17  # the tiny CLIP vision model's tokens: (32 / 8)^2 patches + the class token
+
+
+def tiny_clip_vision(seed: int = 4, *, projection: bool = True):
+    """A tiny CLIP vision model (hidden 16, 32x32 images in 8x8 patches), seeded: CLIPVisionModelWithProjection
+    as Wan 2.1 I2V folders name it, or CLIPVisionModel as diffusers' example loads it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=3,
+                           image_size=32, patch_size=8, projection_dim=16)
+    model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(cfg)
+    return randomize(model, seed, 0.1).eval()
+
+
+def tiny_clip_image_processor():
+    """CLIP's preprocessing at 32x32 (resize the short side, centre crop, CLIP's mean and std); the PIL backend, as
+    transformers 5's CLIPImageProcessor needs torchvision."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def tiny_wan_i2v_pipeline(folder: Path, *, two_experts: bool = False, flf2v: bool = False, projection: bool = True,
+                          scheduler: str = "unipc"):
+    """Save a tiny diffusers WanImageToVideoPipeline into `folder` and return it: Wan 2.1 I2V (a tiny CLIP image
+    encoder, image cross-attention; flf2v: first-last-frame positions) or Wan 2.2 I2V A14B-shaped (two experts,
+    boundary_ratio 0.875, no image encoder). The transformers take 16 + 4 + 16 channels: noise, mask, image."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    from diffusers import WanImageToVideoPipeline
+
+    torch.manual_seed(0)
+    z = 16
+    vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    sched = (UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+             if scheduler == "unipc" else FlowMatchEulerDiscreteScheduler(shift=7.0))
+    image = None if two_experts else dict(image_dim=16, pos_embed_seq_len=2 * CLIP_TOKENS if flf2v else None)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tiny_tokenizer(16), text_encoder=tiny_umt5(), vae=vae.eval(), scheduler=sched,
+        image_encoder=None if two_experts else tiny_clip_vision(projection=projection),
+        image_processor=None if two_experts else tiny_clip_image_processor(),
+        transformer=tiny_wan_transformer(2, channels=z, in_channels=2 * z + 4, **(image or {})),
+        transformer_2=tiny_wan_transformer(3, channels=z, in_channels=2 * z + 4) if two_experts else None,
+        boundary_ratio=0.875 if two_experts else None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
 
 
 def tiny_wan_pipeline(folder: Path, *, two_experts: bool = False, ti2v: bool = False, scheduler: str = "unipc"):
