@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, not an installed copy
+
+from bench.common import (forward_peak_rss, interleaved_times, max_abs_diff, randomize_weights_,  # noqa: E402
+                          run_json, time_summary)
 
 CONFIG = dict(num_attention_heads=8, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
               text_embed_dim=128, num_layers=4, sample_width=44, sample_height=30, sample_frames=49,
@@ -43,11 +43,7 @@ def build_weights(folder: str) -> None:
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
-    model = CogVideoXTransformer3DModel(**CONFIG)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model = randomize_weights_(CogVideoXTransformer3DModel(**CONFIG), seed=0, std=0.02)
     model.save_pretrained(folder)
 
 
@@ -78,58 +74,27 @@ def inputs(dtype: torch.dtype) -> dict:
     )
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(impl: str, folder: str, dtype_name: str, threads: int) -> None:
     """Runs in a fresh process: peak resident memory of one forward, printed as JSON."""
     torch.set_num_threads(threads)
     dtype = DTYPES[dtype_name]
     model, kw = load(impl, folder, dtype), inputs(dtype)
     with torch.inference_mode():
-        before = _status_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
-        model(**kw)
-        peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_rss_mb": round(peak / 1024, 1), "forward_extra_mb": round((peak - before) / 1024, 1)}))
+        print(json.dumps(forward_peak_rss(lambda: model(**kw))))
 
 
 def measure_memory(impl: str, folder: str, dtype_name: str, threads: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", impl, folder, dtype_name, "--threads", str(threads)],
-        check=True, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, __file__, "--memory-child", impl, folder, dtype_name, "--threads", str(threads)])
 
 
 def measure_time(folder: str, dtype: torch.dtype, warmup: int, reps: int) -> dict:
     models = {impl: load(impl, folder, dtype) for impl in ("diffusers", "ours")}
     kw = inputs(dtype)
-    times: dict[str, list[float]] = {impl: [] for impl in models}
     with torch.inference_mode():
-        outs = {impl: m(**kw)[0].float() for impl, m in models.items()}
-        for _ in range(warmup - 1):
-            for m in models.values():
-                m(**kw)
-        for _ in range(reps):
-            for impl, m in models.items():
-                t0 = time.perf_counter()
-                m(**kw)
-                times[impl].append(time.perf_counter() - t0)
-    diff = (outs["ours"] - outs["diffusers"]).abs().max() / outs["diffusers"].abs().max()
-    return {
-        **{f"{impl}_median_s": round(statistics.median(t), 3) for impl, t in times.items()},
-        **{f"{impl}_min_s": round(min(t), 3) for impl, t in times.items()},
-        # Rep by rep the two ran back to back, so their ratio cancels most of the load from other processes.
-        "paired_ratio_ours_over_diffusers_median": round(
-            statistics.median(o / d for o, d in zip(times["ours"], times["diffusers"])), 3),
-        **{f"{impl}_all_s": [round(x, 3) for x in t] for impl, t in times.items()},
-        "max_abs_diff_rel_to_scale": float(f"{diff.item():.3g}"),
-    }
+        outs, times = interleaved_times({impl: (lambda m=m: m(**kw)[0]) for impl, m in models.items()},
+                                        warmup=warmup, reps=reps)
+    _, rel = max_abs_diff(outs["ours"], outs["diffusers"])
+    return {**time_summary(times), "max_abs_diff_rel_to_scale": float(f"{rel:.3g}")}
 
 
 def main() -> None:
