@@ -116,7 +116,18 @@ def load_transformer(
     if hasattr(model, "init_buffers"):
         model.init_buffers()
     if torch_dtype is not None and any(p.dtype != torch_dtype for p in model.parameters()):
-        model = model.to(torch_dtype)
+        model = cast_keeping_fp32(model, torch_dtype)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def cast_keeping_fp32(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), except the tensors diffusers keeps in fp32 for the class (`_keep_in_fp32_modules`: a
+    parameter or buffer whose dotted name contains one of those module names), as its from_pretrained does."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    model = model.to(dtype)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and any(k in name.split(".") for k in keep):
+            tensor.data = tensor.data.float()
+    return model

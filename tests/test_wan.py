@@ -376,3 +376,18 @@ def test_context_parallel_equals_one_process():
     """Ulysses, ring (with gradient checkpointing) and CFG parallel on 2 ranks: outputs, input and weight
     gradients equal one process (I2V's image keys and TI2V's per-token timesteps included)."""
     run_distributed(_check_parallel, 2)
+
+
+def test_load_transformer_keeps_diffusers_fp32_modules_in_bf16(tmp_path):
+    """dit.load_transformer(torch_dtype=bf16) keeps the same tensors in fp32 as diffusers' from_pretrained."""
+    import dit
+    from diffusers import WanTransformer3DModel as Ref
+
+    from tests.tiny import tiny_wan_transformer
+
+    tiny_wan_transformer(0).save_pretrained(tmp_path)
+    ours = dit.load_transformer(tmp_path, torch_dtype=torch.bfloat16)
+    ref = Ref.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    ours_dtypes = {k: v.dtype for k, v in ours.state_dict().items()}
+    ref_dtypes = {k: v.dtype for k, v in ref.state_dict().items()}
+    assert ours_dtypes == ref_dtypes and torch.float32 in set(ref_dtypes.values())
