@@ -13,24 +13,11 @@ import torch
 import yaml
 
 from dit.train.config import load_config
+from tests._accelerate import fresh_accelerate_state, reset_accelerate  # noqa: F401  (autouse here)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps process-wide state (mixed precision, device); each in-process run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread beats two on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

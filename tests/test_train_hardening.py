@@ -19,26 +19,10 @@ import pytest
 import torch
 
 from dit.train.config import load_config, parse_config
+from tests._accelerate import fresh_accelerate_state, reset_accelerate  # noqa: F401  (autouse here)
 
 ROOT = Path(__file__).resolve().parent.parent
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux: prctl, /proc/self/fd")
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared machine
-    yield
-    torch.set_num_threads(threads)
-    _reset_accelerate()
 
 
 def _tiny(out: Path, steps: int):
@@ -53,7 +37,7 @@ def _run(out: Path, steps: int) -> Path:
     try:
         return Trainer(_tiny(out, steps)).run()
     finally:
-        _reset_accelerate()
+        reset_accelerate()
 
 
 def _steps(out: Path) -> list[int]:

@@ -15,28 +15,11 @@ import pytest
 import torch
 
 from dit.train.config import load_config
+from tests._accelerate import fresh_accelerate_state, reset_accelerate  # noqa: F401  (autouse here)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "train" / "wan-1.3b-lora.yaml"
 PROMPT = "a red circle moving right"
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps process-wide state (mixed precision, device); each in-process run starts clean."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread beats two on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-    _reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +47,7 @@ def _run(overrides: dict):
 
     trainer = Trainer(load_config(CONFIG, overrides=overrides))
     final = trainer.run()
-    _reset_accelerate()
+    reset_accelerate()
     return trainer, final
 
 
