@@ -27,7 +27,6 @@ _BLOCK_ACTIVATIONS = 16
 _VAE_MAPS = 48
 # Per output pixel and frame: the decoded video in fp32, the post-processed float copy and the written uint8s.
 _OUTPUT_BYTES = 3 * (4 + 4 + 1)
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # Every transformer the pipeline loads counts (Wan 2.2 A14B's two experts, CogVideoX's relay stage).
 WEIGHT_FOLDERS = ("transformer", "transformer_2", "relay_transformer", "vae", "text_encoder")
 WAN_TEXT_TOKENS = 512  # WanPipeline's max_sequence_length

@@ -294,3 +294,14 @@ def test_cuda_without_cuda_is_one_line(model, tmp_path, capsys, no_load, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _gen(model, tmp_path / "x.mp4", "--device", "cuda") == 2
     assert "CUDA is not available here" in _error(capsys)
+
+
+def test_non_finite_frames_are_not_written(tmp_path):
+    """The second check, on the decoded frames (a VAE that overflows after finite latents)."""
+    import numpy as np
+
+    frames = np.zeros((3, 8, 8, 3), dtype=np.float32)
+    frames[1, 2, 2, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="not finite"):
+        dit.cli._write_output(frames, tmp_path / "out" / "clip.mp4", {"prompt": "x"}, 8, False)
+    assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dit.sampling import denoise
-from dit.outputs import atomic_write, atomic_write_text, open_append_nofollow, write_video
+from dit.outputs import atomic_write, atomic_write_text, check_not_symlink, open_append_nofollow, write_video
 from dit.train import checkpoint as ckpt
 from dit.train.config import TrainConfig
 from dit.train.data import BatchStream, build_source, cache_fingerprint, make_loader
@@ -192,7 +192,7 @@ class Trainer:
         ckpt.remove_leftovers(self.output)
         atomic_write_text(self.output / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         for name in ("metrics.jsonl", "final"):
-            _refuse_link(self.output / name)
+            check_not_symlink(self.output / name, hint=_LINK_HINT)
         if self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -451,10 +451,7 @@ def _write_media(frames, path: Path) -> None:
         write_video(frames, path, fps=8)
 
 
-def _refuse_link(path: Path) -> None:
-    if os.path.islink(path):
-        raise ValueError(f"{path} is a symbolic link (to {os.readlink(path)!r}); dit train does not write through "
-                         f"links in output_dir: remove it")
+_LINK_HINT = "; dit train does not write through links in output_dir: remove it"
 
 
 def _subfolder(root: Path, *names: str) -> Path:
@@ -462,7 +459,7 @@ def _subfolder(root: Path, *names: str) -> Path:
     path = root
     for name in names:
         path = path / name
-        _refuse_link(path)
+        check_not_symlink(path, hint=_LINK_HINT)
         path.mkdir(exist_ok=True)
     return path
 
