@@ -17,7 +17,7 @@ import dit.estimate
 import dit.pipeline
 from dit import DiTPipeline
 from dit.cli import _plan, build_parser, main
-from dit.pipeline_wan import WanDiTPipeline
+from dit.pipeline.wan import WanDiTPipeline
 from tests.tiny import tiny_wan_pipeline
 
 PROMPT, NEGATIVE = "a red circle moving right", "blue"
@@ -167,7 +167,7 @@ def test_the_cli_writes_the_i2v_pipelines_frames_and_a_rerun_skips(wan, i2v, tmp
 
     import PIL.Image
 
-    from dit.pipeline_wan_i2v import WanImageToVideoDiTPipeline
+    from dit.pipeline.wan_i2v import WanImageToVideoDiTPipeline
 
     folder = i2v.get(name) or wan[name]  # TI2V-5B's WanPipeline folder runs from an image too
     out = tmp_path / "clip.png"

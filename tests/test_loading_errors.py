@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import vae3d
 from dit.convert import load_transformer
-from dit.pipeline import COMPONENT_CLASSES, CogVideoXDiTPipeline, DiTPipeline, _check_index
+from dit.pipeline import COMPONENT_CLASSES, CogVideoXDiTPipeline, DiTPipeline
+from dit.pipeline.loading import _check_index
 from tiny import tiny_cogvideox_pipeline, tiny_cogview3plus_pipeline
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -63,7 +64,7 @@ def test_model_index_never_imports_the_folders_code(pipe_dir, tmp_path, monkeypa
     monkeypatch.delitem(sys.modules, "payload", raising=False)
     _edit_json(pipe_dir / "model_index.json", **{entry: spec})
     loaded = []
-    monkeypatch.setattr("dit.pipeline.load_transformer", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("dit.pipeline.loading.load_transformer", lambda *a, **k: loaded.append(a))
     accepted = "accepted for" if entry in COMPONENT_CLASSES else "accepted entries: transformer"
     for load in (DiTPipeline.from_pretrained, lambda f: CogVideoXDiTPipeline.check_folder_request(f, None, None, None)):
         with pytest.raises(ValueError, match=rf"pipe.*entry '{entry}' names class '{spec[1]}' of library "

@@ -8,8 +8,8 @@ import torch
 from diffusers import WanImageToVideoPipeline
 
 from dit import DiTPipeline
-from dit.pipeline_wan import WanDiTPipeline
-from dit.pipeline_wan_i2v import WanImageToVideoDiTPipeline
+from dit.pipeline.wan import WanDiTPipeline
+from dit.pipeline.wan_i2v import WanImageToVideoDiTPipeline
 from tests.tiny import tiny_picture as picture
 from tests.tiny import tiny_wan_i2v_pipeline, tiny_wan_pipeline
 

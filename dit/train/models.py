@@ -72,7 +72,7 @@ class ModelBundle:
         a request), refused before any step instead of failing inside the VAE or the transformer."""
         if self.family != "wan":
             return
-        from dit.pipeline_wan import WanDiTPipeline
+        from dit.pipeline.wan import WanDiTPipeline
 
         for h, w, f in buckets:
             try:
@@ -150,7 +150,7 @@ class ModelBundle:
                                         transformer=transformer, scheduler=self.scheduler)
         p = self.extra["pipe"]
         if self.family == "wan":
-            from dit.pipeline_wan import WanDiTPipeline
+            from dit.pipeline.wan import WanDiTPipeline
 
             return WanDiTPipeline(tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=self.vae,
                                   scheduler=self.scheduler, transformer=transformer,
@@ -266,7 +266,7 @@ def _pretrained_wan(folder: Path, cls: str | None) -> ModelBundle:
     if cls != "WanPipeline":
         raise ValueError(f"model.pretrained: {str(folder)!r} holds a {cls}; model.family 'wan' needs a WanPipeline "
                          "folder (text to video)")
-    from dit.pipeline_wan import WanDiTPipeline
+    from dit.pipeline.wan import WanDiTPipeline
 
     pipe = WanDiTPipeline.from_pretrained(folder)
     if getattr(pipe, "transformer_2", None) is not None:

@@ -6,7 +6,7 @@ our samplers through the one denoising path. Wan 2.2 A14B has two experts: `tran
 steps (t >= boundary_ratio x T), `transformer_2` for the rest, with its own guidance scale. TI2V-5B
 (`expand_timesteps`) takes one timestep per latent token.
 
-`WanFamily` is what Wan's pipelines share (this one and dit.pipeline_wan_i2v's image-to-video): the command
+`WanFamily` is what Wan's pipelines share (this one and dit.pipeline.wan_i2v's image-to-video): the command
 line's hooks, the request check, the expert switch and its guidance, the model function, the VAE's latent
 normalisation and the decode.
 """
@@ -24,8 +24,8 @@ from diffusers import WanPipeline
 import samplers
 from dit.convert import read_folder_json, resolve
 from dit.estimate import WAN_VAE_FACTORS
-from dit.pipeline import (PIPELINE_FAMILIES, DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes,
-                          _require_family)
+from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
+from dit.pipeline.loading import PIPELINE_FAMILIES, _require_family
 
 
 @dataclass

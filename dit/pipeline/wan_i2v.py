@@ -10,7 +10,7 @@ Three kinds of folder, one class, as in diffusers:
 - Wan 2.2 TI2V-5B (`expand_timesteps`, a WanPipeline folder diffusers' image-to-video class loads too): latent
   frame 0 is held at the first frame's latents, with timestep 0 on its tokens.
 
-Everything else (prompts, the experts, guidance, the denoising path, the decode) is dit.pipeline_wan.WanFamily's.
+Everything else (prompts, the experts, guidance, the denoising path, the decode) is dit.pipeline.wan.WanFamily's.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-from dit.pipeline import DiTPipeline, DiTPipelineOutput, _check_positive_int, _require_family, pipeline_class
-from dit.pipeline_wan import ImageCondition, WanDiTPipeline, WanFamily
+from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int
+from dit.pipeline.loading import _require_family, pipeline_class
+from dit.pipeline.wan import ImageCondition, WanDiTPipeline, WanFamily
 
 
 class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline):

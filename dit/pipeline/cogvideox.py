@@ -1,0 +1,288 @@
+"""CogVideoX text-to-video (1.0 2B/5B, 1.5) with an optional relay super-resolution stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers.video_processor import VideoProcessor
+
+import samplers
+from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
+from dit.pipeline.loading import _require_family
+from dit.convert import (read_folder_json)
+
+
+logger = logging.getLogger(__name__)
+
+RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
+
+
+class CogVideoXDiTPipeline(DiTPipeline):
+    """Text-to-video with CogVideoX (1.0 2B/5B, 1.5): the same call and the same frames as CogVideoXPipeline.
+
+    relay=k adds a relay super-resolution stage (CogView3; samplers.relay): the base result at H x W is upsampled
+    to kH x kW (in latent space, nearest or bilinear, or in pixel space with a VAE re-encode), then `relay_steps`
+    steps run from training step T_r = relay_start with block noise of block size k. The stage uses the folder's
+    `relay_transformer` if it has one (trained with the relay loss), else the base transformer.
+    """
+
+    diffusers_class_name = "CogVideoXPipeline"
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    supports_relay = True
+    generation_defaults = {"num_inference_steps": 50, "guidance_scale": 6.0, "fps": 8}  # sizes: the transformer's
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    _optional_components = ["relay_transformer"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, relay_transformer=None):
+        super().__init__()
+        # relay_transformer: an optional super-resolution stage trained with the relay loss (ours; diffusers'
+        # CogVideoXPipeline ignores it when it loads our folder).
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                              scheduler=scheduler, relay_transformer=relay_transformer)
+        cfg = self.vae.config
+        self.vae_scale_factor_spatial = 2 ** (len(cfg.block_out_channels) - 1)
+        self.vae_scale_factor_temporal = cfg.temporal_compression_ratio
+        self.vae_scaling_factor_image = cfg.scaling_factor
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # -- inputs ------------------------------------------------------------------------------------------------------
+
+    def default_size(self) -> tuple[int, int, int]:
+        """(height, width, frames) the transformer was configured for."""
+        cfg = self.transformer.config
+        return cfg.sample_height * self.vae_scale_factor_spatial, cfg.sample_width * self.vae_scale_factor_spatial, \
+            cfg.sample_frames
+
+    def encode_prompt(self, prompt: str | list[str], *, max_sequence_length: int = 226,
+                      device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """T5 embeddings (B, L, D), padded to max_sequence_length as CogVideoX was trained; words past it are
+        dropped with a warning naming them (as diffusers' pipelines warn)."""
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        self._warn_truncated(prompt, ids, max_sequence_length)
+        embeds = self.text_encoder(ids.to(device or self._execution_device))[0]
+        return embeds.to(dtype=dtype or self.text_encoder.dtype, device=device or self._execution_device)
+
+    def _warn_truncated(self, prompt: list[str], ids: torch.Tensor, max_sequence_length: int) -> None:
+        """logger.warning naming the text the tokenizer cut off, like diffusers' _get_t5_prompt_embeds."""
+        full = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] <= ids.shape[-1]:  # the longest prompt fits: nothing was cut
+            return
+        # The last kept token is the appended </s>; what was removed is the text after max_length - 1 tokens.
+        removed = self.tokenizer.batch_decode(full[:, max_sequence_length - 1:-1], skip_special_tokens=True)
+        logger.warning("The following part of your input was truncated because `max_sequence_length` is set to "
+                       "%d tokens: %s", max_sequence_length, removed)
+
+    def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
+                     num_inference_steps: int, guidance_scale: float, max_sequence_length: int = 226) -> None:
+        """Every user input checked before any model runs; each error names the value and what is accepted."""
+        if prompt is None or (not isinstance(prompt, str) and not (
+                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            n = 1 if isinstance(prompt, str) else len(prompt)
+            if not (isinstance(negative_prompt, list) and len(negative_prompt) == n):
+                raise ValueError(f"negative_prompt must be a string or a list of {n} strings, got {negative_prompt!r}")
+        _check_positive_int("num_inference_steps", num_inference_steps)
+        _check_positive_int("max_sequence_length", max_sequence_length)
+        _check_sizes(height, width, num_frames, self.vae_scale_factor_spatial * self.transformer.config.patch_size,
+                     self.vae_scale_factor_temporal)
+        samplers.check_guidance_scale(guidance_scale)
+
+    def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
+                      num_inference_steps: int, guidance_scale: float) -> None:
+        """The video families' common request check (`dit generate` calls it after loading): check_inputs."""
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale)
+
+    @staticmethod
+    def memory_shape(folder: str | os.PathLike):
+        """What dit.estimate needs from the folder's configs (dit.estimate.cogvideox_shape)."""
+        from dit.estimate import cogvideox_shape
+
+        return cogvideox_shape(Path(folder))
+
+    @staticmethod
+    def check_folder_request(folder: str | os.PathLike, height: int | None, width: int | None,
+                             num_frames: int | None) -> tuple[int, int, int]:
+        """Fill the defaults and check sizes from the folder's config files alone, before loading any weights."""
+        folder = Path(folder)
+        _require_family(folder, CogVideoXDiTPipeline)
+        t = read_folder_json(folder / "transformer", what="a CogVideoX transformer config",
+                             required={"sample_height": int, "sample_width": int, "sample_frames": int,
+                                       "patch_size": int})
+        v = read_folder_json(folder / "vae", what="a CogVideoX VAE config",
+                             required={"block_out_channels": tuple[int, ...]},
+                             optional={"temporal_compression_ratio": int | float})
+        temporal = v.get("temporal_compression_ratio", 4)
+        for file, key, value in ((folder / "transformer" / "config.json", k, t[k]) for k in (
+                "sample_height", "sample_width", "sample_frames", "patch_size")):
+            if value < 1:
+                raise ValueError(f"{str(file)!r}: {key}={value!r} must be a positive integer")
+        if not v["block_out_channels"] or temporal < 1 or temporal != int(temporal):
+            raise ValueError(f"{str(folder / 'vae' / 'config.json')!r}: block_out_channels={v['block_out_channels']!r}"
+                             f" and temporal_compression_ratio={temporal!r} must be a non-empty list and a positive "
+                             "integer")
+        spatial = 2 ** (len(v["block_out_channels"]) - 1)
+        height = t["sample_height"] * spatial if height is None else height
+        width = t["sample_width"] * spatial if width is None else width
+        num_frames = t["sample_frames"] if num_frames is None else num_frames
+        _check_sizes(height, width, num_frames, spatial * t["patch_size"], int(temporal))
+        return height, width, num_frames
+
+    def _relay_upsample(self, latents: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
+        """The relay stage's z_L: the base latents (B, F, C, H, W) upsampled k times in space."""
+        if mode != "pixel":
+            return samplers.upsample(latents, factor, mode=mode.removeprefix("latent-")).to(latents.dtype)
+        # CogView3's choice: decode, upsample the frames bilinearly, encode again (the VAE's posterior mode).
+        video = self.vae.decode(latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image).sample  # (B, C, F, H, W)
+        video = samplers.upsample(video, factor, mode="bilinear").clamp(-1, 1)
+        z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode() * self.vae_scaling_factor_image
+        return z.permute(0, 2, 1, 3, 4).to(latents.dtype)  # (B, F, C, kH, kW)
+
+    # -- the call ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int | None = None,
+        solver: str | None = None,
+        relay: int | None = None,
+        relay_steps: int = 10,
+        relay_start: int = 500,
+        relay_upsample: str = "latent-nearest",
+        relay_noise_alpha: float = 0.15,
+        relay_eta: float = 0.0,
+    ) -> DiTPipelineOutput | tuple:
+        """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); `relay=k` adds the relay
+        super-resolution stage described in the class docstring."""
+        height, width, num_frames, max_sequence_length = self._call_defaults(height, width, num_frames,
+                                                                            max_sequence_length)
+        self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                          max_sequence_length)
+        self._check_call(num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, relay, relay_steps,
+                         relay_upsample)
+        spec = self._sampler(num_inference_steps)
+        # Relay schedule errors (T_r outside the schedule, ...) come before any model runs.
+        stage_spec = self._relay_spec(spec, relay, relay_start, relay_steps, relay_noise_alpha) if relay else None
+        do_cfg = guidance_scale > 1.0
+        state = self._encode_state(prompt, negative_prompt, do_cfg, max_sequence_length)
+        latents, extra = self._initial_latents(state["prompt_embeds"], num_frames, height, width, generator, latents)
+
+        def run(transformer, x: torch.Tensor, stage: samplers.SamplerSpec, steps: int, **runtime) -> torch.Tensor:
+            scale = (samplers.cogvideox_dynamic_scale(guidance_scale, steps) if use_dynamic_cfg and do_cfg
+                     else guidance_scale)
+            return self._sample(self._model_fn(transformer, state, do_cfg, attention_kwargs), x, stage,
+                                guidance_scale=scale, callback_on_step_end=callback_on_step_end,
+                                tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
+                                **runtime)
+
+        latents = run(self.transformer, latents, spec, num_inference_steps, solver=solver, eta=eta)
+        if relay is not None:
+            z_low = self._relay_upsample(latents[:, extra:], relay, relay_upsample)  # (B, F', C, kH', kW')
+            stage = getattr(self, "relay_transformer", None) or self.transformer
+            latents, extra = run(stage, z_low, stage_spec, relay_steps, eta=relay_eta), 0
+        return self._finish_video(latents[:, extra:], output_type, return_dict)
+
+    def _call_defaults(self, height: int | None, width: int | None, num_frames: int | None,
+                       max_sequence_length: int | None) -> tuple[int, int, int, int]:
+        """The model's defaults where the call gave None (only None: 0 is a size like any other, refused later)."""
+        default_height, default_width, default_frames = self.default_size()
+        max_text = self.transformer.config.max_text_seq_length  # 226 for released CogVideoX
+        return (default_height if height is None else height, default_width if width is None else width,
+                default_frames if num_frames is None else num_frames,
+                max_text if max_sequence_length is None else max_sequence_length)
+
+    def _check_call(self, num_videos_per_prompt: int, output_type: str, tensor_inputs, relay: int | None,
+                    relay_steps: int, relay_upsample: str) -> None:
+        if num_videos_per_prompt != 1:
+            raise ValueError(f"num_videos_per_prompt must be 1 (as in CogVideoXPipeline), got {num_videos_per_prompt}")
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+        if relay is not None:
+            _check_positive_int("relay", relay)
+            _check_positive_int("relay_steps", relay_steps)
+            if relay_upsample not in RELAY_UPSAMPLE:
+                raise ValueError(f"relay_upsample {relay_upsample!r} is not one of {', '.join(RELAY_UPSAMPLE)}")
+
+    def _relay_spec(self, spec: samplers.SamplerSpec, relay: int, start: int, steps: int,
+                    noise_alpha: float) -> samplers.SamplerSpec:
+        """The relay stage on the folder's training path, from training step T_r = start, block noise of size k."""
+        path = samplers.train_path_from_config(dict(self.scheduler.config, _class_name=type(self.scheduler).__name__))
+        return samplers.relay_spec(path, start, steps, spec.prediction, block_size=relay, noise_alpha=noise_alpha)
+
+    def _encode_state(self, prompt, negative_prompt, do_cfg: bool, max_sequence_length: int) -> dict:
+        """Prompt embeddings (and the negative ones for guidance): the state callbacks read and may replace."""
+        device = self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        state = {"prompt_embeds": self.encode_prompt(prompts, max_sequence_length=max_sequence_length, device=device),
+                 "negative_prompt_embeds": None}
+        if do_cfg:
+            neg = negative_prompt or ""
+            neg = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+            state["negative_prompt_embeds"] = self.encode_prompt(neg, max_sequence_length=max_sequence_length,
+                                                                 device=device)
+        return state
+
+    def _initial_latents(self, embeds: torch.Tensor, num_frames: int, height: int, width: int, generator,
+                         latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Noise (B, F', C, H', W') and the padding frames it has: CogVideoX 1.5 pads the latent frames to a
+        multiple of patch_size_t (dropped again before decoding)."""
+        cfg, k = self.transformer.config, self.vae_scale_factor_temporal
+        latent_frames = (num_frames - 1) // k + 1
+        extra = -latent_frames % cfg.patch_size_t if cfg.patch_size_t is not None else 0
+        shape = (embeds.shape[0], latent_frames + extra, cfg.in_channels, height // self.vae_scale_factor_spatial,
+                 width // self.vae_scale_factor_spatial)
+        if latents is None:
+            return samplers.solvers.randn(shape, generator=generator, device=embeds.device, dtype=embeds.dtype), extra
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
+        return latents.to(device=embeds.device, dtype=embeds.dtype), extra
+
+    @staticmethod
+    def _model_fn(transformer, state: dict, do_cfg: bool, attention_kwargs: dict | None) -> Callable:
+        """The transformer as model_fn(x, t): conditioning [uncond, cond] under guidance; positions are the
+        model's own (it computes the same RoPE tables diffusers' pipeline passes)."""
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
+                       else state["prompt_embeds"])
+            return transformer(hidden_states=x, encoder_hidden_states=context, timestep=t.to(x.device).expand(
+                x.shape[0]), attention_kwargs=attention_kwargs, return_dict=False)[0].float()
+
+        return model_fn
+
+    def _finish_video(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        if output_type == "latent":
+            video = latents
+        else:
+            latents = latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image  # (B, F, C, H, W) -> (B, C, F, H, W)
+            video = self.video_processor.postprocess_video(video=self.vae.decode(latents).sample,
+                                                           output_type=output_type)
+        self.maybe_free_model_hooks()
+        return DiTPipelineOutput(frames=video) if return_dict else (video,)
+
