@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, patchify_3d, sincos_pos_embed_3d, unpatchify_3d
+from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (Attention, AttentionBackendMixin, FeedForward, Modulation, Rope, broadcast_timestep,
                         checkpointed, expert_gated_add, expert_modulate, modulate)
 from dit.models import lowmem
@@ -142,7 +142,7 @@ def _check_config(learned: bool, rotary: bool, timestep_activation_fn: str, ofs_
 
 
 class CogVideoXTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMixin, ConfigMixin,
-                                  PeftAdapterMixin, CacheMixin):
+                                  PeftAdapterMixin, StepCacheMixin):
     """CogVideoX denoiser: patch embed -> N expert-adaLN blocks over [text, video] -> adaLN out -> unpatchify.
 
     Config keys and defaults are exactly diffusers', so its config.json and safetensors load unchanged.
@@ -360,8 +360,10 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, M
             del text, video  # views of the full-length embedding, which would otherwise live through every block
             rope = None if rope is None else self._cp_shard_rows(rope).clone()  # (N_r, Dh/2), not a view of (N, ..)
 
-        for block in self.transformer_blocks:
-            x = checkpointed(self, block, x, temb, n_text, rope)
+        def block_fn(i: int, block: nn.Module, s: tuple[Tensor]) -> tuple[Tensor]:  # s: ((B, T + N, D),)
+            return (checkpointed(self, block, s[0], temb, n_text, rope),)
+
+        (x,) = run_blocks(self, self.transformer_blocks, block_fn, (x,), hidden=lambda s: s[0][:, n_text:])
 
         video = self.norm_final(x[:, n_text:])  # (B, N, D); text tokens are done
         m = self.norm_out(temb)

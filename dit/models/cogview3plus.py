@@ -15,6 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, patchify_2d, sincos_pos_embed_2d, timestep_embedding, unpatchify_2d
+from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Modulation,
                         broadcast_timestep, checkpointed, expert_gated_add, expert_modulate, layer_norm, modulate)
 from dit.models._image_common import TextProjection, check_latents, check_shape
@@ -90,7 +91,8 @@ class CogView3PlusTransformerBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- model
-class CogView3PlusTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
+class CogView3PlusTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin,
+                                     StepCacheMixin):
     """CogView3-Plus denoiser, a drop-in for diffusers' CogView3PlusTransformer2DModel (v-prediction out)."""
 
     _supports_gradient_checkpointing = True
@@ -155,8 +157,10 @@ class CogView3PlusTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMi
         x, c = self.patch_embed(hidden_states, encoder_hidden_states)  # (B, N, D), (B, M, D)
         t = broadcast_timestep(timestep, b, hidden_states.device)
         emb = self.time_condition_embed(t, original_size, target_size, crop_coords, x.dtype)  # (B, D_t)
-        for block in self.transformer_blocks:
-            x, c = checkpointed(self, block, x, c, emb)
+        def block_fn(i: int, block: nn.Module, s: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            return checkpointed(self, block, *s, emb)  # s: (B, N, D) image tokens, (B, M, D) text tokens
+
+        x, c = run_blocks(self, self.transformer_blocks, block_fn, (x, c))
         m = self.norm_out(emb)
         x = self.proj_out(modulate(layer_norm(x, 1e-6), m.shift, m.scale))  # (B, N, C p p)
         out = unpatchify_2d(x, self.config.patch_size, h, w)  # (B, C, H, W)

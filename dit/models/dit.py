@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
+from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Modulation, broadcast_timestep,
                         checkpointed, gated_add, layer_norm, modulate)
 from dit.models._image_common import check_latents
@@ -105,7 +106,8 @@ class DiTBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- model
-class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
+class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin,
+                            StepCacheMixin):
     """Class-conditional DiT, a drop-in for diffusers' DiTTransformer2DModel (eps and variance out)."""
 
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
@@ -184,8 +186,10 @@ class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin):
         t = broadcast_timestep(timestep, b, hidden_states.device)
         y = torch.as_tensor(class_labels, device=hidden_states.device)
         x = self.pos_embed(hidden_states)  # (B, N, D), N = (H/p)(W/p)
-        for block in self.transformer_blocks:
-            x = checkpointed(self, block, x, t, y)
+        def block_fn(i: int, block: nn.Module, s: tuple[Tensor]) -> tuple[Tensor]:  # s: ((B, N, D),)
+            return (checkpointed(self, block, s[0], t, y),)
+
+        (x,) = run_blocks(self, self.transformer_blocks, block_fn, (x,))
         cond = self.transformer_blocks[0].norm1.emb(t, y, x.dtype)  # (B, D)
         shift, scale = self.proj_out_1(nn.functional.silu(cond)).chunk(2, dim=1)
         x = self.proj_out_2(modulate(layer_norm(x, 1e-6), shift, scale))  # (B, N, p*p*C_out)

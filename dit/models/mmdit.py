@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder, sincos_pos_embed_2d
+from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (ADALN_CONTINUOUS, ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Modulation,
                         broadcast_timestep, checkpointed, gated_add, layer_norm, modulate)
 from dit.models._image_common import TextProjection, check_latents, check_shape
@@ -107,7 +108,8 @@ class JointTransformerBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- model
-class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMixin, ConfigMixin, PeftAdapterMixin,
+                            StepCacheMixin):
     """MMDiT denoiser of SD3 / SD3.5, a drop-in for diffusers' SD3Transformer2DModel (flow velocity out)."""
 
     _supports_gradient_checkpointing = True
@@ -203,13 +205,17 @@ class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
         if self.is_parallel:  # context parallel: this rank's batch half (CFG), image and text tokens
             x, c = self._cp_shard(x, c)
             temb = self._cfg_split(temb)
-        for i, block in enumerate(self.transformer_blocks):
+        def block_fn(i: int, block: nn.Module, s: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
+            x, c = s  # (B, N, D) image tokens, (B, M, D) text tokens (None after a context_pre_only block)
             if i not in skip:
                 c, x = checkpointed(self, block, x, c, temb)
             if controlnet is not None and not block.context_pre_only:
                 # ControlNet residuals: evenly spread over the blocks (diffusers' interval rule).
                 residual = controlnet[int(i / (len(self.transformer_blocks) / len(controlnet)))]
                 x = x + (self._cp_shard_rows(self._cfg_split(residual), 1) if self.is_parallel else residual)
+            return x, c
+
+        x, _ = run_blocks(self, self.transformer_blocks, block_fn, (x, c))
         m = self.norm_out(temb)
         x = self.proj_out(modulate(layer_norm(x, EPS), m.shift, m.scale))  # (B, N, p*p*C)
         if self.is_parallel:

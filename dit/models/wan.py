@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
@@ -34,6 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dit.embeddings import TimestepEmbedder
+from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Rope, broadcast_timestep,
                         checkpointed, gated_add, layer_norm, modulate, modulation_chunks)
 from dit.parallel.model import ContextParallelMixin
@@ -177,7 +177,7 @@ def _nearest(n: int, p: int) -> str:
 
 
 class WanTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMixin, ConfigMixin, PeftAdapterMixin,
-                            CacheMixin):
+                            StepCacheMixin):
     """Wan denoiser: Conv3d patches -> N blocks (self-attention with 3D RoPE, cross-attention, FFN) -> adaLN head.
 
     Config keys and defaults are exactly diffusers', so its config.json and safetensors load unchanged.
@@ -331,8 +331,10 @@ class WanTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
                 temb, modulation = self._cp_shard_rows(temb, 1), self._cp_shard_rows(modulation, 1)
             rope = self._cp_shard_rows(rope)  # (N_r, Dh/2)
 
-        for block in self.blocks:
-            x = checkpointed(self, block, x, text, image, modulation, rope)
+        def block_fn(i: int, block: nn.Module, s: tuple[Tensor]) -> tuple[Tensor]:  # s: ((B, N, D) video tokens,)
+            return (checkpointed(self, block, s[0], text, image, modulation, rope),)
+
+        (x,) = run_blocks(self, self.blocks, block_fn, (x,))
 
         m = modulation_chunks(self.scale_shift_table + temb.unsqueeze(-2), FINAL_CHUNKS)  # each (B, [N,] D)
         x = modulate(layer_norm(x.float(), cfg.eps), m.shift.to(x.device), m.scale.to(x.device)).type_as(x)
