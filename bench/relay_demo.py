@@ -91,7 +91,8 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
         low = low_resolution(video, 2)
         z_low = vae.encode(low.permute(0, 2, 1, 3, 4)).latent_dist.mode() * scale  # (1, C, F', h, w)
         z_low = z_low.permute(0, 2, 1, 3, 4)  # (1, F', C, h, w)
-        text = pipe.encode_prompt([item["caption"]], max_sequence_length=stage.config.max_text_seq_length)
+        text, _ = pipe.encode_prompt([item["caption"]], do_classifier_free_guidance=False,
+                                     max_sequence_length=stage.config.max_text_seq_length)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return stage(hidden_states=x, encoder_hidden_states=text, timestep=t.reshape(-1).expand(x.shape[0]),

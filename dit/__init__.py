@@ -3,11 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load_transformer(path, *, torch_dtype=None, device=None):
+def load_transformer(path, *, torch_dtype=None, device=None, variant=None):
     """Load a diffusers-format transformer folder into our implementation (see dit.convert)."""
     from dit.convert import load_transformer as _load
 
-    return _load(path, torch_dtype=torch_dtype, device=device)
+    return _load(path, torch_dtype=torch_dtype, device=device, variant=variant)
 
 
 def __getattr__(name: str):

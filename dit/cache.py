@@ -289,6 +289,15 @@ def run_blocks(model: nn.Module, blocks: Sequence[nn.Module], block_fn: BlockFn,
     return streams
 
 
+def check_cache(cache: object) -> None:
+    """A pipeline's `cache=` argument: None or one of our cache configs (checked before any model runs)."""
+    if cache is not None and not isinstance(cache, (FirstBlockCache, MagCache, MagCalibration)):
+        hint = " (diffusers' configs go to transformer.enable_cache)" if type(cache).__module__.startswith(
+            "diffusers") else ""
+        raise ValueError(f"cache must be None or a dit.cache.FirstBlockCache, MagCache or MagCalibration, got "
+                         f"{type(cache).__name__}{hint}")
+
+
 @contextlib.contextmanager
 def caching(models: Sequence[nn.Module], config: CacheConfig | None, steps: int) -> Iterator[list[StepCache]]:
     """Attach a fresh StepCache to each transformer for one denoising run of `steps` steps (Wan 2.2's two
@@ -296,9 +305,7 @@ def caching(models: Sequence[nn.Module], config: CacheConfig | None, steps: int)
     if config is None:
         yield []
         return
-    if not isinstance(config, (FirstBlockCache, MagCache, MagCalibration)):
-        raise ValueError(f"cache must be a dit.cache.FirstBlockCache, MagCache or MagCalibration, got "
-                         f"{type(config).__name__}")
+    check_cache(config)
     clock = [0]
     caches = [StepCache(config, steps, clock=clock) for _ in models]
     previous = [getattr(model, "_step_cache", None) for model in models]  # a cache enabled on the model itself

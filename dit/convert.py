@@ -98,17 +98,20 @@ def load_transformer(
     *,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    variant: str | None = None,
 ) -> nn.Module:
     """Load a diffusers-format (or our own) transformer folder into our implementation.
 
     The class comes from config.json's `_class_name`; the architecture from the config only, never from
-    tensor shapes. Every checkpoint key must be used and every parameter filled (strict load).
+    tensor shapes. Every checkpoint key must be used and every parameter filled (strict load). `variant`
+    ("fp16", "bf16", ...) reads the weights `save_pretrained(variant=...)` wrote, as diffusers' `variant=` does:
+    diffusion_pytorch_model.<variant>.safetensors or diffusion_pytorch_model.safetensors.index.<variant>.json.
     """
     folder = Path(path)
     config = read_folder_json(folder, what="a transformer folder written by save_pretrained",
                               optional={"_class_name": str, "norm_type": str})
     class_name = transformer_class_name(config, folder)
-    files = safetensors_files(folder)  # before building: a pickle-only folder is refused at once
+    files = safetensors_files(folder, variant=variant)  # before building: a pickle-only folder is refused at once
     model = build_from_config(resolve(TRANSFORMER_CLASSES[class_name]), config, folder / "config.json")
     state, origin = load_weights(files)
     assign_weights(model, rename_state_dict(class_name, state), rename_state_dict(class_name, origin), folder)

@@ -405,13 +405,56 @@ class Attention(nn.Module):
         return x_out, (self.to_add_out(out[:, n:]) if self.to_add_out is not None else None)
 
 
+class NoAttentionProcessorsError(AttributeError):
+    """diffusers' attention-processor API (`attn_processors`, `set_attn_processor`) on our models, which have none.
+
+    An AttributeError, so `hasattr(model, "attn_processors")` is False (there are no processors to list or
+    replace), and code that probes for processors before using them (IP-Adapter loaders, diffusers' modular
+    components manager) takes the path for models without them; calling it is this error, never a silent no-op."""
+
+
+ATTENTION_PROCESSOR_API = frozenset({"attn_processors", "set_attn_processor"})
+
+
 class AttentionBackendMixin:
     """`set_attention_backend` / `reset_attention_backend` for models built from `Attention` modules.
 
-    Listed before ModelMixin in a model's bases, so it replaces diffusers' processor-based version.
+    Listed before ModelMixin in a model's bases, so it replaces diffusers' processor-based version. There are no
+    attention processors: every block calls the one `dit.attention.attention`, whose backend this sets, so
+    diffusers' `attn_processors` / `set_attn_processor` raise NoAttentionProcessorsError saying so, and diffusers'
+    xformers switch (`enable_xformers_memory_efficient_attention`) selects the 'xformers' backend.
     """
 
     attn_backend: Backend = None
+
+    def __getattr__(self, name: str):
+        if name in ATTENTION_PROCESSOR_API:
+            raise NoAttentionProcessorsError(
+                f"{type(self).__name__} has no attention processors, so no `{name}`: every attention layer calls "
+                "the one function dit.attention.attention, by design. Choose its backend with "
+                "model.set_attention_backend('sdpa' | 'xformers' | 'math' | a callable attention(q, k, v, *, mask, "
+                "scale)); a custom attention is such a callable (docs/diffusers.md)")
+        return super().__getattr__(name)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        """diffusers' xformers switch (`enable_xformers_memory_efficient_attention`, also called by a pipeline's):
+        the 'xformers' backend, or back to 'sdpa'. xformers picks its own kernel: an `attention_op` is refused."""
+        if attention_op is not None:
+            raise ValueError("attention_op is not supported: xformers chooses its kernel here; pass a callable to "
+                             "set_attention_backend to run a specific one")
+        self.set_attention_backend("xformers" if valid else None)
+
+    def set_use_npu_flash_attention(self, valid: bool) -> None:
+        """diffusers' NPU flash-attention switch: there is no NPU backend here (turning it off is a no-op)."""
+        if valid:
+            raise ValueError("there is no NPU flash-attention backend here; plug one in as a callable with "
+                             "set_attention_backend(fn), fn(q, k, v, *, mask, scale) -> out")
+
+    def set_use_xla_flash_attention(self, use_xla_flash_attention: bool, partition_spec=None, **kwargs) -> None:
+        """diffusers' XLA flash-attention switch: there is no XLA backend here (turning it off is a no-op)."""
+        if use_xla_flash_attention:
+            raise ValueError("there is no XLA flash-attention backend here; plug one in as a callable with "
+                             "set_attention_backend(fn), fn(q, k, v, *, mask, scale) -> out")
 
     def set_attention_backend(self, backend: Backend) -> None:
         """'sdpa' (default), 'xformers', 'math', or a callable attention(q, k, v, *, mask, scale)."""

@@ -124,13 +124,17 @@ def _encoder_class(encoder_dir: Path, kind: str) -> type[PreTrainedModel]:
     return T5EncoderModel if found_kind == "t5" else CLIPTextModel
 
 
-def load_encoder_folder(folder: Path, cls: type[PreTrainedModel],
-                        torch_dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_encoder_folder(folder: Path, cls: type[PreTrainedModel], torch_dtype: torch.dtype | None = None, *,
+                        variant: str | None = None) -> PreTrainedModel:
     """A transformers text encoder from its own folder, safetensors only: a folder with nothing but a pickled
     pytorch_model.bin is refused before transformers sees it (unpickling can run code). Load errors (bad
-    config, corrupt weights) are a ValueError naming the folder."""
-    safetensors_files(folder, *ENCODER_WEIGHTS)
+    config, corrupt weights) are a ValueError naming the folder. `variant` ("fp16", ...): the weights
+    `save_pretrained(variant=...)` wrote (model.<variant>.safetensors or its sharded index), as transformers reads
+    them."""
+    safetensors_files(folder, *ENCODER_WEIGHTS, variant=variant)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if variant is not None:
+        kwargs["variant"] = variant
     return library_load(folder, f"a {cls.__name__} text encoder", lambda: cls.from_pretrained(
         folder, local_files_only=True, use_safetensors=True, **kwargs))
 

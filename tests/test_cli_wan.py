@@ -16,7 +16,8 @@ import torch
 import dit.estimate
 import dit.pipeline
 from dit import DiTPipeline
-from dit.cli import _plan, build_parser, main
+from dit.cli import build_parser, main
+from dit.generate import _plan
 from dit.pipeline.wan import WanDiTPipeline
 from tests.tiny import tiny_wan_pipeline
 
@@ -82,6 +83,20 @@ def test_the_cli_writes_the_pipelines_frames_and_a_rerun_skips(wan, tmp_path, ca
     assert "skip (exists)" in capsys.readouterr().err and (out / "frame_0000.png").stat().st_mtime_ns == mtime
 
 
+def test_relay_2_doubles_height_and_width(wan, tmp_path):
+    """--relay 2 on Wan's flow path (the base transformer as the relay stage): the 32x32 request is written at
+    64x64, the frames of our pipeline called with relay=2."""
+    out = tmp_path / "relay.png"
+    assert main(["generate", PROMPT, "-o", str(out), "--model", str(wan["wan21"]), "--seed", "3", *ARGS,
+                 "--relay", "2"]) == 0
+    written = _read_png_folder(out)
+    direct = _direct(wan["wan21"], 3, height=32, width=32, relay=2)
+    assert written.shape == direct.shape == (9, 64, 64, 3)
+    assert np.abs(written.astype(np.float64) - direct * 255).max() <= 1  # equal within 8-bit rounding
+    side = json.loads((tmp_path / "relay.png.json").read_text())
+    assert (side["relay"], side["height"], side["width"]) == (2, 32, 32)  # the request; relay makes it 2x
+
+
 def test_defaults_are_wan_pipelines_or_the_folders_generation_config(wan, tmp_path):
     def plan(folder):
         args = build_parser().parse_args(["generate", PROMPT, "--model", str(folder), "-o", str(tmp_path / "x.mp4")])
@@ -104,7 +119,6 @@ def test_defaults_are_wan_pipelines_or_the_folders_generation_config(wan, tmp_pa
     ("wan21", ["--height", "36"], "height 36 must be divisible by 16; nearest valid: 32 or 48"),
     ("wan22", ["--frames", "8"], "num_frames 8 must be 1 + 4n for this VAE; nearest valid: 5 or 9"),
     ("ti2v", ["--height", "48"], "height 48 must be divisible by 32; nearest valid: 32 or 64"),  # VAE x16, patch 2
-    ("wan21", ["--relay", "2"], "--relay 2: WanPipeline folders have no relay stage yet"),
     ("wan22", ["--solver", "banana"], "unknown solver 'banana'"),
 ])
 def test_bad_requests_are_one_line_before_any_weights_load(wan, tmp_path, capsys, no_load, name, argv, match):

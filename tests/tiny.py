@@ -109,14 +109,16 @@ def sd3_pipeline(transformer, *, scheduler=None, vae_blocks: tuple[int, ...] = (
     return pipe
 
 
-def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False):
-    """Save a tiny diffusers StableDiffusion3Pipeline (two tiny CLIPs, no T5) into `folder`; return it."""
+def tiny_sd3_pipeline(folder: Path, *, dynamic_shift: bool = False, sd35: bool = False):
+    """Save a tiny diffusers StableDiffusion3Pipeline (two tiny CLIPs, no T5) into `folder`; return it. sd35: SD3.5's
+    transformer (q/k RMS norms, a dual-attention first block)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     transformer = randomize(SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
-        pos_embed_max_size=32), 3, 0.1).eval()
+        pos_embed_max_size=32, **(dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {})), 3,
+        0.1).eval()
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0) if not dynamic_shift else FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True)
     pipe = sd3_pipeline(transformer, scheduler=sched)
@@ -252,4 +254,33 @@ def tiny_wan_pipeline(folder: Path, *, two_experts: bool = False, ti2v: bool = F
                        transformer_2=tiny_wan_transformer(3, channels=z) if two_experts else None,
                        boundary_ratio=0.875 if two_experts else None, expand_timesteps=ti2v)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+IMAGENET_LABELS = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus",
+                   2: "great white shark, white shark, man-eater, man-eating shark, Carcharodon carcharias",
+                   207: "golden retriever", 281: "tabby, tabby cat", 360: "otter"}  # a few of ImageNet's id2label
+
+
+def tiny_dit_pipeline(folder: Path, *, scheduler: str = "dpm"):
+    """Save a tiny diffusers (class-conditional) DiTPipeline into `folder` and return it: a learned-sigma
+    DiTTransformer2DModel with ImageNet's 1000 classes (diffusers' pipeline hard-codes 1000 as the null class),
+    16x16 images from 8x8 latents, and model_index.json's id2label (IMAGENET_LABELS), as released DiT folders
+    have it (diffusers' save_pretrained leaves it out)."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    torch.manual_seed(0)
+    transformer = randomize(DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1), 6, 0.1).eval()
+    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1)
+    sched = DPMSolverMultistepScheduler() if scheduler == "dpm" else DDIMScheduler(clip_sample=False)
+    pipe = DiTPipeline(transformer=transformer, vae=vae.eval(), scheduler=sched, id2label=IMAGENET_LABELS)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["id2label"] = {str(k): v for k, v in IMAGENET_LABELS.items()}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return pipe

@@ -3,6 +3,7 @@ memory switches, and the request checks all families share."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,10 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 import samplers
-from dit.pipeline.loading import _check_index, _check_roles, _family, _load_component, _read_index, _settings
+from dit.pipeline.loading import (_check_index, _check_roles, _family, _load_component, _read_index, _settings,
+                                  check_load_options, check_torch_dtype, component_dtype, component_variants,
+                                  init_parameters, resolve_pretrained)
+from dit.cache import CacheConfig, caching, merge_reports
 from dit.sampling import GuidanceScale, denoise
 
 
@@ -33,6 +37,14 @@ class NonFiniteLatentsError(FloatingPointError):
 
     def __reduce__(self) -> tuple:  # picklable (multiprocessing, distributed): rebuilt from (step, total)
         return type(self), (self.step, self.total)
+
+
+# diffusers' pipeline-level LoRA API (LoraBaseMixin): families whose diffusers pipeline has a LoRA loader inherit it
+# (CogVideoX, SD3, Wan); on the others these names are a clear AttributeError (DiTPipeline.__getattr__).
+LORA_METHODS = frozenset({"load_lora_weights", "lora_state_dict", "save_lora_weights", "fuse_lora", "unfuse_lora",
+                          "unload_lora_weights", "set_adapters", "delete_adapters", "get_active_adapters",
+                          "get_list_adapters", "set_lora_device", "enable_lora", "disable_lora",
+                          "load_lora_into_transformer", "enable_lora_hotswap"})
 
 
 class DiTPipelineOutput(BaseOutput):
@@ -61,21 +73,65 @@ class DiTPipeline(DiffusionPipeline):
         return [self.transformer]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> "DiTPipeline":
-        """Load a local diffusers pipeline folder (never downloads) into the pipeline for its family."""
-        if kwargs:
-            raise ValueError(f"unsupported from_pretrained arguments: {sorted(kwargs)}; accepted: torch_dtype, device")
-        folder = Path(pretrained_model_name_or_path)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *,
+                        torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+                        device: str | torch.device | None = None, variant: str | None = None,
+                        low_cpu_mem_usage: bool = True, cache_dir: str | os.PathLike | None = None,
+                        revision: str | None = None, local_files_only: bool | None = None,
+                        use_safetensors: bool | None = None,
+                        dtype: torch.dtype | dict[str, torch.dtype] | None = None, **kwargs: Any) -> "DiTPipeline":
+        """Load a diffusers pipeline folder into the pipeline for its family, as diffusers' from_pretrained does.
+
+        - `pretrained_model_name_or_path`: a local folder, or a repository id ("THUDM/CogVideoX-2b") found in the
+          local Hugging Face cache (HF_HUB_CACHE, or `cache_dir`; `revision` picks the snapshot). Nothing is ever
+          downloaded, whatever `local_files_only` says: a repository missing from the cache is an error naming the
+          command that downloads it.
+        - `torch_dtype` (or `dtype`, diffusers 0.42's name for it): one dtype, or a dict by component name with
+          "default" for the others (float32 where a dict has no "default"). None: diffusers' models (transformer,
+          VAE) in float32, as diffusers loads them, and transformers' text encoders in their checkpoint's dtype,
+          as transformers 5 loads them.
+        - `variant` ("fp16", ...): the weights save_pretrained(variant=...) wrote, for each component that has them;
+          the others load their plain weights (diffusers' rule). It is an error if no component has them.
+        - `low_cpu_mem_usage`: accepted, True or False, with the same result either way: every component is
+          always loaded the way diffusers' True loads (built on the meta device, then given the checkpoint's
+          tensors: no random initialisation, no second copy of the weights).
+        - `use_safetensors`: True or None; weights are safetensors only (pickles can run code), so False is refused.
+        - Other keyword arguments are the pipeline's constructor arguments, as in diffusers: a component passed
+          here (`vae=None` to encode prompts alone, or a module) is used instead of loading the folder's, and a
+          setting (`boundary_ratio=...`) overrides model_index.json's.
+        - `device`: where the loaded pipeline is moved (`pipe.to(device)`).
+        """
+        torch_dtype = check_load_options(torch_dtype, dtype, low_cpu_mem_usage, use_safetensors, local_files_only)
+        folder = resolve_pretrained(pretrained_model_name_or_path, cache_dir=cache_dir, revision=revision)
         index = _read_index(folder)
         entries = _check_index(folder, index)  # before any import or load: the folder names only what we load
         target = _family(folder, index)
         if not issubclass(target, cls):
             raise ValueError(f"{str(folder)!r} holds a {index['_class_name']}, which {cls.__name__} cannot load")
-        _check_roles(folder, target, entries)
-        components = {name: _load_component(folder, name, *spec, torch_dtype) for name, spec in entries.items()}
-        pipe = target(**components, **_settings(index, target))
+        target_params = init_parameters(target)
+        unknown = sorted(set(kwargs) - set(target_params))
+        if unknown:
+            raise ValueError(f"unsupported from_pretrained arguments: {unknown}; accepted: torch_dtype, dtype, device, "
+                             f"variant, low_cpu_mem_usage, cache_dir, revision, local_files_only, use_safetensors, and "
+                             f"{target.__name__}'s components and settings: {', '.join(target_params)}")
+        _check_roles(folder, target, entries, kwargs)
+        check_torch_dtype(torch_dtype, list(entries))
+        to_load = [name for name in entries if name not in kwargs]
+        variants = component_variants(folder, to_load, variant)
+        components = {name: _load_component(folder, name, *entries[name], component_dtype(torch_dtype, name),
+                                            variants[name]) for name in to_load}
+        pipe = target(**{**components, **_settings(index, target), **kwargs})
         return pipe.to(device) if device is not None else pipe
+
+    def __getattr__(self, name: str) -> Any:
+        """diffusers' LoRA methods on a family whose diffusers pipeline has no LoRA loader: an AttributeError that
+        says so (hasattr stays False, as on diffusers' class)."""
+        if name in LORA_METHODS:
+            raise AttributeError(
+                f"{type(self).__name__} has no {name}: diffusers' {self.diffusers_class_name} has no LoRA loader "
+                "either (diffusers reads no LoRA format for this family). To train or apply an adapter, add it to "
+                "pipe.transformer with peft (its modules have diffusers' names: attn1.to_q, ff.net.0.proj, ...)")
+        return super().__getattr__(name)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """diffusers' save_pretrained, with model_index.json naming the diffusers pipeline class, so that
@@ -113,15 +169,31 @@ class DiTPipeline(DiffusionPipeline):
 
     def _sample(self, model_fn: Callable, latents: torch.Tensor, spec: samplers.SamplerSpec, *,
                 guidance_scale: GuidanceScale, callback_on_step_end: Callable | None, tensor_inputs, state: dict,
-                solver: str | None = None, **runtime: Any) -> torch.Tensor:
+                solver: str | None = None, cache: CacheConfig | None = None, **runtime: Any) -> torch.Tensor:
         """dit.sampling.denoise with a progress bar and diffusers' callback_on_step_end; NonFiniteLatentsError as
-        soon as a step leaves NaN or inf in the latents."""
+        soon as a step leaves NaN or inf in the latents. `cache` (dit.cache) skips transformer blocks on steps where
+        they would change little; its report is kept for `pop_cache_reports`. A cache enabled on a transformer
+        the diffusers way (`transformer.enable_cache(...)`) runs in the "cond_uncond" context, as in diffusers'
+        pipelines."""
         steps = len(spec.schedule)
         state["timesteps"] = spec.schedule.timesteps.to(latents.device)
-        with self.progress_bar(total=steps) as progress:
+        with contextlib.ExitStack() as stack, self.progress_bar(total=steps) as progress:
+            for model in self.denoisers():
+                if hasattr(model, "cache_context"):
+                    stack.enter_context(model.cache_context("cond_uncond"))
+            caches = stack.enter_context(caching(self.denoisers(), cache, steps))
             callback = self._step_callback(callback_on_step_end, list(tensor_inputs), state, progress, steps)
-            return denoise(model_fn, latents, spec, guidance_scale=guidance_scale, solver=solver, callback=callback,
-                           **runtime)
+            out = denoise(model_fn, latents, spec, guidance_scale=guidance_scale, solver=solver, callback=callback,
+                          **runtime)
+        if caches:
+            self._cache_reports = [*getattr(self, "_cache_reports", []), merge_reports(caches)]
+        return out
+
+    def pop_cache_reports(self) -> list[dict]:
+        """The step caches' reports (dit.cache.StepCache.report) of the denoising runs since the last pop, one per
+        run (a relay call has two)."""
+        reports, self._cache_reports = getattr(self, "_cache_reports", []), []
+        return reports
 
     def _step_callback(self, callback_on_step_end: Callable | None, tensor_inputs: list[str], state: dict,
                        progress, total: int) -> Callable:

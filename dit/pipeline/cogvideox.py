@@ -8,20 +8,21 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers.loaders import CogVideoXLoraLoaderMixin
 from diffusers.video_processor import VideoProcessor
 
 import samplers
+from dit.cache import CacheConfig, check_cache
 from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
 from dit.pipeline.loading import _require_family
+from dit.pipeline.relay import relay_stage
 from dit.convert import (read_folder_json)
 
 
 logger = logging.getLogger(__name__)
 
-RELAY_UPSAMPLE = ("latent-nearest", "latent-bilinear", "pixel")
 
-
-class CogVideoXDiTPipeline(DiTPipeline):
+class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
     """Text-to-video with CogVideoX (1.0 2B/5B, 1.5): the same call and the same frames as CogVideoXPipeline.
 
     relay=k adds a relay super-resolution stage (CogView3; samplers.relay): the base result at H x W is upsampled
@@ -44,10 +45,11 @@ class CogVideoXDiTPipeline(DiTPipeline):
         # CogVideoXPipeline ignores it when it loads our folder).
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler, relay_transformer=relay_transformer)
-        cfg = self.vae.config
-        self.vae_scale_factor_spatial = 2 ** (len(cfg.block_out_channels) - 1)
-        self.vae_scale_factor_temporal = cfg.temporal_compression_ratio
-        self.vae_scaling_factor_image = cfg.scaling_factor
+        # vae=None (a pipeline that only encodes prompts): diffusers' CogVideoXPipeline's defaults
+        cfg = self.vae.config if self.vae is not None else None
+        self.vae_scale_factor_spatial = 2 ** (len(cfg.block_out_channels) - 1) if cfg is not None else 8
+        self.vae_scale_factor_temporal = cfg.temporal_compression_ratio if cfg is not None else 4
+        self.vae_scaling_factor_image = cfg.scaling_factor if cfg is not None else 0.7
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     # -- inputs ------------------------------------------------------------------------------------------------------
@@ -58,16 +60,37 @@ class CogVideoXDiTPipeline(DiTPipeline):
         return cfg.sample_height * self.vae_scale_factor_spatial, cfg.sample_width * self.vae_scale_factor_spatial, \
             cfg.sample_frames
 
-    def encode_prompt(self, prompt: str | list[str], *, max_sequence_length: int = 226,
-                      device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """T5 embeddings (B, L, D), padded to max_sequence_length as CogVideoX was trained; words past it are
-        dropped with a warning naming them (as diffusers' pipelines warn)."""
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = self.tokenizer(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+    def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None = None,
+                      do_classifier_free_guidance: bool = True, num_videos_per_prompt: int = 1,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      max_sequence_length: int = 226, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' CogVideoXPipeline.encode_prompt: (prompt_embeds, negative_prompt_embeds), each (B, L, D), the
+        negative ones (default "") only under classifier-free guidance, else None; embeddings passed in are kept."""
+        device = device or self._execution_device
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if prompt_embeds is None:
+            prompt_embeds = self._t5_embeds(prompt, num_videos_per_prompt, max_sequence_length, device, dtype)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negative_prompt) != batch:
+                raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {batch} prompts")
+            negative_prompt_embeds = self._t5_embeds(negative_prompt, num_videos_per_prompt, max_sequence_length,
+                                                     device, dtype)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _t5_embeds(self, prompt: list[str], num_videos_per_prompt: int, max_sequence_length: int,
+                   device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+        """T5 embeddings (B x num_videos_per_prompt, L, D), padded to max_sequence_length as CogVideoX was trained;
+        words past it are dropped with a warning naming them (as diffusers' pipelines warn)."""
+        ids = self.tokenizer(list(prompt), padding="max_length", max_length=max_sequence_length, truncation=True,
                              add_special_tokens=True, return_tensors="pt").input_ids
-        self._warn_truncated(prompt, ids, max_sequence_length)
-        embeds = self.text_encoder(ids.to(device or self._execution_device))[0]
-        return embeds.to(dtype=dtype or self.text_encoder.dtype, device=device or self._execution_device)
+        self._warn_truncated(list(prompt), ids, max_sequence_length)
+        embeds = self.text_encoder(ids.to(device))[0]
+        embeds = embeds.to(dtype=dtype or self.text_encoder.dtype, device=device)
+        return embeds.repeat_interleave(num_videos_per_prompt, dim=0)  # diffusers' repeat + view: the same order
 
     def _warn_truncated(self, prompt: list[str], ids: torch.Tensor, max_sequence_length: int) -> None:
         """logger.warning naming the text the tokenizer cut off, like diffusers' _get_t5_prompt_embeds."""
@@ -135,15 +158,14 @@ class CogVideoXDiTPipeline(DiTPipeline):
         _check_sizes(height, width, num_frames, spatial * t["patch_size"], int(temporal))
         return height, width, num_frames
 
-    def _relay_upsample(self, latents: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
-        """The relay stage's z_L: the base latents (B, F, C, H, W) upsampled k times in space."""
-        if mode != "pixel":
-            return samplers.upsample(latents, factor, mode=mode.removeprefix("latent-")).to(latents.dtype)
-        # CogView3's choice: decode, upsample the frames bilinearly, encode again (the VAE's posterior mode).
-        video = self.vae.decode(latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image).sample  # (B, C, F, H, W)
-        video = samplers.upsample(video, factor, mode="bilinear").clamp(-1, 1)
+    def _to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, F, C, H, W) -> the VAE's frames (B, C, F, H, W) in [-1, 1] (the relay's pixel upsampling)."""
+        return self.vae.decode(latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor_image).sample
+
+    def _from_pixels(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames (B, C, F, H, W) -> latents (B, F, C, H', W'): the VAE posterior's mode, scaled."""
         z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode() * self.vae_scaling_factor_image
-        return z.permute(0, 2, 1, 3, 4).to(latents.dtype)  # (B, F, C, kH, kW)
+        return z.permute(0, 2, 1, 3, 4)
 
     # -- the call ----------------------------------------------------------------------------------------------------
 
@@ -169,6 +191,7 @@ class CogVideoXDiTPipeline(DiTPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int | None = None,
         solver: str | None = None,
+        cache: CacheConfig | None = None,
         relay: int | None = None,
         relay_steps: int = 10,
         relay_start: int = 500,
@@ -182,11 +205,12 @@ class CogVideoXDiTPipeline(DiTPipeline):
                                                                             max_sequence_length)
         self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                           max_sequence_length)
-        self._check_call(num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs, relay, relay_steps,
-                         relay_upsample)
+        self._check_call(num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs)
         spec = self._sampler(num_inference_steps)
-        # Relay schedule errors (T_r outside the schedule, ...) come before any model runs.
-        stage_spec = self._relay_spec(spec, relay, relay_start, relay_steps, relay_noise_alpha) if relay else None
+        check_cache(cache)
+        # Relay errors (T_r outside the schedule, ...) come before any model runs.
+        relay_plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
+                                 noise_alpha=relay_noise_alpha, eta=relay_eta)
         do_cfg = guidance_scale > 1.0
         state = self._encode_state(prompt, negative_prompt, do_cfg, max_sequence_length)
         latents, extra = self._initial_latents(state["prompt_embeds"], num_frames, height, width, generator, latents)
@@ -197,13 +221,14 @@ class CogVideoXDiTPipeline(DiTPipeline):
             return self._sample(self._model_fn(transformer, state, do_cfg, attention_kwargs), x, stage,
                                 guidance_scale=scale, callback_on_step_end=callback_on_step_end,
                                 tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
-                                **runtime)
+                                cache=cache, **runtime)
 
         latents = run(self.transformer, latents, spec, num_inference_steps, solver=solver, eta=eta)
-        if relay is not None:
-            z_low = self._relay_upsample(latents[:, extra:], relay, relay_upsample)  # (B, F', C, kH', kW')
+        if relay_plan is not None:
+            z_low = relay_plan.z_low(latents[:, extra:], to_pixels=self._to_pixels,
+                                     from_pixels=self._from_pixels)  # (B, F', C, kH', kW')
             stage = getattr(self, "relay_transformer", None) or self.transformer
-            latents, extra = run(stage, z_low, stage_spec, relay_steps, eta=relay_eta), 0
+            latents, extra = run(stage, z_low, relay_plan.spec, relay_plan.steps, eta=relay_plan.eta), 0
         return self._finish_video(latents[:, extra:], output_type, return_dict)
 
     def _call_defaults(self, height: int | None, width: int | None, num_frames: int | None,
@@ -215,8 +240,7 @@ class CogVideoXDiTPipeline(DiTPipeline):
                 default_frames if num_frames is None else num_frames,
                 max_text if max_sequence_length is None else max_sequence_length)
 
-    def _check_call(self, num_videos_per_prompt: int, output_type: str, tensor_inputs, relay: int | None,
-                    relay_steps: int, relay_upsample: str) -> None:
+    def _check_call(self, num_videos_per_prompt: int, output_type: str, tensor_inputs) -> None:
         if num_videos_per_prompt != 1:
             raise ValueError(f"num_videos_per_prompt must be 1 (as in CogVideoXPipeline), got {num_videos_per_prompt}")
         if output_type not in ("np", "pil", "pt", "latent"):
@@ -224,30 +248,12 @@ class CogVideoXDiTPipeline(DiTPipeline):
         bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
-        if relay is not None:
-            _check_positive_int("relay", relay)
-            _check_positive_int("relay_steps", relay_steps)
-            if relay_upsample not in RELAY_UPSAMPLE:
-                raise ValueError(f"relay_upsample {relay_upsample!r} is not one of {', '.join(RELAY_UPSAMPLE)}")
-
-    def _relay_spec(self, spec: samplers.SamplerSpec, relay: int, start: int, steps: int,
-                    noise_alpha: float) -> samplers.SamplerSpec:
-        """The relay stage on the folder's training path, from training step T_r = start, block noise of size k."""
-        path = samplers.train_path_from_config(dict(self.scheduler.config, _class_name=type(self.scheduler).__name__))
-        return samplers.relay_spec(path, start, steps, spec.prediction, block_size=relay, noise_alpha=noise_alpha)
 
     def _encode_state(self, prompt, negative_prompt, do_cfg: bool, max_sequence_length: int) -> dict:
         """Prompt embeddings (and the negative ones for guidance): the state callbacks read and may replace."""
-        device = self._execution_device
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        state = {"prompt_embeds": self.encode_prompt(prompts, max_sequence_length=max_sequence_length, device=device),
-                 "negative_prompt_embeds": None}
-        if do_cfg:
-            neg = negative_prompt or ""
-            neg = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
-            state["negative_prompt_embeds"] = self.encode_prompt(neg, max_sequence_length=max_sequence_length,
-                                                                 device=device)
-        return state
+        pe, npe = self.encode_prompt(prompt, negative_prompt, do_cfg, max_sequence_length=max_sequence_length,
+                                     device=self._execution_device)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
 
     def _initial_latents(self, embeds: torch.Tensor, num_frames: int, height: int, width: int, generator,
                          latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dit.convert import (LEGACY_CLASSES, TRANSFORMER_CLASSES, library_load, load_transformer, read_folder_json, resolve,
-                         safetensors_files)
+from dit.convert import (LEGACY_CLASSES, TRANSFORMER_CLASSES, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, library_load,
+                         load_transformer, read_folder_json, resolve, safetensors_files)
 from dit.text import ENCODER_CLASSES, ENCODER_WEIGHTS, TOKENIZER_CLASSES, load_encoder_folder, load_tokenizer_folder
 from samplers.from_diffusers import SCHEDULER_CLASSES
+from vae3d.folders import variant_name
 
 
 if TYPE_CHECKING:
@@ -28,7 +29,98 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "CogView3PlusPipeline": "dit.pipeline.image:CogView3PlusDiTPipeline",
     "WanPipeline": "dit.pipeline.wan:WanDiTPipeline",
     "WanImageToVideoPipeline": "dit.pipeline.wan_i2v:WanImageToVideoDiTPipeline",
+    "DiTPipeline": "dit.pipeline.class_conditional:ClassConditionalDiTPipeline",  # diffusers' class-conditional DiT
 }
+
+TRANSFORMER_ROLES = ("transformer", "transformer_2", "relay_transformer")
+# Components that diffusers loads with its ModelMixin (we load our own modules for the transformers and the video
+# VAE): loaded in float32 unless torch_dtype says otherwise, as diffusers' from_pretrained does. transformers'
+# models (text and image encoders) keep their checkpoint's dtype, as transformers 5 loads them.
+DIFFUSERS_MODEL_ROLES = (*TRANSFORMER_ROLES, "vae")
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                       revision: str | None = None) -> Path:
+    """A local folder, or a Hugging Face repository id ("owner/name") resolved in the local Hugging Face cache
+    (HF_HUB_CACHE, or `cache_dir`) as diffusers resolves it; nothing is ever downloaded. A repository that is not
+    in the cache is a ValueError naming it and the command that downloads it."""
+    path = Path(name_or_path)
+    if path.is_dir() or not _is_repo_id(str(name_or_path)):
+        return path  # a folder, or a path that is not one: read_folder_json names it
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo = str(name_or_path)
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:
+        cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
+        rev = f" at revision {revision!r}" if revision is not None else ""
+        option = f" --revision {revision}" if revision is not None else ""
+        option += f" --cache-dir {cache_dir}" if cache_dir is not None else ""
+        raise ValueError(
+            f"{repo!r} is neither a local folder nor a repository in the Hugging Face cache {str(cache)!r}{rev}; "
+            f"models are never downloaded here: download it first with `hf download {repo}{option}` "
+            f"(`huggingface-cli download {repo}{option}` with an older huggingface_hub), or pass a local folder"
+        ) from None
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether `name` can be a Hugging Face repository id (one "owner/name" or "name", no path syntax)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "~", "/")) or "\\" in name:  # relative, home or absolute paths; Windows separators
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _weight_names(name: str) -> tuple[str, str] | None:
+    """The (single file, sharded index) weight names of a component role; None for components without weights."""
+    if name in DIFFUSERS_MODEL_ROLES:
+        return WEIGHTS_NAME, WEIGHTS_INDEX_NAME
+    if name.startswith("text_encoder") or name == "image_encoder":
+        return ENCODER_WEIGHTS
+    return None
+
+
+def component_variants(folder: Path, names: list[str], variant: str | None) -> dict[str, str | None]:
+    """Which of the components `names` load `variant`'s weights: those whose folder holds them; the others load
+    their plain weights (diffusers' rule). ValueError when no component has the variant."""
+    if variant is None:
+        return dict.fromkeys(names)
+    if not isinstance(variant, str) or not variant or "." in variant or "/" in variant:
+        raise ValueError(f"variant={variant!r} must be a weight file variant such as 'fp16' or 'bf16'")
+    found = {}
+    for name in names:
+        weights = _weight_names(name)
+        has = weights is not None and any((folder / name / variant_name(w, variant)).is_file() for w in weights)
+        found[name] = variant if has else None
+    if not any(found.values()):
+        saved = sorted({v for name in names if _weight_names(name) for v in _saved_variants(folder / name)})
+        raise ValueError(f"{str(folder)!r}: no component has weights of variant {variant!r} (e.g. transformer/"
+                         f"{variant_name(WEIGHTS_NAME, variant)}); variants found: "
+                         f"{', '.join(map(repr, saved)) or 'none'}. Load without variant=, or write them with "
+                         f"save_pretrained(..., variant={variant!r})")
+    return found
+
+
+def _saved_variants(sub: Path) -> set[str]:
+    """The variants of a component folder's weight files (model.fp16.safetensors, ...index.fp16.json)."""
+    if not sub.is_dir():
+        return set()
+    out = set()
+    for file in sub.iterdir():
+        parts = file.name.split(".")
+        if len(parts) == 3 and parts[2] == "safetensors":
+            out.add(parts[1].split("-")[0])  # model.fp16-00001-of-00002.safetensors: fp16
+        elif len(parts) == 5 and parts[1:3] == ["safetensors", "index"] and parts[4] == "json":
+            out.add(parts[3])
+    return out
+
 
 def _read_index(path: str | os.PathLike) -> dict:
     return read_folder_json(path, "model_index.json", what="a diffusers pipeline folder",
@@ -90,30 +182,82 @@ def _settings(index: dict, target: type) -> dict[str, Any]:
     return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list) and k in params}
 
 
-def _check_roles(folder: Path, target: type, entries: dict) -> None:
-    """The pipeline's required components are all named in model_index.json (checked before any load)."""
+def _check_roles(folder: Path, target: type, entries: dict, passed: dict | None = None) -> None:
+    """The pipeline's required components are all named in model_index.json or passed to from_pretrained (checked
+    before any load)."""
     params = inspect.signature(target.__init__).parameters
     required = [n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    missing = [n for n in required if n not in entries]
+    missing = [n for n in required if n not in entries and n not in (passed or {})]
     if missing:
         raise ValueError(f"{str(folder / 'model_index.json')!r} has no entry for {missing} that {target.__name__} "
                          f"needs; it names {sorted(entries)}")
 
 
+def init_parameters(target: type) -> list[str]:
+    """The names the pipeline's constructor takes: its components and its settings (what from_pretrained's
+    keyword arguments may override, as in diffusers)."""
+    params = inspect.signature(target.__init__).parameters
+    return [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def component_dtype(torch_dtype: torch.dtype | dict | None, name: str) -> torch.dtype | None:
+    """A component's dtype under from_pretrained's torch_dtype, as diffusers reads it: one dtype for every
+    component, or a dict by component name with "default" for the others (float32 without "default"); None
+    gives diffusers' models (transformers, VAE) float32 and transformers' models their checkpoint's dtype."""
+    if isinstance(torch_dtype, dict):
+        return torch_dtype.get(name, torch_dtype.get("default", torch.float32))
+    if torch_dtype is None and name in DIFFUSERS_MODEL_ROLES:
+        return torch.float32
+    return torch_dtype
+
+
+def check_load_options(torch_dtype: Any, dtype: Any, low_cpu_mem_usage: Any, use_safetensors: Any,
+                       local_files_only: Any) -> Any:
+    """from_pretrained's diffusers options checked; returns the dtype argument (`dtype`, diffusers 0.42's name, or
+    `torch_dtype`, the older one)."""
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("pass dtype or torch_dtype (its older name), not both")
+    if not isinstance(low_cpu_mem_usage, bool):
+        raise ValueError(f"low_cpu_mem_usage={low_cpu_mem_usage!r} must be True or False (loading here is always "
+                         "the low-memory kind, built on the meta device)")
+    if use_safetensors is False:
+        raise ValueError("use_safetensors=False: only safetensors weights are loaded here (unpickling .bin files can "
+                         "run code); convert the weights to safetensors")
+    if local_files_only not in (None, True, False):
+        raise ValueError(f"local_files_only={local_files_only!r} must be True, False or None")
+    return dtype if dtype is not None else torch_dtype
+
+
+def check_torch_dtype(torch_dtype: Any, names: list[str]) -> None:
+    """torch_dtype is None, a torch.dtype, or a dict from component names (of this folder) or "default" to dtypes."""
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return
+    if not isinstance(torch_dtype, dict):
+        raise ValueError(f"torch_dtype={torch_dtype!r} must be a torch.dtype or a dict of them by component name "
+                         f"(with 'default' for the others)")
+    bad = {k: v for k, v in torch_dtype.items() if not isinstance(v, torch.dtype)}
+    unknown = sorted(set(torch_dtype) - {"default", *names})
+    if bad or unknown:
+        raise ValueError(f"torch_dtype: {'values ' + repr(bad) + ' are not torch dtypes' if bad else ''}"
+                         f"{'; ' if bad and unknown else ''}"
+                         f"{'keys ' + repr(unknown) + ' name no component' if unknown else ''}; accepted keys: "
+                         f"'default', {', '.join(map(repr, names))}")
+
+
 def _load_component(folder: Path, name: str, library: str | None, class_name: str | None,
-                    torch_dtype: torch.dtype | None) -> Any:
+                    torch_dtype: torch.dtype | None, variant: str | None = None) -> Any:
     """One component of a pipeline folder, by its role (entries checked by _check_index first); our own modules
-    for the transformer and video VAE, safetensors only everywhere."""
+    for the transformer and video VAE, safetensors only everywhere; `variant`: its weights' variant (fp16, ...)."""
     if library is None:
         return None
     sub = folder / name
-    if name in ("transformer", "transformer_2", "relay_transformer"):
-        return load_transformer(sub, torch_dtype=torch_dtype)
+    if name in TRANSFORMER_ROLES:
+        return load_transformer(sub, torch_dtype=torch_dtype, variant=variant)
     if name == "vae" and class_name in _VIDEO_VAES:
         from vae3d import load_vae
 
-        return load_vae(sub, torch_dtype=torch_dtype)
+        return load_vae(sub, torch_dtype=torch_dtype, variant=variant)
     if name == "scheduler":
         import diffusers
 
@@ -125,21 +269,23 @@ def _load_component(folder: Path, name: str, library: str | None, class_name: st
 
         return load_tokenizer_folder(sub, getattr(transformers, class_name))
     if name.startswith("text_encoder"):
-        return load_encoder_folder(sub, ENCODER_CLASSES[class_name], torch_dtype)
+        return load_encoder_folder(sub, ENCODER_CLASSES[class_name], torch_dtype, variant=variant)
     if name in ("image_encoder", "image_processor"):  # transformers' CLIP vision model (safetensors) / its config
         import transformers
 
         cls = getattr(transformers, class_name)
         if name == "image_processor":
             return library_load(sub, f"a {class_name}", lambda: cls.from_pretrained(sub, local_files_only=True))
-        safetensors_files(sub, *ENCODER_WEIGHTS)
+        safetensors_files(sub, *ENCODER_WEIGHTS, variant=variant)
         kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        kwargs.update({"variant": variant} if variant is not None else {})
         return library_load(sub, f"a {class_name} image encoder", lambda: cls.from_pretrained(
             sub, local_files_only=True, use_safetensors=True, **kwargs))
     import diffusers  # the image VAE (AutoencoderKL): diffusers' own, from safetensors only
 
-    safetensors_files(sub)
+    safetensors_files(sub, variant=variant)
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs.update({"variant": variant} if variant is not None else {})
     return library_load(sub, f"a {class_name}", lambda: getattr(diffusers, class_name).from_pretrained(
         sub, local_files_only=True, use_safetensors=True, **kwargs))
 
@@ -161,20 +307,24 @@ def pipeline_class(folder: str | os.PathLike) -> type["DiTPipeline"]:
     return _family(folder, index)
 
 
-def video_pipeline_class(folder: str | os.PathLike) -> type["DiTPipeline"]:
-    """pipeline_class for `dit generate`: a video family (one with the `check_folder_request` hook), else a
-    one-line error naming what the folder holds and the families accepted."""
+def generate_pipeline_class(folder: str | os.PathLike) -> type["DiTPipeline"]:
+    """pipeline_class for `dit generate`: a family with its hooks (`check_folder_request`, ...; video families
+    and, with `output_kind = "image"`, image families), else a one-line error naming what the folder holds and
+    the families accepted."""
     target = pipeline_class(folder)
     if not hasattr(target, "check_folder_request"):
-        video = [name for name, q in PIPELINE_FAMILIES.items() if hasattr(resolve(q), "check_folder_request")]
-        raise ValueError(f"{str(folder)!r} holds a {target.diffusers_class_name}; `dit generate` takes video "
-                         f"pipeline folders ({', '.join(video)})")
+        runs = [name for name, q in PIPELINE_FAMILIES.items() if hasattr(resolve(q), "check_folder_request")]
+        raise ValueError(f"{str(folder)!r} holds a {target.diffusers_class_name}; `dit generate` takes "
+                         f"pipeline folders of {', '.join(runs)}")
     return target
+
+
+video_pipeline_class = generate_pipeline_class  # its earlier name, from when `dit generate` made videos only
 
 
 def _require_family(folder: Path, target: type) -> None:
     """The folder holds `target`'s family (a family's check_folder_request called on another family's folder)."""
-    found = video_pipeline_class(folder)
+    found = generate_pipeline_class(folder)
     if found is not target:
         raise ValueError(f"{str(folder)!r} holds a {found.diffusers_class_name}; {target.__name__} takes "
                          f"{target.diffusers_class_name} folders")

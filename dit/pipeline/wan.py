@@ -4,7 +4,8 @@ diffusers' prompt encoding (UMT5, Wan's prompt cleaning, embeddings trimmed to e
 with zeros) and VAE (AutoencoderKLWan until vae3d has Wan's); our transformer, and the folder's scheduler run by
 our samplers through the one denoising path. Wan 2.2 A14B has two experts: `transformer` for the high-noise
 steps (t >= boundary_ratio x T), `transformer_2` for the rest, with its own guidance scale. TI2V-5B
-(`expand_timesteps`) takes one timestep per latent token.
+(`expand_timesteps`) takes one timestep per latent token. `relay=k` adds a relay super-resolution stage
+(dit.pipeline.relay) on the flow path, run by the low-noise expert.
 
 `WanFamily` is what Wan's pipelines share (this one and dit.pipeline.wan_i2v's image-to-video): the command
 line's hooks, the request check, the expert switch and its guidance, the model function, the VAE's latent
@@ -20,12 +21,15 @@ from typing import Any, Callable
 
 import torch
 from diffusers import WanPipeline
+from diffusers.utils.torch_utils import get_module_execution_device
 
 import samplers
+from dit.cache import CacheConfig, check_cache
 from dit.convert import read_folder_json, resolve
 from dit.estimate import WAN_VAE_FACTORS
 from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
 from dit.pipeline.loading import PIPELINE_FAMILIES, _require_family
+from dit.pipeline.relay import RelayStage, relay_stage
 
 
 @dataclass
@@ -62,7 +66,7 @@ class WanFamily:
     """What Wan's pipelines share; mixed in before DiTPipeline and diffusers' pipeline class."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    supports_relay = False  # no relay stage yet: `dit generate --relay` is refused before loading
+    supports_relay = True  # `relay=k`: a relay stage on the base result (`_relay`)
     requires_image = False  # the image-to-video family: `dit generate` needs --image
     # diffusers' Wan pipelines' call defaults (fps: the 16 of diffusers' Wan examples); a folder's
     # generation_config.json overrides them.
@@ -157,37 +161,56 @@ class WanFamily:
 
     def _denoise(self, state: dict, latents: torch.Tensor, spec: samplers.SamplerSpec, *, guidance_scale: float,
                  guidance_scale_2: float | None, attention_kwargs: dict | None, callback_on_step_end: Callable | None,
-                 tensor_inputs, solver: str | None, generator, image: ImageCondition | None = None) -> torch.Tensor:
-        """The one denoising path (DiTPipeline._sample) with the experts, their guidance and the image."""
+                 tensor_inputs, solver: str | None, generator, image: ImageCondition | None = None,
+                 expert: torch.nn.Module | None = None, **runtime: Any) -> torch.Tensor:
+        """The one denoising path (DiTPipeline._sample) with the experts, their guidance and the image; `expert`
+        runs every step instead of the switch at the boundary (the relay stage's)."""
         do_cfg = guidance_scale > 1.0
-        return self._sample(self._model_fn(state, do_cfg, attention_kwargs, image), latents, spec,
-                            guidance_scale=self._guidance(guidance_scale, guidance_scale_2),
+        return self._sample(self._model_fn(state, do_cfg, attention_kwargs, image, expert), latents, spec,
+                            guidance_scale=self._guidance(guidance_scale, guidance_scale_2, expert),
                             callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, state=state,
-                            solver=solver, generator=generator)
+                            solver=solver, generator=generator, **runtime)
+
+    def _relay(self, plan: RelayStage, state: dict, latents: torch.Tensor, *, image: ImageCondition | None = None,
+               **kwargs: Any) -> torch.Tensor:
+        """The relay stage from the base latents (B, C, F', H', W') to (B, C, F', kH', kW'), on the flow path.
+
+        The low-noise expert runs it: relay starts below the two experts' boundary (T_r = 500 of 1000 against
+        875 for Wan 2.2 A14B), where `transformer_2` is the one trained; with one expert, `transformer`.
+        `image` is the condition at the relay's size; kwargs: _denoise's guidance, attention and callback."""
+        z_low = plan.z_low(latents, to_pixels=self._decode, from_pixels=self._encode)
+        expert = self.transformer if getattr(self, "transformer_2", None) is None else self.transformer_2
+        return self._denoise(state, z_low, plan.spec, solver=None, image=image, expert=expert, eta=plan.eta,
+                             **kwargs)
 
     def _boundary(self) -> float | None:
         """The timestep from which the high-noise expert (`transformer`) runs; None with one expert."""
         ratio = self.config.boundary_ratio
         return None if ratio is None else ratio * self.scheduler.config.num_train_timesteps
 
-    def _guidance(self, guidance_scale: float, guidance_scale_2: float | None) -> float | Callable:
-        """The constant scale, or with two experts a scale per timestep (the low-noise expert's own)."""
+    def _guidance(self, guidance_scale: float, guidance_scale_2: float | None,
+                  expert: torch.nn.Module | None = None) -> float | Callable:
+        """The constant scale, or with two experts a scale per timestep (the low-noise expert's own); with one
+        `expert` for every step, that expert's scale."""
         boundary = self._boundary()
         if boundary is None or guidance_scale <= 1.0:
             return guidance_scale
         low = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        if expert is not None:
+            return guidance_scale if expert is self.transformer else low
         return lambda t: guidance_scale if float(t) >= boundary else low
 
     def _model_fn(self, state: dict, do_cfg: bool, attention_kwargs: dict | None,
-                  image: ImageCondition | None = None) -> Callable:
-        """The expert for t as model_fn(x, t) on latents (B, C, F', H', W'); conditioning [uncond, cond] under
-        guidance. expand_timesteps (TI2V) gives every latent token the step's timestep, as diffusers does, but 0
-        to the tokens of a first frame held at the image's latents."""
+                  image: ImageCondition | None = None, expert: torch.nn.Module | None = None) -> Callable:
+        """The expert for t (or `expert` for every t) as model_fn(x, t) on latents (B, C, F', H', W');
+        conditioning [uncond, cond] under guidance. expand_timesteps (TI2V) gives every latent token the step's
+        timestep, as diffusers does, but 0 to the tokens of a first frame held at the image's latents."""
         boundary = self._boundary()
         image = image.for_guidance() if image is not None and do_cfg else image
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model = self.transformer if boundary is None or float(t) >= boundary else self.transformer_2
+            model = (expert if expert is not None else self.transformer if boundary is None or float(t) >= boundary
+                     else self.transformer_2)
             context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
                        else state["prompt_embeds"])
             p = model.config.patch_size
@@ -221,15 +244,24 @@ class WanFamily:
         inv_std = (1.0 / torch.tensor(cfg.latents_std)).view(1, cfg.z_dim, 1, 1, 1).to(z.device, torch.float32)
         return (z.float() - mean) * inv_std
 
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, F, H, W) -> the VAE posterior's mode, normalised to the transformer's latent space."""
+        vae_device = get_module_execution_device(self.vae)
+        z = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
+        return self._normalise(z.to(self._execution_device))
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, F', H', W') -> the VAE's frames (B, 3, F, H, W) in [-1, 1]: undo the per-channel
+        normalisation, decode."""
+        mean, std = self._latent_stats(latents.device, self.vae.dtype)
+        return self.vae.decode(latents.to(self.vae.dtype) * std + mean, return_dict=False)[0]
+
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> Any:
-        """Latents (B, C, F', H', W') -> frames: undo the VAE's per-channel normalisation, decode, post-process."""
+        """Latents (B, C, F', H', W') -> frames: decode, post-process."""
         if output_type == "latent":
             video = latents
         else:
-            mean, std = self._latent_stats(latents.device, self.vae.dtype)
-            z = latents.to(self.vae.dtype) * std + mean
-            video = self.video_processor.postprocess_video(self.vae.decode(z, return_dict=False)[0],
-                                                           output_type=output_type)
+            video = self.video_processor.postprocess_video(self._decode(latents), output_type=output_type)
         self.maybe_free_model_hooks()
         return DiTPipelineOutput(frames=video) if return_dict else (video,)
 
@@ -260,19 +292,34 @@ class WanDiTPipeline(WanFamily, DiTPipeline, WanPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = 512,
         solver: str | None = None,
+        cache: CacheConfig | None = None,
+        relay: int | None = None,
+        relay_steps: int = 10,
+        relay_start: int = 500,
+        relay_upsample: str = "latent-nearest",
+        relay_noise_alpha: float = 0.15,
+        relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate videos; `solver` overrides the folder's sampler (e.g. "euler")."""
+        """Generate videos; `solver` overrides the folder's sampler (e.g. "euler"). `relay=k` adds a relay stage
+        (dit.pipeline.relay) to k x height by k x width: `relay_steps` steps from training step T_r =
+        `relay_start` of the flow path, block noise of block size k, the base result upsampled in latent space
+        (nearest or bilinear) or in pixels ("pixel": decode, upsample, encode)."""
         self.check_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                            guidance_scale_2, callback_on_step_end_tensor_inputs, output_type)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
+        check_cache(cache)
+        plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
+                           noise_alpha=relay_noise_alpha, eta=relay_eta)
         state = self._prompt_state(prompt, negative_prompt, guidance_scale > 1.0, num_videos_per_prompt,
                                    max_sequence_length)
         latents = self.prepare_latents(state["prompt_embeds"].shape[0], self.denoisers()[0].config.in_channels,
                                        height, width, num_frames, torch.float32, self._execution_device, generator,
                                        latents)  # (B, C, F', H', W')
-        latents = self._denoise(state, latents, spec, guidance_scale=guidance_scale,
-                                guidance_scale_2=guidance_scale_2, attention_kwargs=attention_kwargs,
-                                callback_on_step_end=callback_on_step_end,
-                                tensor_inputs=callback_on_step_end_tensor_inputs, solver=solver, generator=generator)
+        common = dict(guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                      attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+                      tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache)
+        latents = self._denoise(state, latents, spec, solver=solver, **common)
+        if plan is not None:
+            latents = self._relay(plan, state, latents, **common)  # (B, C, F', kH', kW')
         return self._finish(latents, output_type, return_dict)

@@ -23,10 +23,12 @@ from typing import Callable
 import PIL.Image
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
-from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.utils.torch_utils import randn_tensor
 
+from dit.cache import CacheConfig, check_cache
 from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int
 from dit.pipeline.loading import _require_family, pipeline_class
+from dit.pipeline.relay import relay_stage
 from dit.pipeline.wan import ImageCondition, WanDiTPipeline, WanFamily
 
 
@@ -142,24 +144,41 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = 512,
         solver: str | None = None,
+        cache: CacheConfig | None = None,
+        relay: int | None = None,
+        relay_steps: int = 10,
+        relay_start: int = 500,
+        relay_upsample: str = "latent-nearest",
+        relay_noise_alpha: float = 0.15,
+        relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
         """Generate videos from a first frame (and, FLF2V / A14B, a last frame); `solver` overrides the
-        folder's sampler."""
+        folder's sampler. `relay=k` and the relay_* arguments as WanDiTPipeline's: the relay stage sees the
+        image(s) encoded again at k x height by k x width."""
         self.check_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                            guidance_scale_2, callback_on_step_end_tensor_inputs, output_type, image, last_image)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
+        check_cache(cache)
+        plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
+                           noise_alpha=relay_noise_alpha, eta=relay_eta)
         state = self._prompt_state(prompt, negative_prompt, guidance_scale > 1.0, num_videos_per_prompt,
                                    max_sequence_length)
         batch, device = state["prompt_embeds"].shape[0], self._execution_device
         noise = self._noise(batch, height, width, num_frames, generator, latents, device)
         condition = self._image_condition(image, last_image, batch, height, width, num_frames, device)
-        latents = self._denoise(state, noise, spec, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
-                                attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
-                                tensor_inputs=callback_on_step_end_tensor_inputs, solver=solver, generator=generator,
-                                image=condition)
+        common = dict(guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                      attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+                      tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache)
+        latents = self._denoise(state, noise, spec, solver=solver, image=condition, **common)
         if condition.first_frame_mask is not None:
             latents = condition.hold_first_frame(latents)
+        if plan is not None:
+            k = plan.factor
+            condition = self._image_condition(image, last_image, batch, k * height, k * width, num_frames, device)
+            latents = self._relay(plan, state, latents, image=condition, **common)  # (B, C, F', kH', kW')
+            if condition.first_frame_mask is not None:
+                latents = condition.hold_first_frame(latents)
         return self._finish(latents, output_type, return_dict)
 
     def _noise(self, batch: int, height: int, width: int, num_frames: int, generator, latents: torch.Tensor | None,
@@ -204,12 +223,6 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
     def _pixels(self, image, height: int, width: int, device: torch.device) -> torch.Tensor:
         """An image resized to height x width in [-1, 1], as one frame: (1, 3, 1, H, W) fp32."""
         return self.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)[:, :, None]
-
-    def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Pixels (1, 3, F, H, W) -> the VAE posterior's mode, normalised to the transformer's latent space."""
-        vae_device = get_module_execution_device(self.vae)
-        z = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
-        return self._normalise(z.to(self._execution_device))
 
     def _frame_mask(self, num_frames: int, last: bool, size: tuple[int, int]) -> torch.Tensor:
         """Which frames are given, in the latents' layout: (1, k, F', H', W') fp32, k the VAE's temporal factor.
