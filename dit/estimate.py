@@ -1,4 +1,4 @@
-"""How much memory a video request needs, from a pipeline folder's files alone (before any weights load).
+"""How much memory a video or image request needs, from a pipeline folder's files alone (before any weights load).
 
 `dit generate` refuses a request whose estimate exceeds the free memory of the device, naming the figure and
 the largest frame count and size that fit, instead of running into an out-of-memory kill minutes later. The
@@ -6,8 +6,9 @@ estimate is coarse on purpose: it is meant to catch requests that are far out of
 relay), not to predict a peak to the megabyte. Its VAE term follows the default CogVideoX VAE's measured decode
 (docs/vae3d.md) and is several times high for narrow VAEs such as the demo's; `--force` overrides it.
 
-Each video family reads its own configs (`cogvideox_shape`, `wan_shape`), through its pipeline class's
-`memory_shape` hook; `video_shape(folder)` finds the family from model_index.json.
+Each family reads its own configs (`cogvideox_shape`, `wan_shape`, `image_shape`), through its pipeline class's
+`memory_shape` hook; `video_shape(folder)` finds the family from model_index.json. An image is a request of one
+frame (temporal factor 1) whose decode is the 2D VAE's (`_IMAGE_VAE_MAPS`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ _BLOCK_ACTIVATIONS = 16
 # The streaming VAE decoder keeps about this many full-resolution feature maps of its widest full-resolution
 # level alive (caches of the causal convolutions plus the block being computed; see docs/vae3d.md's profile).
 _VAE_MAPS = 48
+# diffusers' 2D AutoencoderKL decoder keeps about this many maps of its widest full-resolution width (the last
+# upsampler's output channels) alive: measured ~4 for SD3's VAE at 512x512 on the CPU, fp32; 6 leaves margin.
+_IMAGE_VAE_MAPS = 6
 # Per output pixel and frame: the decoded video in fp32, the post-processed float copy and the written uint8s.
 _OUTPUT_BYTES = 3 * (4 + 4 + 1)
 # Every transformer the pipeline loads counts (Wan 2.2 A14B's two experts, CogVideoX's relay stage).
-WEIGHT_FOLDERS = ("transformer", "transformer_2", "relay_transformer", "vae", "text_encoder")
+WEIGHT_FOLDERS = ("transformer", "transformer_2", "relay_transformer", "vae", "text_encoder", "text_encoder_2",
+                  "text_encoder_3")  # SD3's three text encoders
 WAN_TEXT_TOKENS = 512  # WanPipeline's max_sequence_length
 WAN_VAE_FACTORS = (8, 4)  # AutoencoderKLWan's default scale_factor_spatial, scale_factor_temporal (Wan 2.1's VAE)
 
 
 @dataclass(frozen=True)
 class VideoShape:
-    """What the estimate needs from a video pipeline folder's configs."""
+    """What the estimate needs from a pipeline folder's configs (an image family's: temporal 1, one frame)."""
 
     spatial: int  # VAE spatial factor
     temporal: int  # VAE temporal factor
@@ -45,6 +50,7 @@ class VideoShape:
     text_tokens: int
     vae_width: int  # channels of the decoder's full-resolution level
     weight_numel: int
+    vae_maps: int = _VAE_MAPS  # full-resolution maps of vae_width the decode keeps alive
 
 
 def safetensors_numel(path: Path) -> int:
@@ -71,7 +77,7 @@ def safetensors_numel(path: Path) -> int:
 
 
 def folder_weight_numel(folder: Path) -> int:
-    """Elements of the weights the video pipeline loads (transformer(s), VAE, text encoder)."""
+    """Elements of the weights the pipeline loads (transformer(s), VAE, text encoders)."""
     total = 0
     for name in WEIGHT_FOLDERS:
         sub = folder / name
@@ -81,11 +87,19 @@ def folder_weight_numel(folder: Path) -> int:
 
 
 def video_shape(folder: Path) -> VideoShape:
-    """The estimate's view of a video pipeline folder, read by its family's `memory_shape` hook (the family from
-    model_index.json through dit.pipeline.PIPELINE_FAMILIES; nothing is loaded)."""
-    from dit.pipeline import video_pipeline_class
+    """The estimate's view of a pipeline folder (video or image), read by its family's `memory_shape` hook (the
+    family from model_index.json through dit.pipeline.PIPELINE_FAMILIES; nothing is loaded)."""
+    from dit.pipeline import generate_pipeline_class
 
-    return video_pipeline_class(folder).memory_shape(folder)
+    return generate_pipeline_class(folder).memory_shape(folder)
+
+
+def image_shape(folder: Path, geometry, *, text_tokens: int) -> VideoShape:
+    """An image pipeline folder (SD3, CogView3-Plus, DiT), from dit.pipeline.image_family.image_geometry: a
+    one-frame request, the 2D VAE's decode at its widest full-resolution width."""
+    return VideoShape(spatial=geometry.vae_factor, temporal=1, patch=geometry.patch, patch_t=1, hidden=geometry.hidden,
+                      text_tokens=text_tokens, vae_width=geometry.vae_width, weight_numel=folder_weight_numel(folder),
+                      vae_maps=_IMAGE_VAE_MAPS)
 
 
 def cogvideox_shape(folder: Path) -> VideoShape:
@@ -136,7 +150,7 @@ def video_request_bytes(shape: VideoShape, height: int, width: int, frames: int,
     tokens = shape.text_tokens + -(-latent_frames // shape.patch_t) * grid
     batch = 2 if guidance > 1 else 1
     transformer = batch * tokens * shape.hidden * _BLOCK_ACTIVATIONS * dtype_bytes
-    vae = _VAE_MAPS * shape.vae_width * h * w * dtype_bytes + frames * h * w * _OUTPUT_BYTES
+    vae = shape.vae_maps * shape.vae_width * h * w * dtype_bytes + frames * h * w * _OUTPUT_BYTES
     return shape.weight_numel * dtype_bytes + max(transformer, vae)
 
 

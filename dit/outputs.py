@@ -159,7 +159,12 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 # Media
 # ----------------------------------------------------------------------------------------------------------------
 
-MEDIA_FORMATS = ("mp4", "gif", "webp", "png")
+MEDIA_FORMATS = ("mp4", "gif", "webp", "png", "jpg", "jpeg")
+# Formats that hold one picture: a request of one frame (every image model's, a video model's --frames 1) is
+# written as a single file in them; webp also holds animations, png clips are folders of frames, jpg has none.
+STILL_FORMATS = ("png", "webp", "jpg", "jpeg")
+VIDEO_FORMATS = ("mp4", "gif", "webp", "png")
+_PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG", "jpeg": "JPEG"}
 
 
 def sidecar_path(path: Path) -> Path:
@@ -174,6 +179,8 @@ def write_video(frames, path: Path, fps: int, *, replace_link: bool = False) -> 
 
     data = (np.clip(frames, 0, 1) * 255).round().astype("uint8")
     fmt = path.suffix.lstrip(".").lower()
+    if fmt not in VIDEO_FORMATS:
+        raise ValueError(f"{path.name}: .{fmt} is not a video format; accepted: {', '.join(VIDEO_FORMATS)}")
 
     def write(tmp: Path) -> None:
         if fmt == "mp4":
@@ -189,3 +196,15 @@ def write_video(frames, path: Path, fps: int, *, replace_link: bool = False) -> 
                 iio.imwrite(tmp / f"frame_{i:04d}.png", frame)
 
     atomic_write(path, write, replace_link=replace_link)
+
+
+def write_image(image, path: Path, *, replace_link: bool = False) -> None:
+    """image: (H, W, 3) floats in [0, 1] -> one png, webp (lossless) or jpeg (quality 95, no chroma subsampling)
+    file, written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    data = (np.clip(image, 0, 1) * 255).round().astype("uint8")
+    fmt = _PIL_FORMATS[path.suffix.lstrip(".").lower()]
+    options = {"WEBP": {"lossless": True}, "JPEG": {"quality": 95, "subsampling": 0}}.get(fmt, {})
+    atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format=fmt, **options), replace_link=replace_link)

@@ -7,12 +7,14 @@ the command line prints it as `dit: error: ...` with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from dit.outputs import MEDIA_FORMATS, check_not_symlink, sidecar_path
@@ -22,7 +24,7 @@ DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo"
 EMBEDDED_MODEL_NAME = "embedded demo (dit/assets/demo)"  # what sidecars record when no --model was given
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's range
 # Sidecar keys that say how an output was made, not what was asked: a rerun that differs only in these skips.
-RUN_KEYS = frozenset({"seconds", "version", "output", "context_parallel", "cfg_parallel"})
+RUN_KEYS = frozenset({"seconds", "version", "output", "context_parallel", "cfg_parallel", "cache_report"})
 
 
 
@@ -37,7 +39,8 @@ class UsageError(ValueError):
 
 @dataclass
 class Request:
-    """One output to generate; fields left None take the model's defaults."""
+    """One output to generate; fields left None take the model's defaults. class_label: a class-conditional
+    model's class id (DiT), from `--class N` or from the prompt naming the class."""
 
     prompt: str
     seed: int
@@ -45,6 +48,7 @@ class Request:
     height: int | None = None
     width: int | None = None
     frames: int | None = None
+    class_label: int | None = None
 
 
 _JSONL_KEYS = {"prompt", "seed", "negative_prompt", "height", "width", "frames"}
@@ -103,27 +107,55 @@ def _slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "sample"
 
 
-def output_paths(requests: list[Request], output: str | None, fmt: str | None) -> list[Path]:
-    """A file for a single request (-o FILE), or one file per request in a folder (-o DIR, default outputs/).
-
-    -o names a file when its extension is an output format (a PNG output is a folder of frames named like one)
-    and it is not written with a trailing slash; another extension is refused rather than taken as a folder
-    name, unless that folder exists."""
+def _file_suffix(output: str | None) -> str:
+    """The extension of -o when it names a file (a format, or a refused extension); "" for a folder."""
     suffix = "" if not output or output.endswith(("/", os.sep)) else Path(output).suffix.lstrip(".").lower()
     if suffix and suffix not in FORMATS and not Path(output).is_dir():
         raise UsageError(f"-o {output}: .{suffix} is not an output format; accepted: {', '.join(FORMATS)} "
                          f"(for a folder of that name, write it with a trailing '/')")
-    if suffix in FORMATS:
-        if fmt is not None and fmt != suffix:
+    return suffix if suffix in FORMATS else ""
+
+
+def output_format(output: str | None, fmt: str | None, default: str) -> str:
+    """The outputs' format: -o FILE's extension, else --format, else the model's default (mp4 for video models,
+    png for image models). -o names a file when its extension is an output format and it is not written with a
+    trailing slash; another extension is refused rather than taken as a folder name, unless that folder exists."""
+    suffix = _file_suffix(output)
+    if suffix:
+        same = {"jpeg": "jpg"}
+        if fmt is not None and same.get(fmt, fmt) != same.get(suffix, suffix):
             raise UsageError(f"-o {output} names a .{suffix} file but --format is {fmt}; drop --format or make the "
                              "two agree")
+        return suffix
+    return fmt or default
+
+
+def per_prompt(requests: list[Request], count: int) -> tuple[list[Request], list[int]]:
+    """`count` outputs per request (--num-images): output j of a request takes its seed + j. Returns the
+    outputs' requests and, for each, the index of the prompt it came from."""
+    out, index = [], []
+    for i, r in enumerate(requests):
+        for j in range(count):
+            check_seed(r.seed + j, f"seed {r.seed} + {j} (--num-images {count})")
+            out.append(replace(r, seed=r.seed + j))
+            index.append(i)
+    return out, index
+
+
+def output_paths(requests: list[Request], output: str | None, fmt: str, *, indices: list[int] | None = None,
+                 per_request: int = 1) -> list[Path]:
+    """A file for a single output (-o FILE), or one file per output in a folder (-o DIR, default outputs/), named
+    `NNNN-prompt-sSEED.FORMAT` with NNNN the prompt's index (`indices`; the outputs of one prompt differ in their
+    seeds). A PNG clip of several frames is a folder of frames named like a file."""
+    if _file_suffix(output):
         if len(requests) > 1:
-            raise UsageError(f"-o {output} names one file, but there are {len(requests)} prompts; give a folder "
-                             "instead")
+            many = (f"--num-images {per_request} makes {len(requests)} outputs" if per_request > 1
+                    else f"there are {len(requests)} prompts")
+            raise UsageError(f"-o {output} names one file, but {many}; give a folder instead")
         return [Path(output)]
     folder = Path(output or "outputs")
-    ext = fmt or "mp4"
-    return [folder / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.{ext}" for i, r in enumerate(requests)]
+    indices = indices if indices is not None else list(range(len(requests)))
+    return [folder / f"{i:04d}-{_slug(r.prompt)}-s{r.seed}.{fmt}" for i, r in zip(indices, requests)]
 
 
 def check_writable(folder: Path) -> None:
@@ -243,3 +275,16 @@ def relay_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     """The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled),
     as pipeline keyword arguments."""
     return {k: defaults[k] for k in RELAY_DEFAULT_KEYS if k in defaults}
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+    """ValueErrors raised inside come from checking what the user gave (arguments, files, the model folder, the
+    request against the loaded model): they are reported as user errors (one line, exit 2). Elsewhere a
+    ValueError is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from e

@@ -254,3 +254,73 @@ def test_cached_two_ranks_equal_one_process():
 @pytest.mark.parallel
 def test_cached_four_ranks_equal_one_process():
     run_distributed(_check_parallel, 4, [(1, 4, 1), (4, 1, 1), (2, 2, 1), (1, 2, 2)])
+
+
+# ------------------------------------------------------------------------------------- pipelines and CLI
+
+
+def _frames(pipe, **kwargs):
+    return pipe("a red circle", num_inference_steps=6, guidance_scale=3.0, output_type="np", num_frames=9,
+                generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+
+def test_pipeline_cache_argument_and_report(tmp_path):
+    from dit.pipeline import DiTPipeline
+    from tests.tiny import tiny_cogvideox_pipeline
+
+    tiny_cogvideox_pipeline(tmp_path / "cog")
+    pipe = DiTPipeline.from_pretrained(tmp_path / "cog")
+    pipe.set_progress_bar_config(disable=True)
+    reference = _frames(pipe)
+    assert pipe.pop_cache_reports() == []
+    assert (_frames(pipe, cache=FirstBlockCache(0.0)) == reference).all()
+    (report,) = pipe.pop_cache_reports()
+    assert report["computed"] == report["calls"] == 6 and report["blocks_run"] == 12
+    skipped = _frames(pipe, cache=FirstBlockCache(1e9, warmup=1, final=1))
+    assert pipe.pop_cache_reports()[0]["computed_steps"] == [0, 5] and not (skipped == reference).all()
+    # diffusers' idiom on our transformer, through our pipeline, is the same cache
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    fbc = _frames(pipe, cache=FirstBlockCache(0.3))
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    assert (_frames(pipe) == fbc).all()
+    pipe.transformer.disable_cache()
+    with pytest.raises(ValueError, match="diffusers' configs go to transformer.enable_cache"):
+        _frames(pipe, cache=FirstBlockCacheConfig(threshold=0.3))
+
+
+def test_two_experts_share_the_step_count(tmp_path):
+    from dit.pipeline import DiTPipeline
+    from tests.tiny import tiny_wan_pipeline
+
+    tiny_wan_pipeline(tmp_path / "wan", two_experts=True)
+    pipe = DiTPipeline.from_pretrained(tmp_path / "wan")
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a red circle", num_inference_steps=6, guidance_scale=3.0, output_type="np", num_frames=5, height=32,
+         width=32, generator=torch.Generator().manual_seed(0), cache=FirstBlockCache(1e9, final=1))
+    (report,) = pipe.pop_cache_reports()
+    # each expert computes its first call (no residual of its own yet), the last step is always computed
+    assert report["calls"] == 6 and report["computed_steps"][-1] == 5 and report["computed_steps"][0] == 0
+    assert len(report["computed_steps"]) == 3
+
+
+def test_cli_cache_recorded_and_bad_specs_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import json
+
+    import dit.pipeline
+    from dit.cli import main
+    from tests.tiny import tiny_cogvideox_pipeline
+
+    tiny_cogvideox_pipeline(tmp_path / "cog")
+    args = ["generate", "a red circle", "--model", str(tmp_path / "cog"), "--steps", "4", "--frames", "9",
+            "--height", "16", "--width", "16"]
+    assert main([*args, "-o", str(tmp_path / "a.mp4"), "--cache", "fbc:1e9"]) == 0
+    (sidecar,) = tmp_path.glob("a*.json")
+    record = json.loads(sidecar.read_text())
+    assert record["cache"] == "fbc:1e9" and record["cache_report"][0]["computed_steps"] == [0]
+    capsys.readouterr()
+    monkeypatch.setattr(dit.pipeline.DiTPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    for spec, match in [("fbc", "KIND:THRESHOLD"), ("mag:0.1", "mag_ratios"), ("fbc:0.1,k=2", "not one of")]:
+        assert main([*args, "-o", str(tmp_path / "b.mp4"), "--cache", spec]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err

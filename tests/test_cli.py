@@ -183,11 +183,11 @@ def test_cfg_parallel_needs_guidance_and_torchrun(model, tmp_path, capsys):
         in capsys.readouterr().err
 
 
-def test_an_image_pipeline_folder_is_a_clear_error_before_loading(tmp_path, capsys):
+def test_a_video_format_from_an_image_pipeline_folder_is_a_clear_error_before_loading(tmp_path, capsys):
     from tiny import tiny_sd3_pipeline
 
-    tiny_sd3_pipeline(tmp_path / "sd3")
+    tiny_sd3_pipeline(tmp_path / "sd3")  # image folders themselves: test_cli_image.py
     code = main(["generate", "a cat", "--model", str(tmp_path / "sd3"), "-o", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and ("holds a StableDiffusion3Pipeline; `dit generate` takes video pipeline folders "
-                          "(CogVideoXPipeline, WanPipeline, WanImageToVideoPipeline)") in err
+    assert code == 2 and ("x.mp4: a StableDiffusion3Pipeline folder makes images; accepted: png, webp, jpg, "
+                          "jpeg") in err

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import dit.cli
+import dit.generate
 import dit.pipeline
 from dit.cli import main
 from dit.outputs import TMP_PREFIX, _HOST
@@ -86,7 +86,7 @@ def test_a_kill_between_sidecar_and_output_is_completed_by_the_rerun(model, tmp_
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(dit.cli, "write_video", killed)
+        m.setattr(dit.generate, "write_video", killed)
         assert _gen(model, out) == 130
     assert (tmp_path / "clip.gif.json").is_file() and not out.exists()
     assert _gen(model, out) == 0  # a sidecar without its output is an interrupted run: redone
@@ -303,5 +303,5 @@ def test_non_finite_frames_are_not_written(tmp_path):
     frames = np.zeros((3, 8, 8, 3), dtype=np.float32)
     frames[1, 2, 2, 0] = np.nan
     with pytest.raises(FloatingPointError, match="not finite"):
-        dit.cli._write_output(frames, tmp_path / "out" / "clip.mp4", {"prompt": "x"}, 8, False)
+        dit.generate._write_output(frames, tmp_path / "out" / "clip.mp4", {"prompt": "x"}, 8, False)
     assert not (tmp_path / "out").exists()
