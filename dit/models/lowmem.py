@@ -1,6 +1,7 @@
-"""Low-memory inference of expert-adaLN blocks over a joint [text, video] sequence (CogVideoX).
+"""Low-memory inference of the video blocks: CogVideoX's expert-adaLN block over a joint [text, video] sequence,
+and Wan's adaLN block.
 
-The same arithmetic as `CogVideoXBlock.forward`, the reference (`expert_modulate`, attention, `expert_gated_add`,
+The same arithmetic as the blocks' `forward`, the reference (modulation, attention, gated residual adds,
 feed-forward), for calls autograd does not record: the adaLN modulation and the residual gates work in place,
 GELU works in place, and for long sequences the residual branches (attention's out-projection, the MLP) run over
 token chunks, added into the residual stream chunk by chunk, so the (tokens, 4 D) MLP state never exists in full.
@@ -19,15 +20,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dit.layers import GELU, FeedForward, Rope, needs_grad
+from dit.layers import ADALN_ZERO, GELU, FeedForward, Rope, layer_norm, modulation_chunks, needs_grad
 
 CHUNK_BYTES = 16 << 20  # one chunk's (tokens, hidden) intermediate
 CHUNK_ABOVE_BYTES = 256 << 20  # sequences whose whole intermediate is larger than this are chunked
 
 
 def usable(block: nn.Module, *inputs: Tensor) -> bool:
-    """True when autograd records nothing through the block, so its tensors may be overwritten in place."""
-    return not needs_grad(*inputs, *block.parameters())
+    """True when autograd records nothing through the block, so its tensors may be overwritten in place; never
+    under torch.compile, whose compiler plans the memory of the reference path itself (the token loops here would
+    unroll into the graph)."""
+    return not torch.compiler.is_compiling() and not needs_grad(*inputs, *block.parameters())
 
 
 def expert_modulate_(h: Tensor, n_text: int, text: tuple[Tensor, Tensor], vision: tuple[Tensor, Tensor]) -> Tensor:
@@ -80,3 +83,53 @@ def cogvideox_block(block: nn.Module, x: Tensor, temb: Tensor, n_text: int, rope
     h = expert_modulate_(block.norm2.norm(x), n_text, (m.enc_shift, m.enc_scale), (m.shift, m.scale))
     return expert_gated_add_(x, n_text, (m.enc_gate, m.gate), lambda t: feed_forward_(block.ff, t), h,
                              block.ff.inner_dim)
+
+
+# ------------------------------------------------------------------------------------------------------ Wan
+
+
+def _rows(t: Tensor, i: int, j: int, k: int) -> Tensor:
+    """Sample i's rows j:k of a per-token (B, N, D) modulation, or sample i's (B, D) one."""
+    return t[i, j:k] if t.ndim == 3 else t[i]
+
+
+def _modulated_norm(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """`modulate(layer_norm(x.float()), shift, scale).type_as(x)` with the modulation in place on the fresh norm
+    output; shift / scale (B, D) or per token (B, N, D), fp32."""
+    h = layer_norm(x.float(), eps)  # (B, N, D) fp32, a fresh tensor
+    if shift.ndim == 2:
+        shift, scale = shift[:, None], scale[:, None]  # (B, 1, D)
+    torch.addcmul(shift, h, 1 + scale, out=h)
+    return h.type_as(x)
+
+
+def _fp32_gated_add_(x: Tensor, gate: Tensor, fn: Callable[[Tensor], Tensor], y: Tensor, hidden: int) -> Tensor:
+    """x = (x.float() + gate * fn(y).float()).type_as(x) in place, over token chunks when fn's (tokens, hidden)
+    intermediate would be large; gate (B, D) or per token (B, N, D), fp32."""
+    b, length, _ = y.shape
+    row_bytes = hidden * y.element_size()
+    rows = length if b * length * row_bytes <= CHUNK_ABOVE_BYTES else max(16, CHUNK_BYTES // row_bytes)
+    for i in range(b):
+        for j in range(0, length, rows):
+            k = min(j + rows, length)
+            out = fn(y[i, j:k]).float()  # (rows, D)
+            if x.dtype == torch.float32:
+                x[i, j:k].addcmul_(out, _rows(gate, i, j, k))
+            else:
+                x[i, j:k] = torch.addcmul(x[i, j:k].float(), out, _rows(gate, i, j, k))
+    return x
+
+
+def wan_block(block: nn.Module, x: Tensor, text: Tensor, image: Tensor | None, modulation: Tensor,
+              rope: Rope) -> Tensor:
+    """`WanTransformerBlock.forward(x, text, image, modulation, rotations)` in place on x (B, N, D), for calls
+    autograd does not record (`usable`); `rope` is the self-attention's RoPE hook."""
+    m = modulation_chunks(block.scale_shift_table + modulation.float(), ADALN_ZERO)  # each (B, [N,] D), fp32
+    h = _modulated_norm(x, m.shift_msa, m.scale_msa, block.eps)
+    out = block.attn1.attend(h, rope=rope)  # (B, N, H Dh), before the output projection
+    del h
+    x = _fp32_gated_add_(x, m.gate_msa, block.attn1.to_out[0], out, x.shape[-1])
+    del out
+    x += block.attn2(block.norm2(x.float()).type_as(x), text, added=image)
+    h = _modulated_norm(x, m.shift_mlp, m.scale_mlp, block.eps)
+    return _fp32_gated_add_(x, m.gate_mlp, lambda t: feed_forward_(block.ffn, t), h, block.ffn.inner_dim)

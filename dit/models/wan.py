@@ -36,6 +36,7 @@ from dit.embeddings import TimestepEmbedder
 from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Rope, broadcast_timestep,
                         checkpointed, gated_add, layer_norm, modulate, modulation_chunks)
+from dit.models import lowmem
 from dit.parallel.model import ContextParallelMixin
 from dit.rope import apply_rope_, wan_rope
 
@@ -141,6 +142,8 @@ class WanTransformerBlock(nn.Module):
     def forward(self, x: Tensor, text: Tensor, image: Tensor | None, modulation: Tensor, rope: Tensor) -> Tensor:
         """x (B, N, D) video tokens, text (B, T, D), image (B, M, D) or None; modulation (B, 6, D), or (B, N, 6, D)
         per token; rope (N, Dh/2) rotations. The residual stream is updated in fp32 and kept in x's dtype."""
+        if lowmem.usable(self, x, text, modulation):  # inference: the same arithmetic in place and in token chunks
+            return lowmem.wan_block(self, x, text, image, modulation, rotate(rope))
         m = modulation_chunks(self.scale_shift_table + modulation.float(), ADALN_ZERO)  # each (B, [N,] D), fp32
         h = modulate(layer_norm(x.float(), self.eps), m.shift_msa, m.scale_msa).type_as(x)
         x = gated_add(x.float(), m.gate_msa, self.attn1(h, rope=rotate(rope))).type_as(x)
