@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations dtype")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until used (GPU memory saver)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile each transformer block (regional: compiled once at the first step, then "
+                          "reused by every block and step; composes with --cache, --offload and context parallelism)")
+    gen.add_argument("--attention", metavar="BACKEND",
+                     help="attention kernel: auto (fastest installed for the dtype and device), sdpa (default), "
+                          "sdpa_flash, sdpa_cudnn, sdpa_efficient, flash (flash_attn 2), flash3, sage, xformers, math")
     gen.add_argument("--relay", type=_positive_int,
                      help="relay super-resolution factor (e.g. 2): a second stage at k x height, k x width from "
                           "the upsampled result (CogVideoX, Wan, SD3, CogView3-Plus)")

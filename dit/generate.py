@@ -224,6 +224,7 @@ def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], d
     if settings["world"] > 1:
         _check_parallel_support(folder, family)
     _check_device(args.device)
+    _check_attention(getattr(args, "attention", None), args.device)
     if args.offload and not args.device.startswith("cuda"):
         raise UsageError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device "
                          f"{args.device}")
@@ -233,6 +234,24 @@ def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], d
     for parent in {p.parent for p in paths}:
         check_writable(parent)
     return folder, list(zip(requests, paths)), settings
+
+
+def _check_attention(backend: str | None, device: str) -> None:
+    """--attention: a kernel that is installed here and runs on --device (its dtype and head size are checked at
+    the first step, with the same error naming what would run)."""
+    if backend is None:
+        return
+    from dit.attention import KERNELS, canonical, resolve_backend
+
+    try:
+        name = resolve_backend(backend)
+    except ValueError as e:
+        raise UsageError(f"--attention {backend}: {e}") from None
+    devices = KERNELS[name].devices if name in KERNELS else ("cpu", "cuda")
+    if device.split(":")[0] not in devices:
+        raise UsageError(f"--attention {backend}: the {canonical(backend)} kernel runs on "
+                         f"{' / '.join(d for d in devices if d != 'meta')}, not --device {device}; use --attention "
+                         "auto or sdpa")
 
 
 def _cache(spec: str | None, defaults: dict):
@@ -333,6 +352,12 @@ def _load(folder: Path, args: argparse.Namespace, todo: list, family: type):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device == "cuda" and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process, not all on cuda:0
     pipe = family.from_pretrained(folder, torch_dtype=getattr(torch, DTYPES[args.dtype]))
+    if getattr(args, "attention", None) is not None:
+        for model in {id(m): m for m in [*pipe.denoisers(), getattr(pipe, "relay_transformer", None)]
+                      if m is not None}.values():
+            model.set_attention_backend(args.attention)
+    if getattr(args, "compile", False):
+        pipe.enable_compile()  # after the backend: compilation happens at the first step
     if args.offload:
         pipe.enable_model_cpu_offload(device=args.device)
     else:
@@ -386,9 +411,14 @@ def _parallel(pipe, args: argparse.Namespace, world: int) -> Iterator[bool]:
 
     own_group = not dist.is_initialized()
     if own_group:
-        if args.device.startswith("cuda:"):
-            torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            # This rank's GPU (cuda:LOCAL_RANK, set by _load) is the current device and the one NCCL binds its
+            # communicators to, eagerly: nothing runs on another rank's GPU or through the CPU.
+            device = torch.device(args.device if ":" in args.device else f"cuda:{torch.cuda.current_device()}")
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     try:
         from dit.parallel import ContextParallelConfig
 

@@ -432,7 +432,7 @@ class AttentionBackendMixin:
             raise NoAttentionProcessorsError(
                 f"{type(self).__name__} has no attention processors, so no `{name}`: every attention layer calls "
                 "the one function dit.attention.attention, by design. Choose its backend with "
-                "model.set_attention_backend('sdpa' | 'xformers' | 'math' | a callable attention(q, k, v, *, mask, "
+                "model.set_attention_backend('sdpa' | 'auto' | 'flash' | ... | a callable attention(q, k, v, *, mask, "
                 "scale)); a custom attention is such a callable (docs/diffusers.md)")
         return super().__getattr__(name)
 
@@ -457,9 +457,9 @@ class AttentionBackendMixin:
                              "set_attention_backend(fn), fn(q, k, v, *, mask, scale) -> out")
 
     def set_attention_backend(self, backend: Backend) -> None:
-        """'sdpa' (default), 'xformers', 'math', or a callable attention(q, k, v, *, mask, scale)."""
-        backend = {"native": "sdpa", "_native_math": "math"}.get(backend, backend)  # diffusers' names
-        resolve_backend(backend)  # unknown names fail here, not in the middle of a forward
+        """A name of `dit.attention.BACKENDS` ('sdpa' default, 'auto', 'flash', 'flash3', 'sdpa_cudnn', 'sage',
+        'xformers', 'math', ...; diffusers' names too) or a callable attention(q, k, v, *, mask, scale)."""
+        backend = resolve_backend(backend)  # unknown or missing kernels fail here, not in the middle of a forward
         self.attn_backend = backend
         for module in self.modules():
             if isinstance(module, Attention):

@@ -50,7 +50,7 @@ def test_attention_backends_agree_and_fail_clearly():
     mask = torch.rand(2, 1, 5, 5) > 0.3
     mask[..., 0] = True
     torch.testing.assert_close(attention(q, k, v, mask=mask), attention(q, k, v, mask=mask, backend="math"))
-    with pytest.raises(ValueError, match="unknown attention backend 'flash3'"):
-        attention(q, k, v, backend="flash3")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash9'"):
+        attention(q, k, v, backend="flash9")
     with pytest.raises(ValueError, match="xformers"):
         attention(q, k, v, backend="xformers")  # not installed here, or not on CUDA

@@ -151,6 +151,7 @@ class CogVideoXTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, M
     _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
     _supports_gradient_checkpointing = True
     _no_split_modules = ["CogVideoXBlock", "CogVideoXPatchEmbed"]
+    _repeated_blocks = ["CogVideoXBlock"]  # regional compile (dit.compile, diffusers' compile_repeated_blocks)
 
     @register_to_config
     def __init__(

@@ -98,6 +98,7 @@ class CogView3PlusTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMi
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
     _no_split_modules = ["CogView3PlusTransformerBlock", "CogView3PlusPatchEmbed"]
+    _repeated_blocks = ["CogView3PlusTransformerBlock"]  # regional compile (dit.compile)
 
     @register_to_config
     def __init__(

@@ -113,6 +113,7 @@ class DiTTransformer2DModel(AttentionBackendMixin, ModelMixin, ConfigMixin,
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _supports_gradient_checkpointing = True
     _supports_group_offloading = False
+    _repeated_blocks = ["DiTBlock"]  # regional compile (dit.compile)
 
     @register_to_config
     def __init__(

@@ -114,6 +114,7 @@ class SD3Transformer2DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["JointTransformerBlock"]
+    _repeated_blocks = ["JointTransformerBlock"]  # regional compile (dit.compile)
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
-import torch.nn.functional as F
 from torch import Tensor
 
+from dit.attention import Backend, attention, attention_lse
 from dit.parallel.config import ParallelContext
 from dit.parallel.sequence import gather, gather_sizes, split_sizes
 
@@ -30,14 +30,11 @@ from dit.parallel.sequence import gather, gather_sizes, split_sizes
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Lq, D), lse (B, H, Lq) fp32) of softmax(q k^T scale) v over one K/V block."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse.float()
-    logits = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
-    lse = torch.logsumexp(logits, dim=-1)
-    return ((logits - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
+def _block_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: Backend = None) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Lq, D), lse (B, H, Lq) fp32) of softmax(q k^T scale) v over one K/V block, by the model's
+    attention kernel (`dit.attention.attention_lse`: the CPU flash kernel, on CUDA flash_attn 2 / 3, torch's
+    flash / cuDNN / efficient kernels, SageAttention, xformers, or the fp32 reference)."""
+    return attention_lse(q, k, v, scale=scale, backend=kernel)
 
 
 def _block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -64,7 +61,8 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, q_tokens: int) -> None:
+def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, q_tokens: int,
+                kernel: Backend = None) -> None:
     """Add one K/V block's share to a partial attention result in place, at most q_tokens queries at a time.
 
     acc (B, H, L_q, D) and lse (B, H, L_q) hold the attention over the blocks so far and its log-sum-exp (zeros and
@@ -78,7 +76,7 @@ def _merge_into(acc: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor, scale
     start = 0
     for n in split_sizes(q.shape[2], -(-q.shape[2] // q_tokens)):  # even blocks: no small ragged last one
         rows, start = slice(start, start + n), start + n
-        o, l = _block_forward(q[:, :, rows], k, v, scale)  # (B, H, n, D), (B, H, n)
+        o, l = _block_forward(q[:, :, rows], k, v, scale, kernel)  # (B, H, n, D), (B, H, n)
         acc_r, lse_r = acc[:, :, rows], lse[:, :, rows]
         new = torch.logaddexp(lse_r, l)
         acc_r.lerp_(o.to(acc.dtype), (l - new).exp_().unsqueeze(-1).to(acc.dtype))  # weight 1 on the first block
@@ -195,7 +193,8 @@ def _ring_step(t: int, plan: _RingSchedule, kh: Tensor, vh: Tensor, prev: Tensor
 
 
 def _ring_heads(qh: Tensor, kh: Tensor, vh: Tensor, acc: Tensor, lse: Tensor, scale: float, q_tokens: int,
-                plan: _RingSchedule, buffers: list[Tensor], peers: tuple[int, int], group: dist.ProcessGroup) -> None:
+                plan: _RingSchedule, buffers: list[Tensor], peers: tuple[int, int], group: dist.ProcessGroup,
+                kernel: Backend = None) -> None:
     """One head group once round the ring, merged into acc / lse: each received message is used while the next
     one travels. The three buffers rotate (send, receive, in use)."""
     prev = None  # the message received at the previous step, (2, B, g, n, D)
@@ -203,9 +202,9 @@ def _ring_heads(qh: Tensor, kh: Tensor, vh: Tensor, acc: Tensor, lse: Tensor, sc
         send_buffer, recv_buffer, prev_buffer = buffers
         reqs, recv = _ring_step(t, plan, kh, vh, prev, send_buffer, recv_buffer, peers, group)
         if t == 0:  # the own block while the first message travels
-            _merge_into(acc, lse, qh, kh, vh, scale, q_tokens)
+            _merge_into(acc, lse, qh, kh, vh, scale, q_tokens, kernel)
         elif prev is not None:
-            _merge_into(acc, lse, qh, prev[0], prev[1], scale, q_tokens)
+            _merge_into(acc, lse, qh, prev[0], prev[1], scale, q_tokens, kernel)
         for req in reqs:
             req.wait()
         prev = recv
@@ -214,7 +213,7 @@ def _ring_heads(qh: Tensor, kh: Tensor, vh: Tensor, acc: Tensor, lse: Tensor, sc
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int], group: dist.ProcessGroup,
                   message_bytes: int | None, out: Tensor | None = None,
-                  keep_lse: bool = False) -> tuple[Tensor, Tensor | None]:
+                  keep_lse: bool = False, kernel: Backend = None) -> tuple[Tensor, Tensor | None]:
     """Ring attention forward, streamed: (out (B, H, L_q, D) in q's dtype, written into `out` when given; with
     keep_lse the lse (B, H, L_q) fp32, for the backward). Heads go in groups, each group once round the ring.
 
@@ -245,7 +244,8 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int
         lse_h = (lse[:, hs] if keep_lse else lse[:, :g]).fill_(float("-inf"))
         acc = out[:, hs] if direct else torch.empty(b, g, l_q, d, dtype=acc_dtype, device=q.device)
         acc.zero_()
-        _ring_heads(q[:, hs], k[:, hs], v[:, hs], acc, lse_h, scale, q_tokens, plan, list(buffers), peers, group)
+        _ring_heads(q[:, hs], k[:, hs], v[:, hs], acc, lse_h, scale, q_tokens, plan, list(buffers), peers, group,
+                    kernel)
         if not direct:
             out[:, hs] = acc
     return out, lse if keep_lse else None
@@ -268,8 +268,8 @@ def _rotate(tensors: Tensor, recv_len: int, len_dim: int, group: dist.ProcessGro
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, sizes: list[int], group,
-                message_bytes: int | None) -> Tensor:
-        out, lse = _ring_forward(q, k, v, scale, sizes, group, message_bytes, keep_lse=True)
+                message_bytes: int | None, kernel: Backend) -> Tensor:
+        out, lse = _ring_forward(q, k, v, scale, sizes, group, message_bytes, keep_lse=True, kernel=kernel)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.sizes, ctx.group = scale, sizes, group
         return out
@@ -291,18 +291,19 @@ class _RingAttention(torch.autograd.Function):
             if step < world - 1:
                 kv = _rotate(kv, recv_len, 3, group)
             dkv = _rotate(dkv, recv_len, 3, group)  # after P rotations the gradients are home
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, sizes: list[int], group: dist.ProcessGroup,
                    scale: float | None = None, impl: str = "p2p", message_bytes: int | None | str = "auto",
-                   out: Tensor | None = None) -> Tensor:
+                   out: Tensor | None = None, kernel: Backend = None) -> Tensor:
     """Attention of local queries over the whole ring's keys/values; sizes = every rank's sequence length.
 
     message_bytes bounds the p2p ring's K/V messages, and so its memory (see `_ring_forward`): "auto" is 1/64 of
     the largest rank's q (at least 64 KiB) on the CPU and whole blocks elsewhere; None is whole blocks.
     `out` (B, H, L_q, D), for inference only, receives the result in place: the p2p ring then accumulates in it
-    when it is fp32 or wider.
+    when it is fp32 or wider. `kernel`: the attention backend name (`dit.attention`) that computes each block
+    with its log-sum-exp (None: 'sdpa').
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     message_bytes = _message_budget(message_bytes, q, sizes)
@@ -310,14 +311,14 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, sizes: list[int], group: 
     if out is not None and needs_grad:
         raise ValueError("ring_attention(out=...) is for inference: with gradients, use the returned tensor")
     if len(sizes) == 1:
-        result = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        result = attention(q, k, v, scale=scale, backend=kernel)
     elif impl == "allgather":
         k_all, v_all = gather(k, 2, sizes, group), gather(v, 2, sizes, group)
-        result = F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+        result = attention(q, k_all, v_all, scale=scale, backend=kernel)
     elif needs_grad:
-        return _RingAttention.apply(q, k, v, scale, list(sizes), group, message_bytes)
+        return _RingAttention.apply(q, k, v, scale, list(sizes), group, message_bytes, kernel)
     else:
-        return _ring_forward(q, k, v, scale, list(sizes), group, message_bytes, out)[0]
+        return _ring_forward(q, k, v, scale, list(sizes), group, message_bytes, out, kernel=kernel)[0]
     return result if out is None else out.copy_(result)
 
 
@@ -399,9 +400,10 @@ class ContextParallelAttention:
     (DDP) is exact.
     """
 
-    def __init__(self, context: ParallelContext, *, cross: bool = False):
+    def __init__(self, context: ParallelContext, *, cross: bool = False, kernel: Backend = None):
         self.context = context
         self.cross = cross
+        self.kernel = kernel  # the attention backend name that computes the local attention (None: 'sdpa')
         self._sizes: list[int] | None = None
 
     def set_sizes(self, sizes: list[int] | None) -> None:
@@ -419,8 +421,9 @@ class ContextParallelAttention:
             raise ValueError("context-parallel cross-attention takes a mask over the keys only (size 1 along the "
                              f"queries, e.g. (B, 1, 1, L_kv)), got {tuple(mask.shape)}: the queries are this rank's "
                              "shard, and a per-query mask would have to be sharded with them")
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return attention(q, k, v, mask=mask, scale=scale, backend=self.kernel)
 
+    @torch.compiler.disable  # p2p and host-side plans: runs eagerly between a compiled block's graphs
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None,
                  scale: float | None = None) -> Tensor:
         if self.cross:
@@ -428,7 +431,7 @@ class ContextParallelAttention:
         if mask is not None:
             raise ValueError("context-parallel attention does not take an attention mask (joint DiT attention has none)")
         ctx, cfg = self.context, self.context.config
-        sizes = self._sizes or gather_sizes(q.shape[2], ctx.world_group)
+        sizes = self._sizes or gather_sizes(q.shape[2], ctx.world_group, q.device)
         if not q.shape[2] == k.shape[2] == sizes[ctx.shard_index]:
             raise ValueError(f"queries ({q.shape[2]}) and keys ({k.shape[2]}) must both be this rank's shard "
                              f"of {sizes[ctx.shard_index]} tokens")
@@ -440,7 +443,7 @@ class ContextParallelAttention:
         ring_sizes = [sum(sizes[r * u:(r + 1) * u]) for r in range(cfg.ring_degree)]
         needs_grad = _needs_grad(q, k, v)
         ring = dict(sizes=ring_sizes, group=ctx.ring_group, scale=scale, impl=cfg.ring_impl,
-                    message_bytes=cfg.ring_message_bytes)
+                    message_bytes=cfg.ring_message_bytes, kernel=self.kernel)
         # Written chunk by chunk in (B, L_r, H, D) so that the caller's (B, L_r, H D) view of it needs no copy.
         out = q.new_empty(b, l_r, h, d)
         # With at most one head per Ulysses rank per chunk, batch elements go one at a time too (e.g. CFG's two

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -104,9 +105,13 @@ class ParallelContext:
     `ulysses_group` lie inside it; `cfg_group` joins the ranks of equal ring x ulysses position across the cfg groups.
     """
 
-    def __init__(self, config: ContextParallelConfig, *, device_type: str = "cpu"):
+    def __init__(self, config: ContextParallelConfig, *, device_type: str = "cpu",
+                 device: torch.device | str | None = None):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("context parallelism needs torch.distributed initialised first (torchrun / accelerate)")
+        device = torch.device(device if device is not None else device_type)
+        device_type = device.type
+        check_process_group(device)
         world = dist.get_world_size()
         if world % config.process_count:
             raise ValueError(
@@ -130,6 +135,17 @@ class ParallelContext:
         self.ring_rank = dist.get_rank(self.ring_group)
         self.ulysses_rank = dist.get_rank(self.ulysses_group)
         self.cfg_rank = dist.get_rank(self.cfg_group)
+        if _device_backends().get(device_type) == "nccl":
+            self.connect(device)
+
+    def connect(self, device: torch.device) -> None:
+        """One tiny all-reduce on each group, on every rank, in the same order: NCCL makes a group's communicator
+        on its first collective, and a batched p2p as that first collective needs every rank of the group in it
+        (torch's batch_isend_irecv note), which the ring's steps do not promise. Groups made lazily by the mesh
+        are thereby made here, together, not in the middle of a forward."""
+        probe = torch.zeros(1, device=device)
+        for group in (self.cp_group, self.ring_group, self.ulysses_group, self.cfg_group):
+            dist.all_reduce(probe, group=group)
 
     @property
     def world_group(self) -> dist.ProcessGroup:
@@ -145,3 +161,37 @@ class ParallelContext:
         """Which sequence chunk this rank holds: ring-major, ulysses-minor, so that a Ulysses group's chunks
         are contiguous and its all-to-all yields the ring chunk."""
         return self.ring_rank * self.config.ulysses_degree + self.ulysses_rank
+
+
+def _device_backends() -> dict[str, str]:
+    """Device type -> the backend of the default process group that runs its tensors ('nccl' for CUDA, ...)."""
+    config = str(dist.get_backend_config())  # "cuda:nccl", "cpu:gloo,cuda:gloo", "cpu:gloo,cuda:nccl", ...
+    if ":" not in config:  # a plain backend name (custom backends)
+        return {device: config for device in ("cpu", "cuda")}
+    return dict(item.split(":", 1) for item in config.split(","))
+
+
+def check_process_group(device: torch.device) -> None:
+    """ValueError unless the default process group runs collectives on `device`'s tensors with the backend made for
+    them, and, on CUDA, on this process's current GPU: NCCL for CUDA tensors (gloo would stage them through the CPU,
+    or fail on the all-to-all), gloo for CPU tensors; each process on the GPU of its local rank
+    (torch.cuda.set_device(LOCAL_RANK) before init_process_group), so that nothing runs on another rank's GPU or
+    falls back to the CPU."""
+    backends = _device_backends()
+    backend = backends.get(device.type)
+    expected = dist.Backend.default_device_backend_map.get(device.type)
+    if backend is None:
+        raise ValueError(f"the model is on {device.type} but the process group has no backend for {device.type} "
+                         f"tensors ({dist.get_backend_config()}); init_process_group({expected!r}) for a model on "
+                         f"{device.type}, or move the model to the device the group serves")
+    if device.type == "cuda" and backend != "nccl":
+        raise ValueError(f"the model is on CUDA but the process group runs CUDA tensors on {backend!r}: context "
+                         "parallelism on GPUs needs init_process_group('nccl') (one process per GPU, "
+                         "torch.cuda.set_device(LOCAL_RANK) first)")
+    if device.type == "cuda":
+        current = torch.cuda.current_device()
+        if device.index is not None and device.index != current:
+            raise ValueError(f"the model is on cuda:{device.index} but this process's current CUDA device is "
+                             f"cuda:{current}: NCCL runs on the current device, so call "
+                             "torch.cuda.set_device(int(os.environ['LOCAL_RANK'])) before init_process_group and "
+                             "keep each rank's model on that GPU")

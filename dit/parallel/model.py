@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from dit.attention import resolve_backend
 from dit.parallel.attention import ContextParallelAttention
 from dit.parallel.config import ContextParallelConfig, ParallelContext
 from dit.parallel.sequence import gather, shard, split_sizes
@@ -49,17 +50,37 @@ class ContextParallelMixin:
         # Any head count works (uneven head shares over the Ulysses ranks); this refuses, before any process group
         # is made, a plan that would leave a rank or a head chunk without heads (ContextParallelConfig.head_plan).
         config.head_plan(self.config.num_attention_heads)
-        if device_type is None:
-            device_type = next(self.parameters()).device.type
-        context = ParallelContext(config, device_type=device_type)
-        attention = ContextParallelAttention(context)
+        device = next(self.parameters()).device
+        if device_type is not None and device_type != device.type:
+            raise ValueError(f"device_type {device_type!r} is not the model's device ({device}): move the model to "
+                             "its rank's device first; the collectives run where its tensors are")
+        context = ParallelContext(config, device=device)
+        kernel = getattr(self, "attn_backend", None)
+        kernel = kernel if not callable(kernel) else None  # a custom callable has no log-sum-exp for the ring
+        attention = ContextParallelAttention(context, kernel=kernel)
         self._cp = _CPState(context, attention, getattr(self, "attn_backend", None))
-        self.set_attention_backend(attention)
+        super().set_attention_backend(attention)
+
+    def set_attention_backend(self, backend) -> None:
+        """On a context-parallel model, a backend name chooses the kernel inside the context-parallel attention
+        (every rank's local blocks, with the log-sum-exp the ring merges); a callable would replace the
+        context-parallel attention itself, so it is refused until `disable_parallelism()`."""
+        if self._cp is None:
+            return super().set_attention_backend(backend)
+        if callable(backend):
+            raise ValueError("this model runs context-parallel: its attention is the ContextParallelAttention, which "
+                             "a callable backend would replace; pass a backend name (the kernel inside it), or "
+                             "disable_parallelism() first")
+        kernel = resolve_backend(backend)
+        self._cp.previous_backend = kernel
+        for attention in (self._cp.attention, *self._cp.streams.values(), self._cp.cross):
+            if attention is not None:
+                attention.kernel = kernel
 
     def disable_parallelism(self) -> None:
         if self._cp is not None:
-            self.set_attention_backend(self._cp.previous_backend)
-            self._cp = None
+            previous, self._cp = self._cp.previous_backend, None
+            self.set_attention_backend(previous)
 
     @property
     def is_parallel(self) -> bool:
@@ -68,7 +89,7 @@ class ContextParallelMixin:
     def _cp_stream_attention(self, stream: int) -> ContextParallelAttention:
         """An attention backend over stream `stream` alone (e.g. SD3.5's image-only second attention)."""
         if stream not in self._cp.streams:
-            self._cp.streams[stream] = ContextParallelAttention(self._cp.context)
+            self._cp.streams[stream] = ContextParallelAttention(self._cp.context, kernel=self._cp.attention.kernel)
         return self._cp.streams[stream]
 
     def _cp_cross_attention(self) -> ContextParallelAttention:
@@ -76,7 +97,7 @@ class ContextParallelMixin:
         whole on every rank. The model keeps the text whole (no `_cp_shard`) but splits it with `_cfg_split` like
         the rest of the batch; nothing is exchanged, and the gradients follow the same averaging rule."""
         if self._cp.cross is None:
-            self._cp.cross = ContextParallelAttention(self._cp.context, cross=True)
+            self._cp.cross = ContextParallelAttention(self._cp.context, cross=True, kernel=self._cp.attention.kernel)
         return self._cp.cross
 
     def _cfg_split(self, x: Tensor) -> Tensor:

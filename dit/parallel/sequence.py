@@ -43,9 +43,10 @@ def gather(x: Tensor, dim: int, sizes: list[int], group: dist.ProcessGroup) -> T
     return torch.cat(pieces).movedim(0, dim)
 
 
-def gather_sizes(local: int, group: dist.ProcessGroup) -> list[int]:
-    """Every rank's local length (a tiny all-gather), for callers that do not know the global split."""
-    t = torch.tensor([local], dtype=torch.int64)
+def gather_sizes(local: int, group: dist.ProcessGroup, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's local length (a tiny all-gather), for callers that do not know the global split; `device`:
+    where the group's collectives run (the model's device: NCCL takes CUDA tensors only)."""
+    t = torch.tensor([local], dtype=torch.int64, device=device)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t, group=group)
     return [int(v) for v in out]
