@@ -113,6 +113,10 @@ def apply_rope_(x: Tensor, rot: Tensor) -> Tensor:
     inputs are rotated in fp32 (as diffusers does) and written back.
     """
     pairs = x.unflatten(-1, (-1, 2))  # (..., head_dim/2, 2), a view
+    if torch.compiler.is_compiling():  # inductor has no complex kernels: the same rotation in real arithmetic
+        a, b = pairs.float().unbind(-1)  # each (..., head_dim/2)
+        cos, sin = rot.real, rot.imag
+        return x.copy_(torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2))
     if x.dtype == torch.float32:
         torch.view_as_complex(pairs).mul_(rot)
         return x
