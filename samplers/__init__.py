@@ -5,7 +5,8 @@ This package is a leaf: it imports torch and numpy only, never `dit` or `vae3d`.
 
 from samplers.from_diffusers import (SamplerSpec, from_diffusers_config, load_scheduler_config, sample,
                                      train_path_from_config)
-from samplers.guidance import check_guidance_scale, classifier_free_guidance, cogvideox_dynamic_scale
+from samplers.guidance import (SkipLayerGuidance, check_guidance_scale, classifier_free_guidance,
+                               cogvideox_dynamic_scale)
 from samplers.paths import (Denoiser, add_noise, check_prediction, diffusion_loss, eps_from_x0, to_x0,
                             training_target)
 from samplers.relay import (block_filter, block_noise, mixed_noise, relay_blur, relay_loss, relay_schedule,

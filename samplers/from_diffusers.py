@@ -11,8 +11,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -113,16 +114,18 @@ def _rescale_like_diffusers(acp: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0).double()
 
 
-def _multistep_vp_schedule(cfg: dict, cls: str, num_steps: int) -> S.Schedule:
-    """The VP schedule of diffusers' multistep solvers (DPM-Solver, UniPC): "dpmsolver" timestep spacing, states
-    stored as float32 VE sigmas, the last step to sigma = 0 ("zero") or to the t = 0 state ("sigma_min")."""
+def _multistep_vp_schedule(cfg: dict, cls: str, num_steps: int, timesteps: Tensor | None = None) -> S.Schedule:
+    """The VP schedule of diffusers' multistep solvers (DPM-Solver, UniPC): "dpmsolver" timestep spacing (or the
+    given integer `timesteps`), states stored as float32 VE sigmas, the last step to sigma = 0 ("zero") or to the
+    t = 0 state ("sigma_min")."""
     T = cfg.get("num_train_timesteps", 1000)
     acp = _ddpm_alphas_cumprod(cfg, cls, torch.float32)
     if cfg.get("rescale_betas_zero_snr", False):
         acp = _rescale_like_diffusers(acp)
         acp[-1] = 2.0**-24  # diffusers keeps the last alpha_bar off zero to keep lambda finite
-    ts = S.spaced_timesteps(num_steps, T, cfg.get("timestep_spacing", "linspace"),
-                            steps_offset=cfg.get("steps_offset", 0), convention="dpmsolver")
+    ts = timesteps if timesteps is not None else S.spaced_timesteps(
+        num_steps, T, cfg.get("timestep_spacing", "linspace"), steps_offset=cfg.get("steps_offset", 0),
+        convention="dpmsolver")
     # diffusers stores the VE sigmas in float32 and maps back to alpha = 1 / sqrt(1 + sigma^2).
     ve = ((1 - acp.float()) / acp.float()) ** 0.5
     final_type = cfg.get("final_sigmas_type", "zero")
@@ -151,13 +154,20 @@ def train_path_from_config(config: str | os.PathLike | dict) -> S.TrainPath:
 
 
 def from_diffusers_config(
-    config: str | os.PathLike | dict, num_steps: int, *, mu: float | None = None
+    config: str | os.PathLike | dict, num_steps: int | None, *, mu: float | None = None,
+    sigmas: Sequence[float] | Tensor | None = None, timesteps: Sequence[float] | Tensor | None = None,
 ) -> SamplerSpec:
-    """Our equivalent of a diffusers scheduler after `set_timesteps(num_steps, mu=mu)`."""
+    """Our equivalent of a diffusers scheduler after `set_timesteps(num_steps, mu=mu)`, or after
+    `set_timesteps(sigmas=..., timesteps=..., mu=mu)` (what diffusers' `retrieve_timesteps` does with a pipeline's
+    custom `sigmas` or `timesteps`: the schedule then has their length and `num_steps` is not used). Custom values
+    are taken where diffusers' scheduler takes them and we reproduce it (`CUSTOM_SCHEDULES`); anything else is an
+    error saying which, never a schedule diffusers would not run."""
     cfg = load_scheduler_config(config)
     cls = cfg.get("_class_name")
     if cls not in SCHEDULER_CLASSES:
         raise ValueError(f"unsupported scheduler class {cls!r}; accepted: {', '.join(SCHEDULER_CLASSES)}")
+    if sigmas is not None or timesteps is not None:
+        return _custom_spec(cfg, cls, mu, sigmas, timesteps)
     S.check_num_steps(num_steps, cfg.get("num_train_timesteps", 1000))
     if cls in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
         return _cogvideox_spec(cfg, cls, num_steps)
@@ -168,6 +178,48 @@ def from_diffusers_config(
     if cls == "UniPCMultistepScheduler":
         return _unipc_spec(cfg, cls, num_steps, mu)
     return _flow_euler_spec(cfg, cls, num_steps, mu)
+
+
+# The custom schedules each diffusers scheduler's set_timesteps takes, and those we reproduce.
+DIFFUSERS_CUSTOM = {"FlowMatchEulerDiscreteScheduler": ("sigmas", "timesteps"),
+                    "DPMSolverMultistepScheduler": ("timesteps",), "UniPCMultistepScheduler": ("sigmas",)}
+CUSTOM_SCHEDULES = {"FlowMatchEulerDiscreteScheduler": ("sigmas", "timesteps"),
+                    "DPMSolverMultistepScheduler": ("timesteps",)}
+
+
+def _custom_spec(cfg: dict, cls: str, mu: float | None, sigmas, timesteps) -> SamplerSpec:
+    """A spec on custom sigmas and/or timesteps, checked: a list of finite numbers each (integers for the VP
+    schedulers' timesteps, in [0, T)), positive for flow sigmas (diffusers appends the final 0 itself)."""
+    for name, values in (("sigmas", sigmas), ("timesteps", timesteps)):
+        if values is None:
+            continue
+        if name not in DIFFUSERS_CUSTOM.get(cls, ()):
+            takes = DIFFUSERS_CUSTOM.get(cls, ())
+            raise ValueError(f"{cls} takes no custom {name} (diffusers' {cls}.set_timesteps has no `{name}`, so "
+                             f"diffusers' pipeline refuses them too); "
+                             + (f"it takes custom {' and '.join(takes)}" if takes else "use num_inference_steps"))
+        if name not in CUSTOM_SCHEDULES.get(cls, ()):
+            raise ValueError(f"custom {name} with {cls} are not supported here; use num_inference_steps, or a "
+                             "FlowMatchEulerDiscreteScheduler for custom sigmas")
+    T = cfg.get("num_train_timesteps", 1000)
+    if cls == "DPMSolverMultistepScheduler":
+        ts = _custom_values("timesteps", timesteps)
+        if (ts != np.round(ts)).any() or ts.min() < 0 or ts.max() > T - 1:
+            raise ValueError(f"timesteps must be integers in [0, {T - 1}] (the training steps; diffusers casts "
+                             f"others to int64), got {ts.tolist()}")
+        return _dpmsolver_spec(cfg, cls, len(ts), timesteps=torch.from_numpy(ts.astype(np.int64)))
+    return _flow_euler_spec(cfg, cls, None, mu, sigmas=sigmas, timesteps=timesteps)
+
+
+def _custom_values(name: str, values: Sequence[float] | Tensor) -> np.ndarray:
+    """A custom schedule's values as a float64 array: a non-empty 1-D list of finite numbers, else a ValueError."""
+    try:
+        array = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of numbers, got {values!r}") from None
+    if array.ndim != 1 or len(array) == 0 or not np.isfinite(array).all():
+        raise ValueError(f"{name} must be a non-empty list of finite numbers, got {values!r}")
+    return array
 
 
 def _cogvideox_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
@@ -197,7 +249,7 @@ def _ddim_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
     return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), "ddim", options)
 
 
-def _dpmsolver_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
+def _dpmsolver_spec(cfg: dict, cls: str, num_steps: int, timesteps: Tensor | None = None) -> SamplerSpec:
     _reject(cfg, cls, algorithm_type="dpmsolver++", solver_type="midpoint", thresholding=False,
             use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
             use_flow_sigmas=False, euler_at_final=False, variance_type=None, use_dynamic_shifting=False)
@@ -205,23 +257,54 @@ def _dpmsolver_spec(cfg: dict, cls: str, num_steps: int) -> SamplerSpec:
     order = cfg.get("solver_order", 2)
     if order not in (1, 2):
         raise ValueError(f"{cls}: solver_order={order} is not supported (supported: 1, 2)")
-    schedule = _multistep_vp_schedule(cfg, cls, num_steps)
+    schedule = _multistep_vp_schedule(cfg, cls, num_steps, timesteps)
     solver = "dpmpp_2m" if order == 2 else "ddim"
     options = {"lower_order_final": cfg.get("lower_order_final", True)} if order == 2 else {}
     return SamplerSpec(schedule, check_prediction(cfg.get("prediction_type", "epsilon")), solver, options)
 
 
-def _flow_euler_spec(cfg: dict, cls: str, num_steps: int, mu: float | None) -> SamplerSpec:
-    """FlowMatchEulerDiscreteScheduler."""
+def _flow_euler_spec(cfg: dict, cls: str, num_steps: int | None, mu: float | None, *, sigmas=None,
+                     timesteps=None) -> SamplerSpec:
+    """FlowMatchEulerDiscreteScheduler; custom `sigmas` and/or `timesteps` as its set_timesteps takes them."""
     _reject(cfg, cls, invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False, use_exponential_sigmas=False,
             use_beta_sigmas=False, stochastic_sampling=False)
     T = cfg.get("num_train_timesteps", 1000)
     dynamic = cfg.get("use_dynamic_shifting", False)
     if dynamic and mu is None:
         raise ValueError(f"{cls}: use_dynamic_shifting is set, so mu is required (see samplers.dynamic_shift_mu)")
-    sigmas = S.flow_sigmas(num_steps, shift=cfg.get("shift", 1.0), mu=mu if dynamic else None,
-                           num_train_timesteps=T, time_shift_type=cfg.get("time_shift_type", "exponential"))
-    return SamplerSpec(S.flow_schedule(sigmas, num_train_timesteps=T), "flow", "euler")
+    kind = cfg.get("time_shift_type", "exponential")
+    if sigmas is None and timesteps is None:
+        sigmas = S.flow_sigmas(num_steps, shift=cfg.get("shift", 1.0), mu=mu if dynamic else None,
+                               num_train_timesteps=T, time_shift_type=kind)
+        return SamplerSpec(S.flow_schedule(sigmas, num_train_timesteps=T), "flow", "euler")
+    sigmas, timesteps = _custom_flow_sigmas(sigmas, timesteps, shift=cfg.get("shift", 1.0), mu=mu if dynamic else None,
+                                            num_train_timesteps=T, time_shift_type=kind)
+    states = torch.cat([sigmas, sigmas.new_zeros(1)])
+    return SamplerSpec(S.Schedule.from_states(timesteps, 1 - states, states), "flow", "euler")
+
+
+def _custom_flow_sigmas(sigmas, timesteps, *, shift: float, mu: float | None, num_train_timesteps: int,
+                        time_shift_type: str) -> tuple[Tensor, Tensor]:
+    """FlowMatchEuler's set_timesteps(sigmas=..., timesteps=...): the sigmas given (or timesteps / T) in float32,
+    shifted (statically, or by mu) in float32 as diffusers computes them; the model's timesteps are the ones given,
+    else sigma * T. Returns both as float64 (N,)."""
+    T = num_train_timesteps
+    if timesteps is not None:
+        timesteps = _custom_values("timesteps", timesteps).astype(np.float32)
+    if sigmas is not None:
+        sigmas = _custom_values("sigmas", sigmas).astype(np.float32)
+        if timesteps is not None and len(timesteps) != len(sigmas):
+            raise ValueError(f"sigmas and timesteps must have the same length, got {len(sigmas)} and "
+                             f"{len(timesteps)}")
+    else:
+        sigmas = timesteps / T
+    if (sigmas <= 0).any():
+        raise ValueError(f"sigmas must be positive (the schedule's final sigma = 0 is appended, as in diffusers), "
+                         f"got {sigmas.tolist()}")
+    sigmas = S.time_shift(sigmas, mu, kind=time_shift_type) if mu is not None else S.flow_shift(sigmas, shift)
+    sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))
+    model_t = torch.from_numpy(timesteps) if timesteps is not None else sigmas * T
+    return sigmas.double(), model_t.double()
 
 
 # diffusers accepts these solver_type names for UniPC and runs them as bh2.

@@ -8,6 +8,7 @@ output (eps, v, velocity) equals guiding the x0 that the denoiser derives from i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
@@ -45,18 +46,41 @@ def cogvideox_dynamic_scale(scale: float, num_steps: int) -> Callable[[Tensor], 
     return w
 
 
-def classifier_free_guidance(model_fn: ModelFn, scale: Scale) -> ModelFn:
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance (Stability AI's SD3.5): on the steps where `active(t)`, the guided output gains
+    scale (cond - skipped), where `skipped` is `model_fn(x, t)`: the conditional output of the model with some of its
+    layers skipped, on the un-doubled batch."""
+
+    model_fn: ModelFn
+    scale: float
+    active: Callable[[Tensor], bool]
+
+    def __post_init__(self) -> None:
+        check_guidance_scale(self.scale)
+
+
+def classifier_free_guidance(model_fn: ModelFn, scale: Scale, *, active: Callable[[Tensor], bool] | None = None,
+                             skip_layer: SkipLayerGuidance | None = None) -> ModelFn:
     """A model function that runs `model_fn` on [x, x] and mixes uncond + w (cond - uncond).
 
-    `scale` is a number or a function of the timestep (see `cogvideox_dynamic_scale`).
+    `scale` is a number or a function of the timestep (see `cogvideox_dynamic_scale`), read at every call.
+    `active(t)` (default: always) says whether this call is guided: where it is False, `model_fn` runs on x alone
+    (diffusers' pipelines re-read `do_classifier_free_guidance` at every step, and a step callback may turn it
+    off). `skip_layer` adds skip-layer guidance to the guided calls.
     """
     if not callable(scale):
         check_guidance_scale(scale)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
         w = scale(t) if callable(scale) else scale
+        if active is not None and not active(t):
+            return model_fn(x, t)
         t2 = t.expand(2 * x.shape[0]) if t.ndim == 1 else t
         uncond, cond = model_fn(torch.cat([x, x]), t2).chunk(2)
-        return uncond + w * (cond - uncond)
+        out = uncond + w * (cond - uncond)
+        if skip_layer is not None and skip_layer.active(t):
+            out = out + (cond - skip_layer.model_fn(x, t)) * skip_layer.scale
+        return out
 
     return guided

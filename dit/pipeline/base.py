@@ -79,7 +79,8 @@ class DiTPipeline(DiffusionPipeline):
                         low_cpu_mem_usage: bool = True, cache_dir: str | os.PathLike | None = None,
                         revision: str | None = None, local_files_only: bool | None = None,
                         use_safetensors: bool | None = None,
-                        dtype: torch.dtype | dict[str, torch.dtype] | None = None, **kwargs: Any) -> "DiTPipeline":
+                        dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+                        compile: bool | dict | None = None, **kwargs: Any) -> "DiTPipeline":
         """Load a diffusers pipeline folder into the pipeline for its family, as diffusers' from_pretrained does.
 
         - `pretrained_model_name_or_path`: a local folder, or a repository id ("THUDM/CogVideoX-2b") found in the
@@ -100,7 +101,12 @@ class DiTPipeline(DiffusionPipeline):
           here (`vae=None` to encode prompts alone, or a module) is used instead of loading the folder's, and a
           setting (`boundary_ratio=...`) overrides model_index.json's.
         - `device`: where the loaded pipeline is moved (`pipe.to(device)`).
+        - `compile`: True, or a dict of `dit.compile.CompileOptions` ({"mode": "max-autotune", ...}): regional
+          torch.compile of every denoising transformer (`enable_compile`).
         """
+        from dit.compile import compile_options
+
+        compile = compile_options(compile)  # checked before anything loads
         torch_dtype = check_load_options(torch_dtype, dtype, low_cpu_mem_usage, use_safetensors, local_files_only)
         folder = resolve_pretrained(pretrained_model_name_or_path, cache_dir=cache_dir, revision=revision)
         index = _read_index(folder)
@@ -121,7 +127,27 @@ class DiTPipeline(DiffusionPipeline):
         components = {name: _load_component(folder, name, *entries[name], component_dtype(torch_dtype, name),
                                             variants[name]) for name in to_load}
         pipe = target(**{**components, **_settings(index, target), **kwargs})
+        if compile is not None:
+            pipe.enable_compile(compile)
         return pipe.to(device) if device is not None else pipe
+
+    def enable_compile(self, options: bool | dict | Any = True) -> None:
+        """Regional torch.compile (`dit.compile.compile_blocks`) of every transformer that denoises, the relay
+        stage's too: each block class compiled once at the first step, reused by all blocks and steps. Composes
+        with `cache=`, context parallelism and offload; `options` as `from_pretrained(compile=...)`."""
+        from dit.compile import compile_blocks
+
+        models = [*self.denoisers(), getattr(self, "relay_transformer", None)]
+        for model in {id(m): m for m in models if m is not None}.values():
+            compile_blocks(model, options)
+
+    def disable_compile(self) -> None:
+        """Run every transformer eagerly again."""
+        from dit.compile import uncompile_blocks
+
+        for model in [*self.denoisers(), getattr(self, "relay_transformer", None)]:
+            if model is not None:
+                uncompile_blocks(model)
 
     def __getattr__(self, name: str) -> Any:
         """diffusers' LoRA methods on a family whose diffusers pipeline has no LoRA loader: an AttributeError that
@@ -163,28 +189,51 @@ class DiTPipeline(DiffusionPipeline):
 
     # -- shared helpers ----------------------------------------------------------------------------------------------
 
-    def _sampler(self, num_inference_steps: int, *, mu: float | None = None) -> samplers.SamplerSpec:
+    def _sampler(self, num_inference_steps: int, *, mu: float | None = None, sigmas=None,
+                 timesteps=None) -> samplers.SamplerSpec:
+        """The scheduler's sampler spec, for num_inference_steps or for a call's custom `sigmas` / `timesteps`
+        (then their length; as diffusers' retrieve_timesteps, refused where the scheduler takes none)."""
         config = dict(self.scheduler.config, _class_name=type(self.scheduler).__name__)
-        return samplers.from_diffusers_config(config, num_inference_steps, mu=mu)
+        return samplers.from_diffusers_config(config, num_inference_steps, mu=mu, sigmas=sigmas, timesteps=timesteps)
 
     def _sample(self, model_fn: Callable, latents: torch.Tensor, spec: samplers.SamplerSpec, *,
                 guidance_scale: GuidanceScale, callback_on_step_end: Callable | None, tensor_inputs, state: dict,
-                solver: str | None = None, cache: CacheConfig | None = None, **runtime: Any) -> torch.Tensor:
+                solver: str | None = None, cache: CacheConfig | None = None,
+                guide: Callable[[torch.Tensor], bool] | None = None,
+                skip_layer: samplers.SkipLayerGuidance | None = None, **runtime: Any) -> torch.Tensor:
         """dit.sampling.denoise with a progress bar and diffusers' callback_on_step_end; NonFiniteLatentsError as
         soon as a step leaves NaN or inf in the latents. `cache` (dit.cache) skips transformer blocks on steps where
         they would change little; its report is kept for `pop_cache_reports`. A cache enabled on a transformer
         the diffusers way (`transformer.enable_cache(...)`) runs in the "cond_uncond" context, as in diffusers'
-        pipelines."""
+        pipelines. `guide` and `skip_layer`: dit.sampling.guided's.
+
+        What diffusers' denoising loops keep on the pipeline is kept here too: `num_timesteps`, `current_timestep`
+        (the timestep of the model call under way, None after the loop), and `interrupt`: once `pipe._interrupt`
+        is True (set by a step callback, say), the steps left are skipped, as diffusers `continue`s its loop, and
+        the latents are returned as they are (a later stage, such as a relay stage, runs no step either)."""
         steps = len(spec.schedule)
-        state["timesteps"] = spec.schedule.timesteps.to(latents.device)
+        self._num_timesteps = steps
+        if getattr(self, "_interrupt", False):
+            return latents
+        state["timesteps"] = _diffusers_timesteps(spec.schedule.timesteps, latents.device)
+
+        def model_step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            self._current_timestep = _diffusers_timesteps(t, latents.device)
+            return model_fn(x, t)
+
         with contextlib.ExitStack() as stack, self.progress_bar(total=steps) as progress:
             for model in self.denoisers():
                 if hasattr(model, "cache_context"):
                     stack.enter_context(model.cache_context("cond_uncond"))
             caches = stack.enter_context(caching(self.denoisers(), cache, steps))
             callback = self._step_callback(callback_on_step_end, list(tensor_inputs), state, progress, steps)
-            out = denoise(model_fn, latents, spec, guidance_scale=guidance_scale, solver=solver, callback=callback,
-                          **runtime)
+            try:
+                out = denoise(model_step, latents, spec, guidance_scale=guidance_scale, guide=guide,
+                              skip_layer=skip_layer, solver=solver, callback=callback, **runtime)
+            except _Interrupted as stop:
+                out = stop.latents
+            finally:
+                self._current_timestep = None
         if caches:
             self._cache_reports = [*getattr(self, "_cache_reports", []), merge_reports(caches)]
         return out
@@ -199,26 +248,86 @@ class DiTPipeline(DiffusionPipeline):
                        progress, total: int) -> Callable:
         """Our solvers' callback(i, x, x0) -> diffusers' callback_on_step_end(pipe, i, t, kwargs) and a progress bar.
 
-        Every pipeline's steps pass through here, so this is where non-finite latents are caught: once NaN or
-        inf is in the latents every later step and the decoded frames are garbage (an all-black video), so the
-        run stops at that step instead of writing it as a success. The check is one reduction per step.
+        `state` holds what the callback may read, under the names of the pipeline's `_callback_tensor_inputs`
+        and with diffusers' meaning for each (prompt_embeds under guidance is the [negative; positive] batch the
+        transformer sees, in the families whose diffusers pipeline concatenates them); the model functions read
+        it at every step, so a tensor the callback returns under one of those names takes effect from the next
+        step on, as in diffusers. Every pipeline's steps pass through here, so this is also where non-finite latents
+        are caught: once NaN or inf is in the latents every later step and the decoded frames are garbage (an
+        all-black video), so the run stops at that step instead of writing it as a success (one reduction per
+        step); and where `pipe._interrupt` ends the loop (DiTPipeline._sample).
         """
 
         def on_step(i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
             progress.update()
             if not torch.isfinite(x).all():
                 raise NonFiniteLatentsError(i + 1, total)
-            if callback_on_step_end is None:
-                return None
-            state["latents"] = x
-            outputs = callback_on_step_end(self, i, state["timesteps"][i], {k: state[k] for k in tensor_inputs})
-            for key in ("prompt_embeds", "negative_prompt_embeds"):
-                if key in outputs:
-                    state[key] = outputs[key]
-            return outputs.get("latents")
+            if callback_on_step_end is not None:
+                state["latents"] = x
+                outputs = callback_on_step_end(self, i, state["timesteps"][i],
+                                               {k: state[k] for k in tensor_inputs}) or {}
+                for key in self._callback_tensor_inputs:
+                    if key != "latents" and key in outputs:
+                        state[key] = outputs[key]
+                x = outputs.get("latents", x)
+            if getattr(self, "_interrupt", False):
+                raise _Interrupted(x)
+            return x
 
         return on_step
 
+
+class _Interrupted(Exception):
+    """Raised by a step callback once `pipe._interrupt` is set; carries the latents the run returns."""
+
+    def __init__(self, latents: torch.Tensor):
+        super().__init__("interrupted")
+        self.latents = latents
+
+
+def _diffusers_timesteps(timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Timesteps as diffusers' schedulers hold them (what callbacks and `current_timestep` see): integers as they
+    are, fractional ones (flow matching) in float32, on the latents' device."""
+    return (timesteps.float() if timesteps.is_floating_point() else timesteps).to(device)
+
+
+def _callback_tensor_inputs(callback_on_step_end: Any, tensor_inputs) -> list[str]:
+    """The names a step callback reads: a diffusers PipelineCallback or MultiPipelineCallbacks names its own (its
+    `tensor_inputs`, which replace the call's, as in diffusers' pipelines)."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        return list(callback_on_step_end.tensor_inputs)
+    return list(tensor_inputs)
+
+
+def _check_prompt_or_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+    """A prompt (a string or a non-empty list of strings) or its `prompt_embeds` (B, L, D), not both; likewise
+    the negative ones; returns the batch (prompts, or prompt_embeds' rows). As diffusers' check_inputs, with
+    errors that name the values."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass prompt or prompt_embeds, not both")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+    for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if embeds is not None and not (torch.is_tensor(embeds) and embeds.ndim == 3):
+            got = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+            raise ValueError(f"{name} must be a (batch, tokens, dim) tensor, got {got}")
+    if prompt_embeds is not None and negative_prompt_embeds is not None \
+            and prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                         f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+    if prompt_embeds is None and (prompt is None or (not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)))):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), "
+                         f"got {prompt!r}")
+    batch = prompt_embeds.shape[0] if prompt_embeds is not None else 1 if isinstance(prompt, str) else len(prompt)
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        if not (isinstance(negative_prompt, list) and len(negative_prompt) == batch
+                and all(isinstance(p, str) for p in negative_prompt)):
+            raise ValueError(f"negative_prompt must be a string or a list of {batch} strings, got "
+                             f"{negative_prompt!r}")
+    return batch
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -226,17 +335,30 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_sizes(height: int, width: int, num_frames: int, spatial_multiple: int, temporal: int) -> None:
-    """Pixel sizes must divide by VAE x patch; frame counts must be 1 + kn (the causal VAE's first frame)."""
+def _check_sizes(height: int, width: int, num_frames: int, spatial_multiple: int, temporal: int, *,
+                 diffusers: tuple[str, dict[str, int | None]] | None = None) -> None:
+    """Pixel sizes must divide by VAE x patch; frame counts must be 1 + kn (the causal VAE's first frame).
+
+    `diffusers`: (the diffusers pipeline's class name, what it silently returns for each refused value, by name:
+    "height", "width", "num_frames"; a number, or a phrase; None where diffusers refuses the value too): the error
+    then says so, and a diffusers user sees what the refusal replaces."""
     for name, value in (("height", height), ("width", width), ("num_frames", num_frames)):
         _check_positive_int(name, value)
+    pipeline, instead = diffusers if diffusers is not None else ("", {})
+
+    def what_diffusers_does(name: str) -> str:
+        value = instead.get(name)
+        if value is None:
+            return ""
+        made = value if isinstance(value, str) else f"{value} frames" if name == "num_frames" else f"{name} {value}"
+        return f" (diffusers' {pipeline} silently returns {made})"
+
     for name, value in (("height", height), ("width", width)):
         if value % spatial_multiple:
             lo = max(spatial_multiple, value // spatial_multiple * spatial_multiple)
             raise ValueError(f"{name} {value} must be divisible by {spatial_multiple}; "
-                             f"nearest valid: {lo} or {lo + spatial_multiple}")
+                             f"nearest valid: {lo} or {lo + spatial_multiple}{what_diffusers_does(name)}")
     if (num_frames - 1) % temporal:
         lo = (num_frames - 1) // temporal * temporal + 1
         raise ValueError(f"num_frames {num_frames} must be 1 + {temporal}n for this VAE; "
-                         f"nearest valid: {lo} or {lo + temporal}")
-
+                         f"nearest valid: {lo} or {lo + temporal}{what_diffusers_does('num_frames')}")

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import samplers
 from dit.cache import CacheConfig, check_cache
 from dit.convert import read_folder_json
-from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int
+from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int
 from dit.pipeline.image_family import ImageFamily
 
 
@@ -169,8 +169,11 @@ class ClassConditionalDiTPipeline(ImageFamily, DiTPipeline):
         cache: CacheConfig | None = None,
     ) -> DiTPipelineOutput | tuple:
         """Generate one image per class id (diffusers' DiTPipeline call); `solver` overrides the folder's sampler."""
+        callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
+                                                                     callback_on_step_end_tensor_inputs)
         labels = self._check_call(class_labels, num_inference_steps, guidance_scale, output_type,
                                   callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._interrupt, self._current_timestep = guidance_scale, False, None
         device, cfg = self._execution_device, self.transformer.config
         channels, size = cfg.in_channels, cfg.sample_size
         if latents is None:

@@ -13,7 +13,8 @@ from diffusers.video_processor import VideoProcessor
 
 import samplers
 from dit.cache import CacheConfig, check_cache
-from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
+from dit.pipeline.base import (DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs,
+                               _check_positive_int, _check_prompt_or_embeds, _check_sizes)
 from dit.pipeline.loading import _require_family
 from dit.pipeline.relay import relay_stage
 from dit.convert import (read_folder_json)
@@ -103,20 +104,32 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
                        "%d tokens: %s", max_sequence_length, removed)
 
     def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
-                     num_inference_steps: int, guidance_scale: float, max_sequence_length: int = 226) -> None:
-        """Every user input checked before any model runs; each error names the value and what is accepted."""
-        if prompt is None or (not isinstance(prompt, str) and not (
-                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            n = 1 if isinstance(prompt, str) else len(prompt)
-            if not (isinstance(negative_prompt, list) and len(negative_prompt) == n):
-                raise ValueError(f"negative_prompt must be a string or a list of {n} strings, got {negative_prompt!r}")
+                     num_inference_steps: int, guidance_scale: float, max_sequence_length: int = 226, *,
+                     prompt_embeds: torch.Tensor | None = None,
+                     negative_prompt_embeds: torch.Tensor | None = None) -> None:
+        """Every user input checked before any model runs; each error names the value and what is accepted. A
+        frame count that is not 1 + 4n is refused, and the error says what diffusers' CogVideoXPipeline returns
+        for it (`_diffusers_frames`)."""
+        _check_prompt_or_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if prompt is not None and negative_prompt_embeds is not None:  # diffusers' rule too
+            raise ValueError("negative_prompt_embeds go with prompt_embeds: pass prompt_embeds instead of prompt, "
+                             "or negative_prompt instead of negative_prompt_embeds")
         _check_positive_int("num_inference_steps", num_inference_steps)
         _check_positive_int("max_sequence_length", max_sequence_length)
         _check_sizes(height, width, num_frames, self.vae_scale_factor_spatial * self.transformer.config.patch_size,
-                     self.vae_scale_factor_temporal)
+                     self.vae_scale_factor_temporal,
+                     diffusers=(self.diffusers_class_name, {"num_frames": self._diffusers_frames(num_frames)}))
         samplers.check_guidance_scale(guidance_scale)
+
+    def _diffusers_frames(self, num_frames: int) -> str:
+        """What diffusers' CogVideoXPipeline returns for num_frames: (n - 1) // k + 1 latent frames, decoded by its
+        VAE two at a time (the first batch takes an odd remainder): an odd batch keeps its first frame (1 + k(m - 1)
+        frames), an even one upsamples every frame, the causal first one included (k m frames)."""
+        k = self.vae_scale_factor_temporal
+        latent = (num_frames - 1) // k + 1
+        if latent % 2:
+            return f"{k * (latent - 1) + 1} frames"
+        return f"{k * latent} frames, decoding its first latent frame as {k}"
 
     def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
                       num_inference_steps: int, guidance_scale: float) -> None:
@@ -167,6 +180,28 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
         z = self.vae.encode(video.to(self.vae.dtype)).latent_dist.mode() * self.vae_scaling_factor_image
         return z.permute(0, 2, 1, 3, 4)
 
+    # -- what diffusers' CogVideoXPipeline keeps during a call (callbacks and hooks read it) -----------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def attention_kwargs(self) -> dict | None:
+        return self._attention_kwargs
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
     # -- the call ----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -178,12 +213,15 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
         width: int | None = None,
         num_frames: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
         guidance_scale: float = 6.0,
         use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
@@ -199,36 +237,51 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
         relay_noise_alpha: float = 0.15,
         relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate videos. `solver` overrides the scheduler's solver (e.g. "dpmpp_2m"); `relay=k` adds the relay
-        super-resolution stage described in the class docstring."""
+        """Generate videos: diffusers' CogVideoXPipeline call (its arguments up to max_sequence_length, with its
+        meaning: `prompt_embeds` / `negative_prompt_embeds` instead of prompts, custom `timesteps` where the
+        scheduler takes them, callbacks and properties). Ours: `solver` overrides the scheduler's solver (e.g.
+        "dpmpp_2m"); `relay=k` adds the relay super-resolution stage described in the class docstring."""
+        callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
+                                                                     callback_on_step_end_tensor_inputs)
         height, width, num_frames, max_sequence_length = self._call_defaults(height, width, num_frames,
                                                                             max_sequence_length)
         self.check_inputs(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-                          max_sequence_length)
+                          max_sequence_length, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds)
         self._check_call(num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs)
-        spec = self._sampler(num_inference_steps)
+        spec = self._sampler(num_inference_steps, timesteps=timesteps)
         check_cache(cache)
         # Relay errors (T_r outside the schedule, ...) come before any model runs.
         relay_plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
                                  noise_alpha=relay_noise_alpha, eta=relay_eta)
+        self._guidance_scale, self._attention_kwargs = guidance_scale, attention_kwargs
+        self._current_timestep, self._interrupt = None, False
         do_cfg = guidance_scale > 1.0
-        state = self._encode_state(prompt, negative_prompt, do_cfg, max_sequence_length)
-        latents, extra = self._initial_latents(state["prompt_embeds"], num_frames, height, width, generator, latents)
+        state = self._encode_state(prompt, negative_prompt, do_cfg, max_sequence_length, prompt_embeds,
+                                   negative_prompt_embeds)
+        latents, extra = self._initial_latents(state["prompt_embeds"], do_cfg, num_frames, height, width, generator,
+                                               latents)
 
-        def run(transformer, x: torch.Tensor, stage: samplers.SamplerSpec, steps: int, **runtime) -> torch.Tensor:
-            scale = (samplers.cogvideox_dynamic_scale(guidance_scale, steps) if use_dynamic_cfg and do_cfg
-                     else guidance_scale)
-            return self._sample(self._model_fn(transformer, state, do_cfg, attention_kwargs), x, stage,
-                                guidance_scale=scale, callback_on_step_end=callback_on_step_end,
+        def run(transformer, x: torch.Tensor, stage: samplers.SamplerSpec, **runtime) -> torch.Tensor:
+            dynamic = samplers.cogvideox_dynamic_scale(guidance_scale, len(stage.schedule)) if use_dynamic_cfg else None
+
+            def scale(t: torch.Tensor) -> float:  # read at every step: a callback may change pipe._guidance_scale
+                if dynamic is not None:  # diffusers sets it at every step, whatever a callback set
+                    self._guidance_scale = dynamic(t)
+                return self._guidance_scale
+
+            return self._sample(self._model_fn(transformer, state, attention_kwargs), x, stage,
+                                guidance_scale=scale, guide=lambda t: do_cfg,
+                                callback_on_step_end=callback_on_step_end,
                                 tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
                                 cache=cache, **runtime)
 
-        latents = run(self.transformer, latents, spec, num_inference_steps, solver=solver, eta=eta)
+        latents = run(self.transformer, latents, spec, solver=solver, eta=eta)
         if relay_plan is not None:
             z_low = relay_plan.z_low(latents[:, extra:], to_pixels=self._to_pixels,
                                      from_pixels=self._from_pixels)  # (B, F', C, kH', kW')
             stage = getattr(self, "relay_transformer", None) or self.transformer
-            latents, extra = run(stage, z_low, relay_plan.spec, relay_plan.steps, eta=relay_plan.eta), 0
+            latents, extra = run(stage, z_low, relay_plan.spec, eta=relay_plan.eta), 0
         return self._finish_video(latents[:, extra:], output_type, return_dict)
 
     def _call_defaults(self, height: int | None, width: int | None, num_frames: int | None,
@@ -249,21 +302,27 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
         if bad:
             raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
 
-    def _encode_state(self, prompt, negative_prompt, do_cfg: bool, max_sequence_length: int) -> dict:
-        """Prompt embeddings (and the negative ones for guidance): the state callbacks read and may replace."""
-        pe, npe = self.encode_prompt(prompt, negative_prompt, do_cfg, max_sequence_length=max_sequence_length,
-                                     device=self._execution_device)
-        return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
+    def _encode_state(self, prompt, negative_prompt, do_cfg: bool, max_sequence_length: int,
+                      prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None) -> dict:
+        """The state callbacks read and may replace, as diffusers' CogVideoXPipeline holds it: under guidance
+        `prompt_embeds` is the [negative; positive] batch the transformer sees, `negative_prompt_embeds` the
+        negative half (replacing it changes nothing from then on, as in diffusers)."""
+        pe, npe = self.encode_prompt(prompt, negative_prompt, do_cfg, prompt_embeds=prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds,
+                                     max_sequence_length=max_sequence_length, device=self._execution_device)
+        return {"prompt_embeds": torch.cat([npe, pe]) if do_cfg else pe, "negative_prompt_embeds": npe}
 
-    def _initial_latents(self, embeds: torch.Tensor, num_frames: int, height: int, width: int, generator,
-                         latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Noise (B, F', C, H', W') and the padding frames it has: CogVideoX 1.5 pads the latent frames to a
-        multiple of patch_size_t (dropped again before decoding)."""
+    def _initial_latents(self, embeds: torch.Tensor, do_cfg: bool, num_frames: int, height: int, width: int,
+                         generator, latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Noise (B, F', C, H', W') in the prompt embeddings' dtype (`embeds`: the transformer's, doubled under
+        guidance) and the padding frames it has: CogVideoX 1.5 pads the latent frames to a multiple of
+        patch_size_t (dropped again before decoding)."""
         cfg, k = self.transformer.config, self.vae_scale_factor_temporal
         latent_frames = (num_frames - 1) // k + 1
         extra = -latent_frames % cfg.patch_size_t if cfg.patch_size_t is not None else 0
-        shape = (embeds.shape[0], latent_frames + extra, cfg.in_channels, height // self.vae_scale_factor_spatial,
-                 width // self.vae_scale_factor_spatial)
+        shape = (embeds.shape[0] // (2 if do_cfg else 1), latent_frames + extra, cfg.in_channels,
+                 height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
         if latents is None:
             return samplers.solvers.randn(shape, generator=generator, device=embeds.device, dtype=embeds.dtype), extra
         if tuple(latents.shape) != shape:
@@ -271,14 +330,12 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
         return latents.to(device=embeds.device, dtype=embeds.dtype), extra
 
     @staticmethod
-    def _model_fn(transformer, state: dict, do_cfg: bool, attention_kwargs: dict | None) -> Callable:
-        """The transformer as model_fn(x, t): conditioning [uncond, cond] under guidance; positions are the
-        model's own (it computes the same RoPE tables diffusers' pipeline passes)."""
+    def _model_fn(transformer, state: dict, attention_kwargs: dict | None) -> Callable:
+        """The transformer as model_fn(x, t) on the state's prompt_embeds ([uncond, cond] under guidance); positions
+        are the model's own (it computes the same RoPE tables diffusers' pipeline passes)."""
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
-                       else state["prompt_embeds"])
-            return transformer(hidden_states=x, encoder_hidden_states=context, timestep=t.to(x.device).expand(
-                x.shape[0]), attention_kwargs=attention_kwargs, return_dict=False)[0].float()
+            return transformer(hidden_states=x, encoder_hidden_states=state["prompt_embeds"], timestep=t.to(
+                x.device).expand(x.shape[0]), attention_kwargs=attention_kwargs, return_dict=False)[0].float()
 
         return model_fn
 

@@ -11,7 +11,8 @@ from diffusers import CogView3PlusPipeline, StableDiffusion3Pipeline
 
 import samplers
 from dit.cache import CacheConfig, check_cache
-from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
+from dit.pipeline.base import (DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int,
+                               _check_sizes)
 from dit.pipeline.image_family import ImageFamily
 from dit.pipeline.relay import RelayStage, relay_stage
 
@@ -21,9 +22,11 @@ class _ImagePipelineMixin:
     """What our image pipelines share: request checks before any model runs, and decoding to images."""
 
     def _check_image_request(self, prompt, height: int, width: int, num_inference_steps: int,
-                             num_images_per_prompt: int, guidance_scale: float, output_type: str) -> None:
-        if prompt is None or (isinstance(prompt, list) and not prompt):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+                             num_images_per_prompt: int, guidance_scale: float, output_type: str,
+                             prompt_embeds: torch.Tensor | None = None) -> None:
+        if prompt_embeds is None and (prompt is None or (isinstance(prompt, list) and not prompt)):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings (or pass prompt_embeds), "
+                             f"got {prompt!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
         _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
@@ -108,6 +111,7 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
@@ -115,12 +119,23 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         joint_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = 256,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_stop: float = 0.2,
+        skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         solver: str | None = None,
         cache: CacheConfig | None = None,
@@ -131,54 +146,103 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
         relay_noise_alpha: float = 0.15,
         relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate images; `solver` overrides flow-matching Euler (e.g. "heun"). `relay=k`: the relay stage of
-        the class docstring, `relay_steps` steps from training step T_r = `relay_start`, block noise of block
-        size k, the base latents upsampled in latent space (nearest, bilinear) or in pixels ("pixel")."""
+        """Generate images: diffusers' StableDiffusion3Pipeline call (its arguments up to `mu`, with its meaning:
+        prompt and pooled embeddings instead of prompts, `clip_skip`, custom `sigmas`, SD3.5's skip-layer guidance,
+        callbacks and properties; IP-Adapter is refused). Ours: `solver` overrides flow-matching Euler (e.g.
+        "heun"); `relay=k`: the relay stage of the class docstring, `relay_steps` steps from training step T_r =
+        `relay_start`, block noise of block size k, the base latents upsampled in latent space (nearest, bilinear)
+        or in pixels ("pixel"). Skip-layer guidance runs in the base stage (the relay stage's transformer may have
+        other layers)."""
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            raise ValueError("IP-Adapter is not supported by this pipeline (our SD3 transformer has no IP-Adapter "
+                             "attention); condition on text, or use diffusers' StableDiffusion3Pipeline for it")
+        callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
+                                                                     callback_on_step_end_tensor_inputs)
         default = self.default_sample_size * self.vae_scale_factor  # only None means default; 0 is refused
         height = default if height is None else height
         width = default if width is None else width
         self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
-                                  guidance_scale, output_type)
+                                  guidance_scale, output_type, prompt_embeds)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-                          callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
+        self._check_skip_layer_guidance(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
+                                        skip_layer_guidance_stop, cache)
         check_cache(cache)
         plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
                            noise_alpha=relay_noise_alpha, eta=relay_eta)
         self._check_relay_size(plan, height, width)
-        self._guidance_scale, self._clip_skip, self._interrupt = guidance_scale, None, False
-        self._joint_attention_kwargs = joint_attention_kwargs
+        self._guidance_scale, self._clip_skip, self._interrupt = guidance_scale, clip_skip, False
+        self._skip_guidance_layers, self._skip_layer_guidance_scale = skip_guidance_layers, skip_layer_guidance_scale
+        self._joint_attention_kwargs, self._current_timestep = joint_attention_kwargs, None
         device = self._execution_device
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.do_classifier_free_guidance
         pe, npe, ppe, nppe = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, do_classifier_free_guidance=do_cfg,
-            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            device=device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
             lora_scale=(joint_attention_kwargs or {}).get("scale"))  # text-encoder LoRA strength, as diffusers
-        if do_cfg:
-            pe, ppe = torch.cat([npe, pe]), torch.cat([nppe, ppe])
-        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
-        latents = self.prepare_latents(batch, self.transformer.config.in_channels, height, width, pe.dtype, device,
-                                       generator, latents)  # (B, C, H/8, W/8)
-        spec = self._sampler(num_inference_steps, mu=self._dynamic_mu(latents) if mu is None else mu)
-        state = {"prompt_embeds": pe}
+        positive = (pe, ppe)  # what skip-layer guidance conditions on, whatever a callback changes (as diffusers)
+        # The state callbacks read and may replace, as diffusers holds it: [negative; positive] under guidance.
+        state = {"prompt_embeds": torch.cat([npe, pe]) if do_cfg else pe,
+                 "pooled_prompt_embeds": torch.cat([nppe, ppe]) if do_cfg else ppe}
+        batch = (1 if isinstance(prompt, str) else len(prompt) if prompt is not None else pe.shape[0])
+        latents = self.prepare_latents(batch * num_images_per_prompt, self.transformer.config.in_channels, height,
+                                       width, pe.dtype, device, generator, latents)  # (B, C, H/8, W/8)
+        spec = self._sampler(num_inference_steps, mu=self._dynamic_mu(latents) if mu is None else mu, sigmas=sigmas)
 
-        def model_fn_for(transformer: torch.nn.Module, _factor: int) -> Callable:
+        def model_fn_for(transformer: torch.nn.Module, _factor: int, embeds: tuple | None = None,
+                         skip_layers: list[int] | None = None) -> Callable:
             def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
-                return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=state["prompt_embeds"],
-                                   pooled_projections=ppe, joint_attention_kwargs=joint_attention_kwargs,
-                                   return_dict=False)[0]
+                text, pooled = embeds or (state["prompt_embeds"], state["pooled_prompt_embeds"])
+                return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                                   pooled_projections=pooled, joint_attention_kwargs=joint_attention_kwargs,
+                                   return_dict=False, **({"skip_layers": skip_layers} if skip_layers else {}))[0]
 
             return model_fn
 
-        common = dict(guidance_scale=guidance_scale, callback_on_step_end=callback_on_step_end,
-                      tensor_inputs=callback_on_step_end_tensor_inputs, state=state, cache=cache)
-        latents = self._sample(model_fn_for(self.transformer, 1), latents, spec, solver=solver, **common)
+        skip_layer = None
+        if skip_guidance_layers is not None and do_cfg:
+            skip_layer = samplers.SkipLayerGuidance(
+                model_fn_for(self.transformer, 1, positive, list(skip_guidance_layers)), skip_layer_guidance_scale,
+                _step_window(spec, skip_layer_guidance_start, skip_layer_guidance_stop))
+        # diffusers re-reads guidance_scale and do_classifier_free_guidance at every step (a callback may change
+        # them, as diffusers' SD3CFGCutoffCallback does)
+        common = dict(guidance_scale=lambda t: self._guidance_scale, guide=lambda t: self.do_classifier_free_guidance,
+                      callback_on_step_end=callback_on_step_end, tensor_inputs=callback_on_step_end_tensor_inputs,
+                      state=state, cache=cache)
+        latents = self._sample(model_fn_for(self.transformer, 1), latents, spec, solver=solver, skip_layer=skip_layer,
+                               **common)
         if plan is not None:
             latents = self._relay_images(plan, latents, model_fn_for, shift=True, generator=generator, **common)
         return self._finish_images(latents, output_type, return_dict, shift=True)
+
+    def _check_skip_layer_guidance(self, layers, scale: float, start: float, stop: float,
+                                   cache: CacheConfig | None) -> None:
+        """SD3.5's skip-layer guidance arguments: layer indices of this transformer (diffusers silently skips none
+        for an index past the last block, which makes the guidance a no-op), a finite scale and step fractions."""
+        if layers is None:
+            return
+        n = len(self.transformer.transformer_blocks)
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)) or not layers or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in layers):
+            raise ValueError(f"skip_guidance_layers must be a non-empty list of block indices 0 to {n - 1} (SD3.5 "
+                             f"Medium's: [7, 8, 9]), got {layers!r}")
+        samplers.check_guidance_scale(scale)
+        for name, value in (("skip_layer_guidance_start", start), ("skip_layer_guidance_stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+        if cache is not None:
+            raise ValueError("cache= and skip_guidance_layers cannot be combined: a step cache reuses one call's "
+                             "residuals per step, and skip-layer guidance makes a second, different call")
 
     def _dynamic_mu(self, latents: torch.Tensor) -> float | None:
         """The flow shift's mu for this image size when the scheduler shifts dynamically (as diffusers' SD3
@@ -210,6 +274,21 @@ class CogView3PlusDiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, Cog
         # ours: diffusers' CogView3PlusPipeline ignores it when it loads our folder
         self.register_modules(relay_transformer=relay_transformer)
 
+    def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None = None,
+                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      max_sequence_length: int = 224, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' CogView3PlusPipeline.encode_prompt (without a negative prompt the negative embeddings are
+        zeros, CogView3-Plus's unconditional input), except that negative_prompt_embeds passed in are used:
+        diffusers 0.42 replaces them by zeros whenever negative_prompt is None, which is always, since the two
+        cannot be passed together (its docstring says they are used, and they silently are not)."""
+        pe, npe = super().encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, num_images_per_prompt,
+                                        prompt_embeds, None, max_sequence_length, device, dtype)
+        if do_classifier_free_guidance and negative_prompt_embeds is not None:
+            npe = negative_prompt_embeds
+        return pe, npe
+
     @torch.no_grad()
     def __call__(
         self,
@@ -218,11 +297,14 @@ class CogView3PlusDiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, Cog
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
         guidance_scale: float = 5.0,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         output_type: str = "pil",
@@ -239,53 +321,70 @@ class CogView3PlusDiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, Cog
         relay_noise_alpha: float = 0.15,
         relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate images (CogVideoX-style schedulers: DDIM or DPM; `solver` overrides). `relay=k`: the relay
-        stage of the class docstring, with SD3DiTPipeline's relay_* arguments."""
+        """Generate images: diffusers' CogView3PlusPipeline call (its arguments up to max_sequence_length, with
+        its meaning: prompt embeddings instead of prompts, custom `timesteps` where the scheduler takes them,
+        callbacks and properties). Ours: `solver` overrides the scheduler's (CogVideoX-style DDIM or DPM);
+        `relay=k`: the relay stage of the class docstring, with SD3DiTPipeline's relay_* arguments."""
+        callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
+                                                                     callback_on_step_end_tensor_inputs)
         default = self.transformer.config.sample_size * self.vae_scale_factor  # only None means default; 0 is refused
         height = default if height is None else height
         width = default if width is None else width
         self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
-                                  guidance_scale, output_type)
-        self.check_inputs(prompt, height, width, negative_prompt, list(callback_on_step_end_tensor_inputs))
+                                  guidance_scale, output_type, prompt_embeds)
+        self.check_inputs(prompt, height, width, negative_prompt, callback_on_step_end_tensor_inputs, prompt_embeds,
+                          negative_prompt_embeds)
         check_cache(cache)
+        spec = self._sampler(num_inference_steps, timesteps=timesteps)
         plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
                            noise_alpha=relay_noise_alpha, eta=relay_eta)
         self._check_relay_size(plan, height, width)
-        self._guidance_scale, self._interrupt = guidance_scale, False
+        self._guidance_scale, self._interrupt, self._current_timestep = guidance_scale, False, None
         device = self._execution_device
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self.do_classifier_free_guidance
         pe, npe = self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt=num_images_per_prompt,
+                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                      max_sequence_length=max_sequence_length, device=device)
-        if do_cfg:
-            pe = torch.cat([npe, pe])
-        batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
-        spec = self._sampler(num_inference_steps)
-        latents = self.prepare_latents(batch, self.transformer.config.in_channels, height, width, pe.dtype, device,
-                                       generator, latents)  # (B, C, H/8, W/8)
-        state = {"prompt_embeds": pe}
+        # The state callbacks read and may replace, as diffusers holds it: prompt_embeds is [negative; positive]
+        # under guidance, negative_prompt_embeds the negative half (replacing it changes nothing, as in diffusers).
+        state = {"prompt_embeds": torch.cat([npe, pe]) if do_cfg else pe, "negative_prompt_embeds": npe}
+        batch = (1 if isinstance(prompt, str) else len(prompt) if prompt is not None else pe.shape[0])
+        latents = self.prepare_latents(batch * num_images_per_prompt, self.transformer.config.in_channels, height,
+                                       width, pe.dtype, device, generator, latents)  # (B, C, H/8, W/8)
 
         def model_fn_for(transformer: torch.nn.Module, factor: int) -> Callable:
             target = (height * factor, width * factor)  # the relay stage's images are k times larger
-            sizes = _size_conditioning(pe, original_size or target, target, crops_coords_top_left)
+            sizes = {rows: _size_conditioning(pe, rows, original_size or target, target, crops_coords_top_left)
+                     for rows in (batch * num_images_per_prompt, 2 * batch * num_images_per_prompt)}
 
             def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return transformer(hidden_states=x, encoder_hidden_states=state["prompt_embeds"],
-                                   timestep=t.to(device).expand(x.shape[0]), return_dict=False, **sizes)[0].float()
+                                   timestep=t.to(device).expand(x.shape[0]), return_dict=False,
+                                   **sizes[x.shape[0]])[0].float()
 
             return model_fn
 
-        common = dict(guidance_scale=guidance_scale, callback_on_step_end=callback_on_step_end,
-                      tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
-                      cache=cache)
+        # diffusers re-reads guidance_scale and do_classifier_free_guidance at every step (a callback may change them)
+        common = dict(guidance_scale=lambda t: self._guidance_scale, guide=lambda t: self.do_classifier_free_guidance,
+                      callback_on_step_end=callback_on_step_end, tensor_inputs=callback_on_step_end_tensor_inputs,
+                      state=state, generator=generator, cache=cache)
         latents = self._sample(model_fn_for(self.transformer, 1), latents, spec, solver=solver, eta=eta, **common)
         if plan is not None:
             latents = self._relay_images(plan, latents, model_fn_for, shift=False, **common)
         return self._finish_images(latents, output_type, return_dict, shift=False)
 
 
-def _size_conditioning(embeds: torch.Tensor, original: tuple[int, int], target: tuple[int, int],
+def _step_window(spec: samplers.SamplerSpec, start: float, stop: float) -> Callable[[torch.Tensor], bool]:
+    """Whether a timestep is one of the steps i with start N < i < stop N of the spec's N (diffusers' window for
+    SD3's skip-layer guidance)."""
+    ts = spec.schedule.timesteps
+    n = len(ts)
+    active = {float(ts[i]) for i in range(n) if n * start < i < n * stop}
+    return lambda t: float(t) in active
+
+
+def _size_conditioning(embeds: torch.Tensor, rows: int, original: tuple[int, int], target: tuple[int, int],
                        crop: tuple[int, int]) -> dict[str, torch.Tensor]:
     """CogView3-Plus's SDXL-style micro-conditioning: each size as a (rows, 2) tensor, one row per model input."""
-    rows = embeds.shape[0]
     return {name: torch.tensor([value], dtype=embeds.dtype, device=embeds.device).repeat(rows, 1)
             for name, value in (("original_size", original), ("target_size", target), ("crop_coords", crop))}

@@ -27,7 +27,8 @@ import samplers
 from dit.cache import CacheConfig, check_cache
 from dit.convert import read_folder_json, resolve
 from dit.estimate import WAN_VAE_FACTORS
-from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int, _check_sizes
+from dit.pipeline.base import (DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int,
+                               _check_prompt_or_embeds, _check_sizes)
 from dit.pipeline.loading import PIPELINE_FAMILIES, _require_family
 from dit.pipeline.relay import RelayStage, relay_stage
 
@@ -125,17 +126,17 @@ class WanFamily:
 
     def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
                       num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None = None,
-                      tensor_inputs=("latents",), output_type: str = "np") -> None:
+                      tensor_inputs=("latents",), output_type: str = "np", *,
+                      prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None) -> None:
         """Every input checked before any model runs (the first seven arguments: the video families' common
         check). Where diffusers would silently round a size or a frame count, this refuses it and names the value
         diffusers would have used instead."""
-        if prompt is None or (not isinstance(prompt, str) and not (
-                isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        _check_prompt_or_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         _check_positive_int("num_inference_steps", num_inference_steps)
         patch = self.denoisers()[0].config.patch_size
         _check_sizes(height, width, num_frames, self.vae_scale_factor_spatial * patch[1],
-                     self.vae_scale_factor_temporal)
+                     self.vae_scale_factor_temporal, diffusers=self._diffusers_sizes(height, width, num_frames))
         samplers.check_guidance_scale(guidance_scale)
         if guidance_scale_2 is not None:
             if self.config.boundary_ratio is None:
@@ -148,14 +149,38 @@ class WanFamily:
         if bad:
             raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
 
+    def _diffusers_sizes(self, height: int, width: int, num_frames: int) -> tuple[str, dict[str, int | None]]:
+        """What diffusers' Wan pipelines do with the sizes we refuse (for our errors to say): num_frames rounded to
+        1 + kn, and a height or width that divides by 16 rounded down to a multiple of VAE x patch (one that does
+        not, diffusers refuses too)."""
+        k, patch = self.vae_scale_factor_temporal, self.denoisers()[0].config.patch_size
+        multiple = self.vae_scale_factor_spatial * patch[1]
+        return self.diffusers_class_name, {"num_frames": max(num_frames // k * k + 1, 1),
+                                           **{name: None if value % 16 else value // multiple * multiple
+                                              for name, value in (("height", height), ("width", width))}}
+
+    # -- what diffusers' Wan pipelines keep during a call (callbacks and hooks read it) -----------------------------
+
+    def _start_call(self, guidance_scale: float, guidance_scale_2: float | None, attention_kwargs: dict | None) -> None:
+        """The properties diffusers' Wan pipelines set at the start of a call (guidance_scale_2 defaults to
+        guidance_scale with two experts)."""
+        if self.config.boundary_ratio is not None and guidance_scale_2 is None:
+            guidance_scale_2 = guidance_scale
+        self._guidance_scale, self._guidance_scale_2 = guidance_scale, guidance_scale_2
+        self._attention_kwargs, self._current_timestep, self._interrupt = attention_kwargs, None, False
+
     # -- the steps of a call -----------------------------------------------------------------------------------------
 
     def _prompt_state(self, prompt, negative_prompt, do_cfg: bool, num_videos_per_prompt: int,
-                      max_sequence_length: int) -> dict:
-        """diffusers' prompt embeddings in the first expert's dtype: the state callbacks read and may replace."""
+                      max_sequence_length: int, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None) -> dict:
+        """diffusers' prompt embeddings (or the ones passed) in the first expert's dtype: the state callbacks read
+        and may replace, as diffusers' Wan pipelines hold it (positive and negative apart, both used at every
+        step)."""
         dtype = self.denoisers()[0].dtype
         pe, npe = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=do_cfg,
-                                     num_videos_per_prompt=num_videos_per_prompt,
+                                     num_videos_per_prompt=num_videos_per_prompt, prompt_embeds=prompt_embeds,
+                                     negative_prompt_embeds=negative_prompt_embeds,
                                      max_sequence_length=max_sequence_length, device=self._execution_device)
         return {"prompt_embeds": pe.to(dtype), "negative_prompt_embeds": None if npe is None else npe.to(dtype)}
 
@@ -164,10 +189,11 @@ class WanFamily:
                  tensor_inputs, solver: str | None, generator, image: ImageCondition | None = None,
                  expert: torch.nn.Module | None = None, **runtime: Any) -> torch.Tensor:
         """The one denoising path (DiTPipeline._sample) with the experts, their guidance and the image; `expert`
-        runs every step instead of the switch at the boundary (the relay stage's)."""
-        do_cfg = guidance_scale > 1.0
-        return self._sample(self._model_fn(state, do_cfg, attention_kwargs, image, expert), latents, spec,
+        runs every step instead of the switch at the boundary (the relay stage's). Whether a step is guided is
+        read at every step (`do_classifier_free_guidance`, which a callback may turn off), as in diffusers."""
+        return self._sample(self._model_fn(state, attention_kwargs, image, expert), latents, spec,
                             guidance_scale=self._guidance(guidance_scale, guidance_scale_2, expert),
+                            guide=lambda t: self.do_classifier_free_guidance,
                             callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, state=state,
                             solver=solver, generator=generator, **runtime)
 
@@ -200,19 +226,21 @@ class WanFamily:
             return guidance_scale if expert is self.transformer else low
         return lambda t: guidance_scale if float(t) >= boundary else low
 
-    def _model_fn(self, state: dict, do_cfg: bool, attention_kwargs: dict | None,
-                  image: ImageCondition | None = None, expert: torch.nn.Module | None = None) -> Callable:
-        """The expert for t (or `expert` for every t) as model_fn(x, t) on latents (B, C, F', H', W');
-        conditioning [uncond, cond] under guidance. expand_timesteps (TI2V) gives every latent token the step's
-        timestep, as diffusers does, but 0 to the tokens of a first frame held at the image's latents."""
+    def _model_fn(self, state: dict, attention_kwargs: dict | None, image: ImageCondition | None = None,
+                  expert: torch.nn.Module | None = None) -> Callable:
+        """The expert for t (or `expert` for every t) as model_fn(x, t) on latents (B, C, F', H', W'), or on the
+        guided [x, x] with the conditioning [uncond, cond]. expand_timesteps (TI2V) gives every latent token the
+        step's timestep, as diffusers does, but 0 to the tokens of a first frame held at the image's latents."""
         boundary = self._boundary()
-        image = image.for_guidance() if image is not None and do_cfg else image
+        guided_image = image.for_guidance() if image is not None else None
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             model = (expert if expert is not None else self.transformer if boundary is None or float(t) >= boundary
                      else self.transformer_2)
-            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if do_cfg
+            doubled = x.shape[0] != state["prompt_embeds"].shape[0]
+            context = (torch.cat([state["negative_prompt_embeds"], state["prompt_embeds"]]) if doubled
                        else state["prompt_embeds"])
+            condition = guided_image if doubled else image
             p = model.config.patch_size
             t = t.to(device=x.device, dtype=torch.float32)
             if self.config.expand_timesteps:  # (B, F' x H'/p x W'/p): one timestep per token
@@ -221,9 +249,9 @@ class WanFamily:
                 timestep = (keep[::p[0], ::p[1], ::p[2]] * t).flatten().unsqueeze(0).expand(x.shape[0], -1)
             else:
                 timestep = t.reshape(1).expand(x.shape[0])
-            hidden = x if image is None else image.model_input(x)
+            hidden = x if condition is None else condition.model_input(x)
             return model(hidden_states=hidden.to(model.dtype), timestep=timestep, encoder_hidden_states=context,
-                         encoder_hidden_states_image=None if image is None else image.embeds,
+                         encoder_hidden_states_image=None if condition is None else condition.embeds,
                          attention_kwargs=attention_kwargs, return_dict=False)[0].float()
 
         return model_fn
@@ -285,6 +313,8 @@ class WanDiTPipeline(WanFamily, DiTPipeline, WanPipeline):
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
@@ -300,19 +330,25 @@ class WanDiTPipeline(WanFamily, DiTPipeline, WanPipeline):
         relay_noise_alpha: float = 0.15,
         relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate videos; `solver` overrides the folder's sampler (e.g. "euler"). `relay=k` adds a relay stage
-        (dit.pipeline.relay) to k x height by k x width: `relay_steps` steps from training step T_r =
-        `relay_start` of the flow path, block noise of block size k, the base result upsampled in latent space
-        (nearest or bilinear) or in pixels ("pixel": decode, upsample, encode)."""
+        """Generate videos: diffusers' WanPipeline call (its arguments up to max_sequence_length, with its meaning:
+        prompt embeddings instead of prompts, callbacks and properties). Ours: `solver` overrides the folder's
+        sampler (e.g. "euler"); `relay=k` adds a relay stage (dit.pipeline.relay) to k x height by k x width:
+        `relay_steps` steps from training step T_r = `relay_start` of the flow path, block noise of block size k,
+        the base result upsampled in latent space (nearest or bilinear) or in pixels ("pixel": decode, upsample,
+        encode)."""
+        callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
+                                                                     callback_on_step_end_tensor_inputs)
         self.check_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-                           guidance_scale_2, callback_on_step_end_tensor_inputs, output_type)
+                           guidance_scale_2, callback_on_step_end_tensor_inputs, output_type,
+                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
         check_cache(cache)
         plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
                            noise_alpha=relay_noise_alpha, eta=relay_eta)
-        state = self._prompt_state(prompt, negative_prompt, guidance_scale > 1.0, num_videos_per_prompt,
-                                   max_sequence_length)
+        self._start_call(guidance_scale, guidance_scale_2, attention_kwargs)
+        state = self._prompt_state(prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt,
+                                   max_sequence_length, prompt_embeds, negative_prompt_embeds)
         latents = self.prepare_latents(state["prompt_embeds"].shape[0], self.denoisers()[0].config.in_channels,
                                        height, width, num_frames, torch.float32, self._execution_device, generator,
                                        latents)  # (B, C, F', H', W')

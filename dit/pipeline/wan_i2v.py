@@ -26,7 +26,7 @@ from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from dit.cache import CacheConfig, check_cache
-from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _check_positive_int
+from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int
 from dit.pipeline.loading import _require_family, pipeline_class
 from dit.pipeline.relay import relay_stage
 from dit.pipeline.wan import ImageCondition, WanDiTPipeline, WanFamily
@@ -80,13 +80,22 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
 
     def check_request(self, prompt, negative_prompt, height: int, width: int, num_frames: int,
                       num_inference_steps: int, guidance_scale: float, guidance_scale_2: float | None = None,
-                      tensor_inputs=("latents",), output_type: str = "np", image=None, last_image=None) -> None:
+                      tensor_inputs=("latents",), output_type: str = "np", image=None, last_image=None, *,
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      image_embeds: torch.Tensor | None = None) -> None:
         """WanFamily's checks, and the image's: one PIL image or (3, H, W) / (1, 3, H, W) tensor; last_image only
-        where the model uses it (not TI2V; with CLIP tokens only on an FLF2V transformer, which needs it)."""
+        where the model uses it (not TI2V; with CLIP tokens only on an FLF2V transformer, which needs it);
+        image_embeds only for a transformer with CLIP image tokens, and with the image (see __call__)."""
         super().check_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps,
-                              guidance_scale, guidance_scale_2, tensor_inputs, output_type)
+                              guidance_scale, guidance_scale_2, tensor_inputs, output_type,
+                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         if image is None:
-            raise ValueError("image is required: image-to-video starts from a first frame (a PIL image or a tensor)")
+            raise ValueError("image is required: image-to-video starts from a first frame (a PIL image or a tensor)"
+                             + ("; image_embeds replace only its CLIP tokens, the VAE latents of the first frame "
+                                "still come from the image (diffusers 0.42's WanImageToVideoPipeline fails "
+                                "without it too)" if image_embeds is not None else ""))
+        if image_embeds is not None:
+            self._check_image_embeds(image_embeds, last_image)
         for name, value in (("image", image), ("last_image", last_image)):
             if value is None:
                 continue
@@ -117,6 +126,20 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
             raise ValueError("this FLF2V transformer (pos_embed_seq_len set) takes the first and the last frame: "
                              "pass last_image")
 
+    def _check_image_embeds(self, image_embeds, last_image) -> None:
+        """image_embeds: the CLIP tokens encode_image gives, (1, M, E) (FLF2V: (2, M, E), first and last frame), for
+        a transformer with image cross-attention; diffusers' pipeline would drop them silently on any other."""
+        image_dim = self._image_dim()
+        if image_dim is None:
+            raise ValueError("image_embeds are CLIP image tokens, and this transformer has no image cross-attention "
+                             "(image_dim is None: Wan 2.2 A14B, TI2V-5B); drop image_embeds")
+        rows = 2 if last_image is not None else 1
+        if not (torch.is_tensor(image_embeds) and image_embeds.ndim == 3 and image_embeds.shape[0] == rows
+                and image_embeds.shape[2] == image_dim):
+            got = tuple(image_embeds.shape) if torch.is_tensor(image_embeds) else type(image_embeds).__name__
+            raise ValueError(f"image_embeds must be ({rows}, tokens, {image_dim}) as pipe.encode_image("
+                             f"{'[image, last_image]' if rows == 2 else 'image'}) returns them, got {got}")
+
     def _image_dim(self) -> int | None:
         """The CLIP token width of a transformer with image cross-attention (Wan 2.1 I2V), else None."""
         return None if self.transformer is None else self.transformer.config.image_dim
@@ -136,6 +159,9 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
         last_image: PIL.Image.Image | torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
@@ -152,21 +178,31 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
         relay_noise_alpha: float = 0.15,
         relay_eta: float = 0.0,
     ) -> DiTPipelineOutput | tuple:
-        """Generate videos from a first frame (and, FLF2V / A14B, a last frame); `solver` overrides the
-        folder's sampler. `relay=k` and the relay_* arguments as WanDiTPipeline's: the relay stage sees the
-        image(s) encoded again at k x height by k x width."""
+        """Generate videos from a first frame (and, FLF2V / A14B, a last frame): diffusers'
+        WanImageToVideoPipeline call (its arguments up to max_sequence_length, with its meaning: prompt embeddings
+        instead of prompts, callbacks and properties). `image_embeds` replace the CLIP tokens of `image` (and
+        `last_image`) that `pipe.encode_image` would give, as diffusers' docstring says; the image is still
+        needed for the VAE latents of the first frame (diffusers 0.42 refuses image with image_embeds, and fails
+        without the image, so no diffusers call uses them). Ours: `solver` overrides the folder's sampler;
+        `relay=k` and the relay_* arguments as WanDiTPipeline's: the relay stage sees the image(s) encoded again
+        at k x height by k x width."""
+        callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
+                                                                     callback_on_step_end_tensor_inputs)
         self.check_request(prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-                           guidance_scale_2, callback_on_step_end_tensor_inputs, output_type, image, last_image)
+                           guidance_scale_2, callback_on_step_end_tensor_inputs, output_type, image, last_image,
+                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                           image_embeds=image_embeds)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
         check_cache(cache)
         plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
                            noise_alpha=relay_noise_alpha, eta=relay_eta)
-        state = self._prompt_state(prompt, negative_prompt, guidance_scale > 1.0, num_videos_per_prompt,
-                                   max_sequence_length)
+        self._start_call(guidance_scale, guidance_scale_2, attention_kwargs)
+        state = self._prompt_state(prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt,
+                                   max_sequence_length, prompt_embeds, negative_prompt_embeds)
         batch, device = state["prompt_embeds"].shape[0], self._execution_device
         noise = self._noise(batch, height, width, num_frames, generator, latents, device)
-        condition = self._image_condition(image, last_image, batch, height, width, num_frames, device)
+        condition = self._image_condition(image, last_image, batch, height, width, num_frames, device, image_embeds)
         common = dict(guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
                       attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
                       tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache)
@@ -175,7 +211,8 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
             latents = condition.hold_first_frame(latents)
         if plan is not None:
             k = plan.factor
-            condition = self._image_condition(image, last_image, batch, k * height, k * width, num_frames, device)
+            condition = self._image_condition(image, last_image, batch, k * height, k * width, num_frames, device,
+                                              image_embeds)
             latents = self._relay(plan, state, latents, image=condition, **common)  # (B, C, F', kH', kW')
             if condition.first_frame_mask is not None:
                 latents = condition.hold_first_frame(latents)
@@ -196,12 +233,14 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
         return latents.to(device=device, dtype=torch.float32)
 
     def _image_condition(self, image, last_image, batch: int, height: int, width: int, num_frames: int,
-                         device: torch.device) -> ImageCondition:
-        """The image(s) as the model sees them (ImageCondition), for a batch of `batch` videos."""
+                         device: torch.device, image_embeds: torch.Tensor | None = None) -> ImageCondition:
+        """The image(s) as the model sees them (ImageCondition), for a batch of `batch` videos; `image_embeds`:
+        the CLIP tokens to use instead of encoding the image(s)."""
         embeds = None
         if self._image_dim() is not None:  # CLIP tokens, (1 or 2 with FLF2V's last frame, M, E) -> per video
-            embeds = self.encode_image(image if last_image is None else [image, last_image], device)
-            embeds = embeds.repeat(batch, 1, 1).to(self.transformer.dtype)
+            embeds = image_embeds if image_embeds is not None else self.encode_image(
+                image if last_image is None else [image, last_image], device)
+            embeds = embeds.to(device).repeat(batch, 1, 1).to(self.transformer.dtype)
         first = self._pixels(image, height, width, device)  # (1, 3, 1, H, W) in [-1, 1]
         if self.config.expand_timesteps:  # TI2V: the first frame alone; latent frame 0 held at its latents
             z = self._encode(first).repeat(batch, 1, 1, 1, 1)  # (B, C, 1, H', W')
