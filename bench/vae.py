@@ -1,8 +1,9 @@
-"""Benchmark: decode memory and time of vae3d against diffusers' AutoencoderKLCogVideoX.
+"""Benchmark: decode memory and time of vae3d against diffusers' AutoencoderKLCogVideoX or AutoencoderKLWan.
 
-Same weights for both: the default AutoencoderKLCogVideoX config with random weights (seed 0),
-written once with ``save_pretrained`` and loaded by each side (diffusers: ``from_pretrained``;
-ours: ``vae3d.load_vae``). Decodes random latents (B=1, 16 channels, F latent frames, size/8).
+Same weights for both: the default config of the diffusers class (``--vae cogvideox``: CogVideoX's;
+``--vae wan``: Wan 2.1's) with random weights (seed 0), written once with ``save_pretrained`` and
+loaded by each side (diffusers: ``from_pretrained``; ours: ``vae3d.load_vae``). Decodes random
+latents (B=1, 16 channels, F latent frames, size/8).
 
 Memory method: every measurement runs in a fresh subprocess; peak memory is that process's
 VmHWM (``bench.common.peak_rss_mb``: the peak resident set of its own address space; not ru_maxrss,
@@ -14,7 +15,8 @@ process CPU time (user + system) of the decode call alone; the CPU time is less 
 other processes on a shared machine.
 
 Run (one benchmark at a time on the machine):
-    flock /tmp/bench.lock python3 bench/vae.py
+    flock /tmp/bench.lock python3 bench/vae.py                 # CogVideoX, 128 x 128
+    flock /tmp/bench.lock python3 bench/vae.py --vae wan       # Wan 2.1, 256 x 256, 5 / 13 / 21 latents
 Prints one JSON object.
 """
 
@@ -47,14 +49,21 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def default_config_folder(folder: Path) -> Path:
-    """The default AutoencoderKLCogVideoX config with random weights (seed 0), saved into folder unless there."""
+# --vae -> the diffusers class, and the defaults of size and latent frame counts.
+VAES = {
+    "cogvideox": dict(cls="AutoencoderKLCogVideoX", size=128, frames=[5, 13, 25], compare=[13]),
+    "wan": dict(cls="AutoencoderKLWan", size=256, frames=[5, 13, 21], compare=[5, 13, 21]),
+}
+
+
+def default_config_folder(folder: Path, vae: str = "cogvideox") -> Path:
+    """The diffusers class's default config with random weights (seed 0), saved into folder unless there."""
     if not (folder / "config.json").is_file():
+        import diffusers
         import torch
-        from diffusers import AutoencoderKLCogVideoX
 
         torch.manual_seed(0)
-        AutoencoderKLCogVideoX().save_pretrained(folder)
+        getattr(diffusers, VAES[vae]["cls"])().save_pretrained(folder)
     return folder
 
 
@@ -64,9 +73,10 @@ def worker(impl: str, folder: str, latents: str, out: str | None, threads: int) 
 
     torch.set_num_threads(threads)
     if impl == "diffusers":
-        from diffusers import AutoencoderKLCogVideoX
+        import diffusers
 
-        vae = AutoencoderKLCogVideoX.from_pretrained(folder).eval()
+        cls_name = json.loads((Path(folder) / "config.json").read_text())["_class_name"]
+        vae = getattr(diffusers, cls_name).from_pretrained(folder).eval()
     else:
         import vae3d
 
@@ -111,9 +121,10 @@ def _run_worker(impl: str, folder: str, latents: str, out: str | None, threads: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=128, help="output height and width (pixels)")
-    ap.add_argument("--frames", type=int, nargs="+", default=[5, 13, 25], help="latent frame counts for ours")
-    ap.add_argument("--compare", type=int, nargs="+", default=[13], help="latent frame counts run on both")
+    ap.add_argument("--vae", choices=sorted(VAES), default="cogvideox", help="which VAE (default config of each)")
+    ap.add_argument("--size", type=int, help="output height and width (pixels; default 128, wan: 256)")
+    ap.add_argument("--frames", type=int, nargs="+", help="latent frame counts for ours (default 5 13 25, wan: 5 13 21)")
+    ap.add_argument("--compare", type=int, nargs="+", help="latent frame counts run on both (default 13, wan: 5 13 21)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folder", help="reuse a saved default-config folder (created if missing)")
     ap.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
@@ -123,13 +134,17 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.folder, args.latents, args.out, args.threads)))
         return
+    defaults = VAES[args.vae]
+    args.size = args.size or defaults["size"]
+    args.frames = args.frames or defaults["frames"]
+    args.compare = args.compare or defaults["compare"]
 
     import torch
     from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="vae_bench_"))
-    folder = default_config_folder(Path(args.folder) if args.folder else tmp / "vae")
+    folder = default_config_folder(Path(args.folder) if args.folder else tmp / "vae", args.vae)
 
     runs = []
     diffs = {}
@@ -152,7 +167,7 @@ def main() -> None:
     ours = {r["latent_frames"]: r for r in runs if r["impl"] == "ours"}
     ref = {r["latent_frames"]: r for r in runs if r["impl"] == "diffusers"}
     summary: dict = {
-        "benchmark": "vae decode, default AutoencoderKLCogVideoX config, random weights (seed 0)",
+        "benchmark": f"vae decode, default {defaults['cls']} config, random weights (seed 0)",
         "memory_method": "VmHWM of a fresh subprocess per measurement (peak resident set of its own address space)",
         "size": args.size,
         "threads": args.threads,

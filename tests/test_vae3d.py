@@ -241,7 +241,6 @@ def test_phase_upsampling_and_lazy_frames_equal_interpolate_then_conv(compress_t
     """The 4-phase 2x2 form of conv3x3(nearest 2x) equals the two steps; UpsampledFrames gives any
     frame range of the materialised output (repeated frames in time included)."""
     from vae3d.blocks import Upsample3D
-    from vae3d.lowmem import UpsampledFrames
 
     torch.manual_seed(0)
     up = Upsample3D(4, 6, compress_time=compress_time)
@@ -252,7 +251,7 @@ def test_phase_upsampling_and_lazy_frames_equal_interpolate_then_conv(compress_t
     with torch.no_grad():
         assert _max_diff(up.upsample(f), reference) < 1e-5
         whole = up(x, image_first)
-        lazy = UpsampledFrames(up, x, image_first)
+        lazy = up.lazy(x, image_first)
         assert lazy.shape == whole.shape
         t = whole.shape[2]
         for a, b in [(0, t), (0, 1), (1, 3), (t - 2, t)]:
@@ -271,7 +270,6 @@ def test_upsample_equals_diffusers_upsampler(monkeypatch, compress_time, slice_b
     from diffusers.models.upsampling import CogVideoXUpsample3D
 
     from vae3d.blocks import Upsample3D
-    from vae3d.lowmem import UpsampledFrames
 
     if slice_bytes is not None:
         monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", slice_bytes)
@@ -284,7 +282,7 @@ def test_upsample_equals_diffusers_upsampler(monkeypatch, compress_time, slice_b
         with torch.no_grad():
             want = ref(x)
             assert _max_diff(ours(x, image_first=t % 2 == 1), want) < 1e-12
-            lazy = UpsampledFrames(ours, x, image_first=t % 2 == 1)
+            lazy = ours.lazy(x, image_first=t % 2 == 1)
             frames = torch.cat([lazy.frames(j, j + 1) for j in range(want.shape[2])], 2)
             assert _max_diff(frames, want) < 1e-12
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -300,7 +298,6 @@ def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
     """A ResNet block fed UpsampledFrames (statistics streamed and merged, conv1 and shortcut reading
     frames on request) equals the block fed the materialised tensor."""
     from vae3d.blocks import ResnetBlock3D, Upsample3D, group_var_mean, streamed_var_mean
-    from vae3d.lowmem import UpsampledFrames
 
     monkeypatch.setattr(vae3d.lowmem, "SLICE_BYTES", 5000)  # 2 frames of 2 KB per step: parts 2, 2, 2, 2, 1
     torch.manual_seed(0)
@@ -308,13 +305,13 @@ def test_resnet_block_reads_a_frame_source_like_its_tensor(monkeypatch):
     block = ResnetBlock3D(8, 4, groups=2, spatial_norm_dim=3).eval()
     x, zq = torch.randn(1, 8, 9, 4, 4), torch.randn(1, 3, 3, 4, 4)
     with torch.no_grad():
-        lazy = UpsampledFrames(up, x, image_first=True)
+        lazy = up.lazy(x, image_first=True)
         whole = up(x, image_first=True)
         for got, want in zip(streamed_var_mean(lazy, 2), group_var_mean(whole, 2)):
             assert _max_diff(got, want) < 1e-6
         assert _max_diff(block(lazy, zq, ConvCache()), block(whole, zq, ConvCache())) < 1e-5
         # statistics stay on the source's device (a CPU count tensor would not mix with GPU statistics)
-        var, mean = streamed_var_mean(UpsampledFrames(up.to("meta"), x.to("meta"), image_first=True), 2)
+        var, mean = streamed_var_mean(up.to("meta").lazy(x.to("meta"), image_first=True), 2)
         assert var.device.type == mean.device.type == "meta"
 
 

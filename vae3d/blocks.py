@@ -208,16 +208,31 @@ class ResnetBlock3D(nn.Module):
         conv1's input, the shortcut), conv2 writes over its input and the shortcut is added in frame slices.
         """
         stats = cache_stats(cache)
-        h = self.conv1(x, cache, self._norm_act(self.norm1, x, zq, stats))
-        tf2 = self._norm_act(self.norm2, h, zq, stats)
-        if self.dropout.p > 0 and self.training:
-            norm_act2 = tf2
-            tf2 = lambda s, a, b: self.dropout(norm_act2(s, a, b))  # noqa: E731 (as diffusers: before conv2)
-        h = self.conv2(h, cache, tf2, overwrite_input=True)  # h's values are not needed afterwards
-        shortcut = self.conv_shortcut if self.conv_shortcut is not None else (lambda s: s)
-        if lowmem.active():
-            return lowmem.add_frames(h, x, shortcut)
-        return h + shortcut(x)
+        return causal_residual(
+            self, x, cache, self._norm_act(self.norm1, x, zq, stats), lambda h: self._norm_act(self.norm2, h, zq, stats)
+        )
+
+
+def causal_residual(
+    block: nn.Module, x: torch.Tensor | FrameSource, cache: ConvCache | None, norm_act1: FrameTransform,
+    norm_act2: Callable[[torch.Tensor], FrameTransform],
+) -> torch.Tensor:
+    """x + conv2(dropout(norm_act2(h))) with h = conv1(norm_act1(x)): the ResNet block both VAEs share.
+
+    ``block`` has causal ``conv1``, ``conv2``, a ``dropout`` and a 1x1x1 ``conv_shortcut`` (None: the
+    identity); ``norm_act2(h)`` builds conv2's frame-wise transform once h exists. Without autograd
+    conv2 writes over its input (h is not needed afterwards) and the shortcut is added in frame slices.
+    """
+    h = block.conv1(x, cache, norm_act1)
+    tf2 = norm_act2(h)
+    if block.dropout.p > 0 and block.training:
+        norm_act = tf2
+        tf2 = lambda s, a, b: block.dropout(norm_act(s, a, b))  # noqa: E731 (as diffusers: before conv2)
+    h = block.conv2(h, cache, tf2, overwrite_input=True)
+    shortcut = block.conv_shortcut if block.conv_shortcut is not None else (lambda s: s)
+    if lowmem.active():
+        return lowmem.add_frames(h, x, shortcut)
+    return h + shortcut(x)
 
 
 class Downsample3D(nn.Module):
@@ -275,14 +290,16 @@ class Upsample3D(nn.Module):
 
     def upsample(self, f: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """conv(nearest_2x(f)) of frames f (N, C, h, w) -> (N, C', 2h, 2w); ``weight``: lowmem.phase_weight, if at hand."""
-        if lowmem.active():
-            return lowmem.phase_upsample(self.conv, f, weight)
-        return self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))
+        return lowmem.upsample2x(self.conv, f, weight)
+
+    def lazy(self, x: torch.Tensor, image_first: bool) -> lowmem.UpsampledFrames:
+        """``self(x, image_first)`` as a FrameSource: frames computed on request."""
+        return lowmem.UpsampledFrames(self.conv, x, self.source_frames(x.shape[2], image_first))
 
     def forward(self, x: torch.Tensor, image_first: bool) -> torch.Tensor:
         """x (B, C, T, h, w) -> (B, C', T', 2h, 2w)."""
-        if lowmem.active():
-            return lowmem.upsample(self, x, image_first)  # a few source frames at a time
+        if lowmem.active():  # a few source frames at a time
+            return lowmem.upsample(self.conv, x, self.source_frames(x.shape[2], image_first))
         y = self.upsample(rearrange(x, "b c t h w -> (b t) c h w"))
         y = rearrange(y, "(b t) c h w -> b c t h w", b=x.shape[0])
         return y[:, :, self.source_frames(x.shape[2], image_first)]  # (B, C', T', 2h, 2w)

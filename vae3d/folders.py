@@ -162,13 +162,24 @@ def _index_shards(folder: Path, index_name: str) -> list[Path]:
     return shards
 
 
+def variant_name(name: str, variant: str | None) -> str:
+    """A weight file's name for a `variant` as diffusers and transformers write it (`save_pretrained(variant=...)`):
+    diffusion_pytorch_model.fp16.safetensors, model.safetensors.index.fp16.json; `name` itself for None."""
+    if variant is None:
+        return name
+    parts = name.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])
+
+
 def safetensors_files(path: str | os.PathLike, single: str = WEIGHTS,
-                      index_name: str = WEIGHTS_INDEX) -> list[Path]:
-    """The weight files of a folder: `single`, or the shards `index_name` names. A folder without them (only
-    pickled .bin files, say) is refused: unpickling runs arbitrary code, so pickles are never loaded."""
+                      index_name: str = WEIGHTS_INDEX, *, variant: str | None = None) -> list[Path]:
+    """The weight files of a folder: `single`, or the shards `index_name` names (with `variant`, e.g. "fp16", the
+    variant's files: `variant_name`). A folder without them (only pickled .bin files, say) is refused: unpickling
+    runs arbitrary code, so pickles are never loaded."""
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"model folder {str(folder)!r} does not exist or is not a folder")
+    single, index_name = variant_name(single, variant), variant_name(index_name, variant)
     if (folder / single).is_file():
         return [folder / single]
     if (folder / index_name).is_file():

@@ -1,4 +1,5 @@
-"""Load AutoencoderKLCogVideoX folders (diffusers ``save_pretrained``) or our own into CausalVAE3D.
+"""Load VAE folders (diffusers ``save_pretrained``, or our own) into our classes, by ``_class_name``:
+AutoencoderKLCogVideoX -> CausalVAE3D, AutoencoderKLWan -> WanVAE3D.
 
 Only safetensors are read: a folder that has nothing but pickled weights (``.bin``) is refused,
 because unpickling runs arbitrary code.
@@ -15,18 +16,26 @@ import torch
 from .folders import (WEIGHTS, WEIGHTS_INDEX, assign_weights, build_from_config, load_weights, read_folder_json,
                       safetensors_files)
 from .model import CausalVAE3D
+from .wan_model import WanVAE3D
 
 V = TypeVar("V")
 
-CLASS_NAMES = ("AutoencoderKLCogVideoX", CausalVAE3D.__name__)
+# config.json's _class_name -> the class that loads it (diffusers' names and ours).
+CLASSES: dict[str, type] = {
+    "AutoencoderKLCogVideoX": CausalVAE3D,
+    CausalVAE3D.__name__: CausalVAE3D,
+    "AutoencoderKLWan": WanVAE3D,
+    WanVAE3D.__name__: WanVAE3D,
+}
+CLASS_NAMES = tuple(CLASSES)
 
-# diffusers state-dict name -> ours. Our modules are named like diffusers' so the map is empty;
-# this is the one place a rename would go (and the only one that may know diffusers' names).
+# diffusers state-dict name -> ours. Our modules are named like diffusers' (both VAEs) so the map is
+# empty; this is the one place a rename would go (and the only one that may know diffusers' names).
 DIFFUSERS_RENAMES: dict[str, str] = {}
 
 
 def to_our_names(state: dict[str, V]) -> dict[str, V]:
-    """Rename a diffusers AutoencoderKLCogVideoX state dict (or its key -> file map) to CausalVAE3D's names."""
+    """Rename a diffusers VAE state dict (or its key -> file map) to our names."""
     out = {}
     for name, tensor in state.items():
         for old, new in DIFFUSERS_RENAMES.items():
@@ -41,8 +50,10 @@ def load_vae(
     *,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-) -> CausalVAE3D:
-    """Load a VAE folder (config.json + safetensors) written by diffusers or by CausalVAE3D.
+    variant: str | None = None,
+) -> CausalVAE3D | WanVAE3D:
+    """Load a VAE folder (config.json + safetensors) written by diffusers or by us; the class follows
+    config.json's ``_class_name`` (``CLASSES``).
 
     ``path`` may also be a pipeline folder with a ``vae/`` subfolder. The model is built on the
     meta device and takes the loaded tensors as its parameters, so loading holds one copy. A corrupt
@@ -56,8 +67,10 @@ def load_vae(
     cls_name = config.get("_class_name")
     if cls_name not in CLASS_NAMES:
         raise ValueError(f"{folder}/config.json names class {cls_name!r}; load_vae reads {CLASS_NAMES}")
-    files = safetensors_files(folder, WEIGHTS, WEIGHTS_INDEX)  # pickles are refused before anything is built
-    model = build_from_config(CausalVAE3D, config, folder / "config.json")
+    # pickles are refused before anything is built; `variant` ("fp16", ...): the weights save_pretrained(variant=)
+    # wrote, diffusion_pytorch_model.<variant>.safetensors (or its sharded index)
+    files = safetensors_files(folder, WEIGHTS, WEIGHTS_INDEX, variant=variant)
+    model = build_from_config(CLASSES[cls_name], config, folder / "config.json")
     state, origin = load_weights(files, device if device is not None else "cpu")
     if torch_dtype is not None:
         state = {k: v.to(torch_dtype) for k, v in state.items()}

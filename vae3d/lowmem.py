@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import causal_conv as rule  # the padding rule (a module import: causal_conv imports this one)
+
 if TYPE_CHECKING:
     from .blocks import Upsample3D
-    from .causal_conv import CausalConv3d, ConvCache, FrameTransform
+    from .causal_conv import CausalConv, ConvCache, FrameTransform
     from .parallel import TimeShard
 
 # Bytes of input per convolution call: a call's temporaries are a few times this, so large frames
@@ -65,10 +67,15 @@ def frame_range(x: torch.Tensor | FrameSource, a: int, b: int) -> torch.Tensor:
     return x[:, :, a:b] if isinstance(x, torch.Tensor) else x.frames(a, b)
 
 
+def frame_bytes(x: torch.Tensor | FrameSource) -> int:
+    """Bytes of one frame of x (B, C, T, H, W), the whole batch."""
+    b, c, _, h, w = x.shape
+    return b * c * h * w * x.dtype.itemsize
+
+
 def frames_per_step(x: torch.Tensor | FrameSource) -> int:
     """How many frames of x (B, C, T, H, W) to process per call: about SLICE_BYTES of input."""
-    b, c, _, h, w = x.shape
-    return max(1, SLICE_BYTES // (b * c * h * w * x.dtype.itemsize))
+    return max(1, SLICE_BYTES // frame_bytes(x))
 
 
 def identity(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -88,7 +95,7 @@ def add_frames(h: torch.Tensor, x: torch.Tensor | FrameSource, fn: Callable[[tor
 
 
 def causal_conv3d(
-    conv: CausalConv3d, x: torch.Tensor | FrameSource, cache: ConvCache | None, transform: FrameTransform | None,
+    conv: CausalConv, x: torch.Tensor | FrameSource, cache: ConvCache | None, transform: FrameTransform | None,
     overwrite_input: bool,
 ) -> torch.Tensor:
     """``conv(x, cache, transform, overwrite_input)`` without autograd: the reference's output, and this
@@ -101,46 +108,59 @@ def causal_conv3d(
     tf = transform or identity
     p, t = conv.time_pad, x.shape[2]
     if p == 0:  # 1x1x1: nothing to pad or carry
-        return conv.conv(tf(frame_range(x, 0, t), 0, t))
+        return rule.kernel(conv, tf(frame_range(x, 0, t), 0, t)) if t else rule.empty_output(conv, x)
     running = cache is not None and conv in cache.partials  # earlier batches ran _taps
+    taps_from = cache.taps_from if cache is not None else None
     previous = cache.carried(conv, x, tf) if cache is not None and not running else None
     if cache is not None and cache.shard is not None:
         cache = None  # a time shard is one whole call (its halo came from the ranks before): nothing to carry on
-    if previous is None and not running and t == 1:
-        return _image(conv, x, cache, tf)
+    if t == 0:  # (after the halo exchange, which every rank of a shard takes part in)
+        return rule.empty_output(conv, x)
     b, c_in, _, hh, ww = x.shape
-    c_out = conv.conv.out_channels
-    inplace = overwrite_input and isinstance(x, torch.Tensor) and c_in == c_out
-    out = x if inplace else torch.empty(b, c_out, t, hh, ww, dtype=x.dtype, device=x.device)
+    c_out = conv.conv3d.out_channels
     # Large frames (over half of SLICE_BYTES, so that _window would take them one at a time; at
     # 128 x 128 in fp32 the full-resolution ones) go through _taps -- one tap of one frame at a
     # time, running sums carried -- when those sums (fp32 or wider) take no more memory than the
     # input frames _window would carry: not for a 3 -> 128 channel conv_in, nor at C' == C in
-    # fp16/bf16. Otherwise _window: conv3d over a few frames, faster on small frames (one larger
-    # matrix product), and with small temporaries there.
+    # fp16/bf16. Otherwise _window: conv3d over a few frames, faster (one larger matrix product:
+    # 10-40% on this CPU), its temporaries a few frames. An executor that knows where its peak is
+    # may raise the size from which frames count as large (``ConvCache.taps_from``: Wan's decoder,
+    # its full-resolution frames); the smaller levels then run the faster windows under that peak.
     sums_itemsize = torch.promote_types(x.dtype, torch.float32).itemsize
-    large = frames_per_step(x) == 1
-    if running or (large and c_out * sums_itemsize <= c_in * x.dtype.itemsize):
+    large = frames_per_step(x) == 1 and (taps_from is None or frame_bytes(x) >= taps_from)
+    taps = running or (large and c_out * sums_itemsize <= c_in * x.dtype.itemsize)
+    # The image frame alone: one 2D convolution (_image), unless a zero start begins running sums
+    # right away (its p taps of the frame are all that _image and the next batch's start would compute).
+    if previous is None and not running and t == 1 and not (taps and conv.start == "zeros"):
+        return _image(conv, x, cache, tf)
+    inplace = overwrite_input and isinstance(x, torch.Tensor) and c_in == c_out
+    out = x if inplace else torch.empty(b, c_out, t, hh, ww, dtype=x.dtype, device=x.device)
+    if taps:
         _taps(conv, x, out, cache, tf, previous)
     else:
         _window(conv, x, out, cache, tf, previous)
     return out
 
 
-def _image(conv: CausalConv3d, x: torch.Tensor | FrameSource, cache: ConvCache | None, tf: FrameTransform) -> torch.Tensor:
-    """A single frame at the start of a video is an image: all time taps see the same replicated frame,
-    so one 2D convolution with the kernel summed over time is exact. The cache keeps the frame (p
-    copies); a next batch turns them into running sums or windows."""
+def _image(conv: CausalConv, x: torch.Tensor | FrameSource, cache: ConvCache | None, tf: FrameTransform) -> torch.Tensor:
+    """A single frame at the start of a video is an image: one 2D convolution is exact. With a replicated
+    start all time taps see the same frame (the kernel summed over time); with a zero start only the
+    last tap sees anything. The cache keeps the padded input's last p frames; a next batch turns them
+    into running sums or windows."""
     h = tf(frame_range(x, 0, 1), 0, 1)
-    if cache is not None:
-        cache.frames[conv] = h.expand(-1, -1, conv.time_pad, -1, -1).clone()
-    c = conv.conv
-    y = F.conv2d(h[:, :, 0], c.weight.sum(2), c.bias, 1, c.padding[1:])
+    if cache is not None:  # the padded input's last p frames: p copies of h, or p - 1 zero frames and h
+        if conv.start == "replicate":
+            cache.frames[conv] = h.expand(-1, -1, conv.time_pad, -1, -1).clone()
+        else:
+            cache.frames[conv] = torch.cat([rule.start_frames(conv, h)[:, :, 1:], h], dim=2)
+    c = conv.conv3d
+    w = c.weight.sum(2) if conv.start == "replicate" else c.weight[:, :, -1]
+    y = F.conv2d(h[:, :, 0], w, c.bias, 1, c.padding[1:])
     return y.unsqueeze(2)  # (B, C', 1, H, W)
 
 
 def _window(
-    conv: CausalConv3d, x: torch.Tensor | FrameSource, out: torch.Tensor, cache: ConvCache | None,
+    conv: CausalConv, x: torch.Tensor | FrameSource, out: torch.Tensor, cache: ConvCache | None,
     tf: FrameTransform, previous: torch.Tensor | None,
 ) -> None:
     """Small frames: conv3d over windows of p + n transformed frames, into out.
@@ -149,10 +169,9 @@ def _window(
     ``_taps`` on small frames); the last p transformed input frames are carried between calls and
     batches. In place (out is x), outputs are produced from the last frame to the first.
     """
-    p = conv.time_pad
-    # The p frames before this batch, already transformed: the cache, or the first frame
-    # replicated (computed now, before an in-place run could overwrite it).
-    pad = previous if previous is not None else tf(frame_range(x, 0, 1), 0, 1).expand(-1, -1, p, -1, -1)
+    # The p frames before this batch, already transformed: the cache, or the start of the video (the
+    # first frame replicated, computed now before an in-place run could overwrite it; or zeros).
+    pad = previous if previous is not None else _video_start(conv, x, tf)
     run = _window_backward if out is x else _window_forward
     new_cache = run(conv, x, out, tf, pad)
     if cache is not None:
@@ -163,7 +182,7 @@ def _window(
 
 
 def _window_forward(
-    conv: CausalConv3d, x: torch.Tensor | FrameSource, out: torch.Tensor, tf: FrameTransform, pad: torch.Tensor
+    conv: CausalConv, x: torch.Tensor | FrameSource, out: torch.Tensor, tf: FrameTransform, pad: torch.Tensor
 ) -> torch.Tensor:
     """Windows from the first frame to the last; each frame is transformed once (the p transformed frames
     a call shares with the next one are carried over). Returns the last p transformed frames."""
@@ -173,13 +192,13 @@ def _window_forward(
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
         h = torch.cat([carry, tf(frame_range(x, t0, t1), t0, t1)], dim=2)  # (B, C, p + t1 - t0, H, W)
-        out[:, :, t0:t1] = conv.conv(h)
+        out[:, :, t0:t1] = rule.kernel(conv, h)
         carry = h[:, :, -p:]
     return carry
 
 
 def _window_backward(
-    conv: CausalConv3d, x: torch.Tensor, out: torch.Tensor, tf: FrameTransform, pad: torch.Tensor
+    conv: CausalConv, x: torch.Tensor, out: torch.Tensor, tf: FrameTransform, pad: torch.Tensor
 ) -> torch.Tensor:
     """In place (out is x): windows from the last frame to the first, so that no input frame is overwritten
     before its last reader; the first p transformed frames of a window are carried to the one before.
@@ -199,12 +218,12 @@ def _window_backward(
         if t1 == t:
             last = h[:, :, -p:].clone()  # before x's last frames are overwritten
         carry = h[:, :, :p]
-        out[:, :, t0:t1] = conv.conv(h)
+        out[:, :, t0:t1] = rule.kernel(conv, h)
     return last
 
 
 def _taps(
-    conv: CausalConv3d, x: torch.Tensor | FrameSource, out: torch.Tensor, cache: ConvCache | None,
+    conv: CausalConv, x: torch.Tensor | FrameSource, out: torch.Tensor, cache: ConvCache | None,
     tf: FrameTransform, previous: torch.Tensor | None,
 ) -> None:
     """Large frames: each time tap a 2D convolution, running sums carried.
@@ -220,14 +239,21 @@ def _taps(
     """
     p = conv.time_pad
     b, _, t, hh, ww = x.shape
-    c_out = conv.conv.out_channels
-    taps = [conv.conv.weight[:, :, k].contiguous() for k in range(p + 1)]  # k_t x (C', C, kh, kw)
-    padding = conv.conv.padding[1:]
+    c = conv.conv3d
+    c_out = c.out_channels
+    taps = [c.weight[:, :, k] for k in range(p + 1)]  # k_t x (C', C, kh, kw) (views: a copy costs, a conv does not)
+    padding = c.padding[1:]
     dtype = torch.promote_types(x.dtype, torch.float32)  # the sums accumulate in fp32 (fp64 for fp64)
-    bias = conv.conv.bias.to(dtype)[:, None, None] if conv.conv.bias is not None else None  # (C', 1, 1)
+    bias = c.bias.to(dtype)[:, None, None] if c.bias is not None else None  # (C', 1, 1)
 
     def tap(frames: torch.Tensor, k: int) -> torch.Tensor:
         return F.conv2d(frames, taps[k], None, 1, padding)
+
+    def start(frames: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Tap 0 of frames plus the bias: a new output frame's sum, in old's storage (the sums stay where
+        they are: a new tensor per frame left the heap in holes, +75 MB at the peak of a Wan decode)."""
+        y = tap(frames, 0)
+        return torch.add(y, bias, out=old) if bias is not None else old.copy_(y)
 
     slots = cache.partials.get(conv) if cache is not None else None
     if slots is not None and slots[0].shape != (b, c_out, hh, ww):
@@ -235,15 +261,20 @@ def _taps(
             f"frame batch of shape {tuple(x.shape)} does not continue the cached one "
             f"(running sums of shape {tuple(slots[0].shape)}): every batch of a video needs the same B, H, W"
         )
+    if slots is None and previous is None and conv.start == "zeros":
+        # zero frames before the video: their taps add nothing, every sum starts from the bias
+        first = bias if bias is not None else torch.zeros((), dtype=dtype, device=x.device)
+        slots = [first.expand(b, c_out, hh, ww).contiguous() for _ in range(p)]
     if slots is None:
         # The p transformed frames before this batch: carried input frames, a time shard's halo
         # or, at the start of a video, the first frame replicated. They only feed the sums; each
         # of their pushes restarts one slot, so whatever the slots held first is discarded.
         slots = [torch.empty(b, c_out, hh, ww, dtype=dtype, device=x.device) for _ in range(p)]
         if previous is None:
-            previous = tf(frame_range(x, 0, 1), 0, 1).expand(-1, -1, p, -1, -1)
+            previous = _video_start(conv, x, tf)
         for i in range(p):
-            _push(lambda k, f=previous[:, :, i]: tap(f, k), slots, bias, None)
+            f = previous[:, :, i]
+            _push(lambda k: tap(f, k), lambda old: start(f, old), slots, None)
     if cache is not None:
         cache.frames.pop(conv, None)
     inplace = out is x
@@ -251,15 +282,25 @@ def _taps(
         frame = tf(frame_range(x, j, j + 1), j, j + 1)[:, :, 0]  # (B, C, H, W)
         if inplace and frame.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             frame = frame.clone()  # an identity transform's view: output j overwrites it before tap 0
-        _push(lambda k: tap(frame, k), slots, bias, out[:, :, j])
+        _push(lambda k: tap(frame, k), lambda old: start(frame, old), slots, out[:, :, j])
     if cache is not None:
         cache.partials[conv] = slots
 
 
+def _video_start(conv: CausalConv, x: torch.Tensor | FrameSource, tf: FrameTransform) -> torch.Tensor:
+    """The p transformed frames before a video's first frame (B, C, p, H, W): copies of it, or zeros."""
+    if conv.start == "zeros":
+        b, c, _, hh, ww = x.shape
+        return torch.zeros(b, c, conv.time_pad, hh, ww, dtype=x.dtype, device=x.device)
+    return rule.start_frames(conv, tf(frame_range(x, 0, 1), 0, 1))
+
+
 def _push(
-    tap: Callable[[int], torch.Tensor], slots: list[torch.Tensor], bias: torch.Tensor | None, out: torch.Tensor | None
+    tap: Callable[[int], torch.Tensor], start: Callable[[torch.Tensor], torch.Tensor], slots: list[torch.Tensor],
+    out: torch.Tensor | None,
 ) -> None:
-    """Add one input frame j to the running sums: ``tap(k)`` is its tap-k output (B, C', H, W).
+    """Add one input frame j to the running sums: ``tap(k)`` is its tap-k output (B, C', H, W), ``start(old)``
+    its tap 0 plus the bias (in old's storage or a new tensor).
 
     Before, ``slots[i]`` holds output frame j + i so far; after, output frame j is written to ``out``
     (None: a frame before the batch, whose output is not wanted and whose last tap is not computed),
@@ -270,12 +311,7 @@ def _push(
         torch.add(slots[0], tap(p), out=out)
     for i in range(1, p):
         slots[i].add_(tap(p - i))
-    first = slots.pop(0)
-    if bias is not None:
-        torch.add(tap(0), bias, out=first)
-    else:
-        first.copy_(tap(0))
-    slots.append(first)
+    slots.append(start(slots.pop(0)))
 
 
 # -- upsampling ---------------------------------------------------------------------------------------
@@ -311,22 +347,32 @@ def phase_upsample(conv: nn.Conv2d, f: torch.Tensor, weight: torch.Tensor | None
     return out
 
 
-class UpsampledFrames:
-    """An Upsample3D's output (B, C', T', 2h, 2w) as a FrameSource: computed from its input on request.
+def upsample2x(conv: nn.Conv2d, f: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(nearest_2x(f)) of frames f (N, C, h, w) -> (N, C', 2h, 2w): phase kernels without autograd
+    (``weight``: ``phase_weight(conv)``, if at hand), else the plain interpolation and convolution."""
+    if active():
+        return phase_upsample(conv, f, weight)
+    return conv(F.interpolate(f, scale_factor=2.0, mode="nearest"))
 
-    Its consumer (the next block's first ResNet block) reads it frame by frame three times (norm1's
-    statistics, conv1's input, the shortcut), so the largest tensor of a decode, the last upsampler's
-    full-resolution output, never exists whole; the price is computing it three times. With time
-    upsampling (a source frame written twice), a source frame computed alone is kept until the
-    next request, so reading the frames in order one at a time computes each source frame once per pass.
+
+class UpsampledFrames:
+    """conv(nearest_2x(x[:, :, source])) (B, C', T', 2h, 2w) as a FrameSource: computed from x on request.
+
+    An upsampler's output: ``source`` names the input frame of each output frame (a frame repeated in
+    time appears twice). CogVideoX's decoder hands its last, largest upsampler output on this way to a
+    consumer that reads it frame by frame three times (norm1's statistics, conv1's input, the
+    shortcut), so it never exists whole; the price is computing it three times. Wan's decoder reads
+    each frame once (``vae3d.wan_lowmem``). A source frame computed alone is kept until the next
+    request (its repeat), so reading the frames in order one at a time computes each source frame once
+    per pass.
     """
 
-    def __init__(self, up: Upsample3D, x: torch.Tensor, image_first: bool) -> None:
-        b, _, t, h, w = x.shape
-        self.up, self.x = up, x
-        self.source = up.source_frames(t, image_first)
-        self.weight = phase_weight(up.conv) if active() else None
-        self.shape = torch.Size((b, up.conv.out_channels, len(self.source), 2 * h, 2 * w))
+    def __init__(self, conv: nn.Conv2d, x: torch.Tensor, source: list[int]) -> None:
+        b, _, _, h, w = x.shape
+        self.conv, self.x, self.source = conv, x, source
+        self.repeats = len(set(source)) < len(source)
+        self.weight = phase_weight(conv) if active() else None
+        self.shape = torch.Size((b, conv.out_channels, len(source), 2 * h, 2 * w))
         self.dtype, self.device = x.dtype, x.device
         self._kept: tuple[int, torch.Tensor] | None = None  # (source frame, its output (B, C', 1, 2h, 2w))
 
@@ -338,16 +384,16 @@ class UpsampledFrames:
             y, self._kept = self._kept[1], None  # its repeat was the one request it was kept for
         else:
             f = rearrange(self.x[:, :, lo:hi], "b c n h w -> (b n) c h w")
-            y = rearrange(self.up.upsample(f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])
-            if self.up.compress_time and self.weight is not None and hi == lo + 1:
+            y = rearrange(upsample2x(self.conv, f, self.weight), "(b n) c h w -> b c n h w", b=self.shape[0])
+            if self.repeats and self.weight is not None and hi == lo + 1:
                 self._kept = (lo, y)  # one frame: its repeat is usually the next request
         return y if wanted == list(range(lo, hi)) else y[:, :, [i - lo for i in wanted]]
 
 
-def upsample(up: Upsample3D, x: torch.Tensor, image_first: bool) -> torch.Tensor:
-    """``up(x, image_first)`` without autograd: materialised a few source frames at a time (phase kernels),
-    each source frame convolved once and written twice when time is upsampled."""
-    frames = UpsampledFrames(up, x, image_first)
+def upsample(conv: nn.Conv2d, x: torch.Tensor, source: list[int]) -> torch.Tensor:
+    """conv(nearest_2x(x[:, :, source])) without autograd: materialised a few source frames at a time (phase
+    kernels), each source frame convolved once (and written twice when it is repeated in time)."""
+    frames = UpsampledFrames(conv, x, source)
     out = x.new_empty(frames.shape)
     step = max(1, frames_per_step(x) // 4)  # the output is 4x bigger
     starts = [frames.source.index(i) for i in range(x.shape[2])] + [len(frames.source)]  # first output of each

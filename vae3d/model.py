@@ -14,15 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
-from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
-from . import lowmem, parallel, streaming
+from . import lowmem, streaming
+from .autoencoder import CausalAutoencoder
 from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, cache_stats, group_norm_transform
 from .causal_conv import CausalConv3d, ConvCache
 
@@ -200,7 +197,7 @@ class Decoder3D(nn.Module):
             if block.upsamplers is not None:
                 up = block.upsamplers[0]
                 if lowmem.hand_on_lazily(up, h, image_first, shard):
-                    h = lowmem.UpsampledFrames(up, h, image_first)  # read frame by frame by the next block
+                    h = up.lazy(h, image_first)  # read frame by frame by the next block
                 else:
                     h = up(h, image_first)  # (B, C, T', 2h, 2w)
         tf = self.norm_out.transform(h, z, stats=cache_stats(cache))
@@ -218,11 +215,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class CausalVAE3D(ModelMixin, ConfigMixin):
+class CausalVAE3D(CausalAutoencoder, ModelMixin, ConfigMixin):
     """KL autoencoder with the CogVideoX causal 3D encoder/decoder; drop-in for AutoencoderKLCogVideoX.
 
     ``encode(x).latent_dist`` / ``decode(z).sample`` run in frame batches with carried conv caches
-    (``streaming``), so memory does not grow with the number of frames.
+    (``streaming``), so memory does not grow with the number of frames. The API around the
+    encoder/decoder is ``CausalAutoencoder``'s (shared with Wan's ``WanVAE3D``).
     """
 
     _supports_gradient_checkpointing = False
@@ -262,21 +260,15 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
         self.quant_conv = nn.Conv3d(2 * out_channels, 2 * out_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv3d(out_channels, out_channels, 1) if use_post_quant_conv else None
 
-        self.use_slicing = False
-        self.use_tiling = False
         # Frame batching (diffusers' semantics): latents are decoded 2 at a time and frames encoded
         # 8 at a time; the first batch also takes the remainder. GroupNorm statistics are per batch.
-        self.num_latent_frames_batch_size = 2
-        self.num_sample_frames_batch_size = 8
-        # "diffusers": as above. "causal": the first frame alone, then fixed-size batches, so that
-        # encoding any prefix of 1 + 4k frames (for k a multiple of the batch) is a prefix of the latents.
-        self.frame_batching = "diffusers"
+        # "causal" instead: the first frame alone, then fixed-size batches, so that encoding any prefix
+        # of 1 + 4k frames (for k a multiple of the batch) is a prefix of the latents.
+        self.init_options(latent_batch=2, sample_batch=8, frame_batching="diffusers")
         self.tile_sample_min_height = sample_height // 2
         self.tile_sample_min_width = sample_width // 2
         self.tile_overlap_factor_height = 1 / 6
         self.tile_overlap_factor_width = 1 / 5
-        # Set by enable_parallelism: encode/decode are then time-sharded over a process group.
-        self.time_parallel: parallel.TimeParallel | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "CausalVAE3D":
@@ -285,7 +277,7 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    # -- shapes ----------------------------------------------------------------------------------
+    # -- shapes and hooks (what streaming and parallel ask) -----------------------------------------
 
     @property
     def spatial_compression(self) -> int:
@@ -296,14 +288,34 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
         return int(self.config.temporal_compression_ratio)
 
     @property
-    def tile_latent_min_height(self) -> int:
-        return int(self.tile_sample_min_height / self.spatial_compression)
+    def video_in_channels(self) -> int:
+        return self.config.in_channels
 
     @property
-    def tile_latent_min_width(self) -> int:
-        return int(self.tile_sample_min_width / self.spatial_compression)
+    def video_out_channels(self) -> int:
+        return self.config.out_channels
 
-    # -- options (diffusers' AutoencoderMixin API) -------------------------------------------------
+    @property
+    def z_channels(self) -> int:
+        return self.config.latent_channels
+
+    def first_frame_is_image(self, latent_frames: int) -> bool:
+        """diffusers' rule: a first decode batch with an odd latent count starts with the image frame."""
+        return latent_frames % 2 == 1
+
+    def tile_grid(self, encode: bool, height: int, width: int) -> streaming.TileGrid:
+        """diffusers' CogVideoX geometry: tiles of tile_sample_min (latents: / s), overlaps by the factors."""
+        sample = (self.tile_sample_min_height, self.tile_sample_min_width)
+        latent = (self.tile_latent_min_height, self.tile_latent_min_width)
+        in_tile, out_tile = (sample, latent) if encode else (latent, sample)
+        fh, fw = self.tile_overlap_factor_height, self.tile_overlap_factor_width
+        stride = (int(in_tile[0] * (1 - fh)), int(in_tile[1] * (1 - fw)))
+        blend = (int(out_tile[0] * fh), int(out_tile[1] * fw))
+        keep = (out_tile[0] - blend[0], out_tile[1] - blend[1])
+        return streaming.TileGrid(in_tile, list(range(0, height, stride[0])), list(range(0, width, stride[1])),
+                                  blend, keep)
+
+    # -- options (diffusers' AutoencoderMixin API; the rest is CausalAutoencoder's) ------------------
 
     def enable_tiling(
         self,
@@ -318,76 +330,6 @@ class CausalVAE3D(ModelMixin, ConfigMixin):
         self.tile_sample_min_width = tile_sample_min_width or self.tile_sample_min_width
         self.tile_overlap_factor_height = tile_overlap_factor_height or self.tile_overlap_factor_height
         self.tile_overlap_factor_width = tile_overlap_factor_width or self.tile_overlap_factor_width
-
-    def disable_tiling(self) -> None:
-        self.use_tiling = False
-
-    def enable_slicing(self) -> None:
-        """Encode/decode one batch element at a time."""
-        self.use_slicing = True
-
-    def disable_slicing(self) -> None:
-        self.use_slicing = False
-
-    def enable_parallelism(
-        self,
-        config: parallel.ParallelConfig,
-        *,
-        group: dist.ProcessGroup | None = None,
-        norm_stats: str = "exact",
-    ) -> None:
-        """Shard encode/decode along time over ``config.world_size`` ranks (``vae3d.parallel``).
-
-        ``config``: a ``dit.parallel.ContextParallelConfig``; its ring x ulysses ranks form one time
-        axis. ``group``: the process group sharing each clip (default: the whole world, or with more
-        ranks than the config, consecutive blocks of them as ``dit.parallel`` lays them out).
-        ``norm_stats``: "exact" (default; equals the unsharded model on the whole clip) or "parity"
-        (equals the single-process frame-batched result, i.e. diffusers'). Every rank passes the
-        whole input and gets the whole output.
-        """
-        device_type = next(self.parameters()).device.type
-        self.time_parallel = parallel.time_parallel(config, group, norm_stats, device_type)
-
-    def disable_parallelism(self) -> None:
-        self.time_parallel = None
-
-    @property
-    def is_parallel(self) -> bool:
-        return self.time_parallel is not None
-
-    # -- encode / decode -------------------------------------------------------------------------
-
-    @apply_forward_hook
-    def encode(
-        self, x: torch.Tensor, return_dict: bool = True
-    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
-        """Video (B, C, 1 + 4k, H, W) in [-1, 1] -> posterior over latents (B, latent, 1 + k, H/8, W/8)."""
-        streaming.check_video(self, x)
-        moments = parallel.encode(self, x) if self.is_parallel else streaming.encode(self, x)
-        posterior = DiagonalGaussianDistribution(moments)
-        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
-
-    @apply_forward_hook
-    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        """Latents (B, latent, F, h, w) -> video (B, C, 1 + 4(F - 1), 8h, 8w).
-
-        With diffusers' frame batching an even F gives 4F frames (no image frame), as diffusers does.
-        """
-        streaming.check_latents(self, z)
-        video = parallel.decode(self, z) if self.is_parallel else streaming.decode(self, z)
-        return DecoderOutput(sample=video) if return_dict else (video,)
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        sample_posterior: bool = False,
-        return_dict: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> DecoderOutput | tuple[torch.Tensor]:
-        posterior = self.encode(sample).latent_dist
-        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
-        video = self.decode(z).sample
-        return DecoderOutput(sample=video) if return_dict else (video,)
 
     # -- latent scaling (what a diffusion model sees) ------------------------------------------------
 

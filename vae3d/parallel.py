@@ -34,8 +34,8 @@ from .lowmem import identity
 from .streaming import frame_batches
 
 if TYPE_CHECKING:
-    from .causal_conv import CausalConv3d
-    from .model import CausalVAE3D
+    from .autoencoder import CausalAutoencoder as CausalVAE3D  # either VAE
+    from .causal_conv import CausalConv
 
 NORM_STATS = ("exact", "parity")
 
@@ -141,12 +141,14 @@ class TimeShard:
         self.image_first = self.rank == 0 and layout.image_first
         self._counts: dict[tuple[int, int], list[int]] = {}
 
-    def frame_counts(self, x: torch.Tensor) -> list[int]:
+    def frame_counts(self, x: torch.Tensor, tag: str = "") -> list[int]:
         """Every rank's frame count at x's level: the ranks' chunks of one feature map (B, C, T_r, H, W).
 
         Time and space are resampled together, so (H, W) names the level; one tiny all-gather per level.
+        ``tag`` names another time stream at the same level (Wan's time resamplers: frames before the
+        time downsampling, the time upsampler's frames after the image frame).
         """
-        key = (x.shape[3], x.shape[4])
+        key = (x.shape[3], x.shape[4], tag)
         if key not in self._counts:
             mine = torch.tensor([x.shape[2]], dtype=torch.int64, device=x.device)
             counts = [torch.zeros_like(mine) for _ in range(self.world)]
@@ -154,17 +156,18 @@ class TimeShard:
             self._counts[key] = [int(c) for c in counts]
         return self._counts[key]
 
-    def halo(self, x: torch.Tensor, tf: FrameTransform, p: int) -> torch.Tensor:
+    def halo(self, x: torch.Tensor, tf: FrameTransform, p: int, start: str = "replicate", tag: str = "") -> torch.Tensor:
         """The p transformed frames before this rank's chunk x (B, C, T_r, H, W): (B, C, p, H, W).
 
-        In the clip's padded time axis (p copies of frame 0, then the frames), rank j owns positions
+        In the clip's padded time axis (p start frames: copies of frame 0 or zeros, as ``start`` says;
+        then the frames), rank j owns positions
         [p + s_j, p + s_j + T_j) and rank i needs [s_i, s_i + p); rank 0's own need is the copies. With
         fewer than p frames a rank's window reaches past its neighbour, so every rank sends each later
         rank the part of its own last p positions that the later rank needs, all in one all-to-all.
         Every rank's send and receive are in the autograd graph, even when empty: the collective's
         backward (sending the halo's gradient back to its owner) must run on all ranks or on none.
         """
-        counts = self.frame_counts(x)
+        counts = self.frame_counts(x, tag)
         starts = [0, *accumulate(counts)]
 
         def owned(j: int) -> tuple[int, int]:  # what rank j sends: its last p positions (rank 0: copies too)
@@ -183,14 +186,14 @@ class TimeShard:
         t = x.shape[2]
         first = lo - p - starts[self.rank]  # local frame of position lo (negative: a copy of frame 0)
         own = tf(x[:, :, max(first, 0) :], max(first, 0), t) if sum(sizes_out) else x[:, :, t:]  # (B, C, <= p, H, W)
-        if first < 0:  # rank 0 with fewer than p frames: copies of its first frame fill the rest
-            own = torch.cat([tf(x[:, :, :1], 0, 1).expand(-1, -1, -first, -1, -1), own], dim=2)
+        if first < 0:  # rank 0 with fewer than p frames: start frames fill the rest
+            own = torch.cat([_start(x, tf, -first, start), own], dim=2)
         send = [own[:, :, max(lo, starts[i]) - lo :][:, :, :n] for i, n in enumerate(sizes_out)]
         buffer = torch.cat(send, dim=2).movedim(2, 0).contiguous()  # (sum sizes_out, B, C, H, W)
         got = _wait(fc.all_to_all_single_autograd(buffer, sizes_in, sizes_out, self.group))  # (p or 0, B, C, H, W)
         got = got.movedim(0, 2)  # (B, C, p or 0, H, W)
-        if self.rank == 0:  # the causal padding: copies of the first frame (after the empty receive)
-            got = torch.cat([got, tf(x[:, :, :1], 0, 1).expand(-1, -1, p, -1, -1)], dim=2)
+        if self.rank == 0:  # the causal padding: the start frames (after the empty receive)
+            got = torch.cat([got, _start(x, tf, p, start)], dim=2)
         assert got.shape[2] == p, (got.shape, sizes_in)
         return got
 
@@ -225,6 +228,14 @@ class TimeShard:
         return var[..., None], mean[..., None]  # (B, G, 1)
 
 
+def _start(x: torch.Tensor, tf: FrameTransform, n: int, start: str) -> torch.Tensor:
+    """n start frames before x (B, C, T, H, W), transformed: copies of its first frame, or zeros (any T)."""
+    if start == "zeros":
+        b, c, _, h, w = x.shape
+        return x.new_zeros(b, c, n, h, w)
+    return tf(x[:, :, :1], 0, 1).expand(-1, -1, n, -1, -1)
+
+
 class ShardCache(ConvCache):
     """A time shard's ConvCache: the frames before its chunk are the halo from the ranks before it
     (rank 0: copies of its first frame), and nothing is carried on (a shard is one whole call)."""
@@ -234,10 +245,10 @@ class ShardCache(ConvCache):
         self.shard = shard
         self.at_start = shard.rank == 0
 
-    def carried(self, conv: CausalConv3d, x: torch.Tensor, tf: FrameTransform | None = None) -> torch.Tensor:
-        return self.shard.halo(x, tf or identity, conv.time_pad)
+    def carried(self, conv: CausalConv, x: torch.Tensor, tf: FrameTransform | None = None) -> torch.Tensor:
+        return self.shard.halo(x, tf or identity, conv.time_pad, conv.start, conv.halo_tag)
 
-    def carry(self, conv: CausalConv3d, frames: torch.Tensor) -> None:
+    def carry(self, conv: CausalConv, frames: torch.Tensor) -> None:
         pass
 
 
@@ -312,7 +323,7 @@ def encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
     shard = TimeShard(tp.group, layout)
     s, e = layout.latent_span(shard.rank)
     chunk = x[:, :, to_pixel(s, r) : to_pixel(e, r)]  # rank 0: 1 + r(l_0 - 1) frames, others r * l_i
-    h = vae.encoder(chunk.contiguous(), ShardCache(shard))  # (B, 2 * latent, l_rank, h, w)
+    h = vae.encoder(vae.to_encoder(chunk.contiguous()), ShardCache(shard))  # (B, 2 * latent, l_rank, h, w)
     if vae.quant_conv is not None:
         h = vae.quant_conv(h)
     return gather_time(h, layout.sizes, tp.group)
@@ -331,19 +342,19 @@ def decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
     _check_untiled(vae, z.shape[3], z.shape[4], vae.tile_latent_min_height, vae.tile_latent_min_width)
     latents = z.shape[2]
     world = dist.get_world_size(tp.group)
-    if tp.norm_stats == "exact":  # one batch: the image frame exists when the latent count is odd
-        batches, image_first = [latents], latents % 2 == 1
+    if tp.norm_stats == "exact":  # one batch (CogVideoX: the image frame exists when the latent count is odd)
+        batches = [latents]
     else:
         slices = frame_batches(latents, vae.num_latent_frames_batch_size, vae.frame_batching)
         batches = [sl.stop - sl.start for sl in slices]
-        image_first = batches[0] % 2 == 1
+    image_first = vae.first_frame_is_image(batches[0])
     layout = plan(latents, world, tp.norm_stats, batches, image_first, f"{latents} latent frames")
     shard = TimeShard(tp.group, layout)
     s, e = layout.latent_span(shard.rank)
     chunk = z[:, :, s:e].contiguous()
     if vae.post_quant_conv is not None:
         chunk = vae.post_quant_conv(chunk)
-    y = vae.decoder(chunk, ShardCache(shard))  # (B, C, frames of this rank, H, W)
+    y = vae.from_decoder(vae.decoder(chunk, ShardCache(shard)))  # (B, C, frames of this rank, H, W)
     r = vae.temporal_compression
     sizes = [r * n for n in layout.sizes]
     sizes[0] -= (r - 1) if image_first else 0  # the image frame decodes to one frame, not r

@@ -1,23 +1,26 @@
 """Streaming encode/decode: frame batches with carried conv caches, spatial tiling, batch slicing.
 
-Frame batching ``"diffusers"`` reproduces diffusers' ``_encode``/``_decode``: frames in batches
-of ``num_sample_frames_batch_size`` (latents: ``num_latent_frames_batch_size``), the first batch
-also taking the remainder. ``"causal"`` puts the first frame alone and then fixed batches, so a
-prefix of the video encodes to a prefix of the latents. GroupNorm statistics are per batch in
-both (that is what the released weights were run with in diffusers).
+For either VAE (``vae3d.autoencoder.CausalAutoencoder``). Frame batching ``"diffusers"`` reproduces
+diffusers' CogVideoX ``_encode``/``_decode``: frames in batches of ``num_sample_frames_batch_size``
+(latents: ``num_latent_frames_batch_size``), the first batch also taking the remainder. ``"causal"``
+puts the first frame alone and then fixed batches, so a prefix of the video encodes to a prefix of the
+latents (Wan's default, as diffusers' Wan: 1 then 4 frames, 1 latent frame at a time). CogVideoX's
+GroupNorm statistics are per batch in both (that is what the released weights were run with in
+diffusers); Wan has no statistics over frames, so its batching changes nothing but memory and speed.
 
 Only one batch's activations are alive at a time plus the caches, so peak memory does not grow
 with the number of frames; the output is written into one preallocated tensor.
 
 Tiling reproduces diffusers' ``tiled_encode``/``tiled_decode`` (tile grid, linear blending of the
-already blended neighbours, cropping) but loops over frame batches outside the tiles, with one
-cache per tile, so it streams too.
+already blended neighbours, cropping; the geometry is the model's ``tile_grid``) but loops over frame
+batches outside the tiles, with one cache per tile, so it streams too.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +28,7 @@ import torch
 from .causal_conv import ConvCache
 
 if TYPE_CHECKING:
-    from .model import CausalVAE3D
+    from .autoencoder import CausalAutoencoder as CausalVAE3D  # either VAE
 
 FRAME_BATCHING = ("diffusers", "causal")
 
@@ -45,8 +48,8 @@ def check_video(vae: CausalVAE3D, x: torch.Tensor) -> None:
     if x.ndim != 5:
         raise ValueError(f"expected a video tensor (B, C, F, H, W), got shape {tuple(x.shape)}")
     _, c, f, h, w = x.shape
-    if c != vae.config.in_channels:
-        raise ValueError(f"got {c} input channels (shape {tuple(x.shape)}); this VAE takes {vae.config.in_channels}")
+    if c != vae.video_in_channels:
+        raise ValueError(f"got {c} input channels (shape {tuple(x.shape)}); this VAE takes {vae.video_in_channels}")
     r, s = vae.temporal_compression, vae.spatial_compression
     if f < 1 or (f - 1) % r != 0:
         near = " or ".join(map(str, _nearest_multiples(f, r, offset=1)))
@@ -62,10 +65,8 @@ def check_latents(vae: CausalVAE3D, z: torch.Tensor) -> None:
     if z.ndim != 5:
         raise ValueError(f"expected latents (B, C, F, h, w), got shape {tuple(z.shape)}")
     c = z.shape[1]
-    if c != vae.config.latent_channels:
-        raise ValueError(
-            f"got {c} latent channels (shape {tuple(z.shape)}); this VAE has {vae.config.latent_channels}"
-        )
+    if c != vae.z_channels:
+        raise ValueError(f"got {c} latent channels (shape {tuple(z.shape)}); this VAE has {vae.z_channels}")
     if min(z.shape[2:]) < 1:
         raise ValueError(f"latents have an empty dimension: shape {tuple(z.shape)}")
     _check_batching(vae)
@@ -122,11 +123,12 @@ def frame_batches(num_frames: int, batch_size: int, mode: str = "diffusers") -> 
     ]
 
 
-def decoded_frames(latent_frames: int, at_start: bool, temporal_compression: int) -> int:
-    """Frames one decoder call gives for a batch of latent frames (diffusers' first-frame rule)."""
-    if at_start and latent_frames % 2 == 1:
-        return 1 + temporal_compression * (latent_frames - 1)
-    return temporal_compression * latent_frames
+def decoded_frames(vae: CausalVAE3D, latent_frames: int, at_start: bool) -> int:
+    """Frames one decoder call gives for a batch of latent frames (the model's first-frame rule)."""
+    r = vae.temporal_compression
+    if at_start and vae.first_frame_is_image(latent_frames):
+        return 1 + r * (latent_frames - 1)
+    return r * latent_frames
 
 
 # -- whole-frame streaming ---------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def _encode_frames(vae: CausalVAE3D, x: torch.Tensor):
     """Yield the posterior moments of each frame batch of x (B, C, F, H, W)."""
     cache = ConvCache()
     for sl in frame_batches(x.shape[2], vae.num_sample_frames_batch_size, vae.frame_batching):
-        h = vae.encoder(x[:, :, sl].contiguous(), cache)  # (B, 2 * latent, f, h, w)
+        h = vae.encoder(vae.to_encoder(x[:, :, sl].contiguous()), cache)  # (B, 2 * latent, f, h, w)
         cache.at_start = False
         release_freed_memory()
         if vae.quant_conv is not None:
@@ -151,7 +153,7 @@ def _decode_frames(vae: CausalVAE3D, z: torch.Tensor):
         zi = z[:, :, sl].contiguous()
         if vae.post_quant_conv is not None:
             zi = vae.post_quant_conv(zi)
-        y = vae.decoder(zi, cache)  # (B, C, f, H, W)
+        y = vae.from_decoder(vae.decoder(zi, cache))  # (B, C, f, H, W)
         cache.at_start = False
         release_freed_memory()
         yield y
@@ -159,9 +161,7 @@ def _decode_frames(vae: CausalVAE3D, z: torch.Tensor):
 
 def _output_frames(vae: CausalVAE3D, latent_frames: int) -> int:
     batches = frame_batches(latent_frames, vae.num_latent_frames_batch_size, vae.frame_batching)
-    return sum(
-        decoded_frames(len(range(latent_frames)[sl]), i == 0, vae.temporal_compression) for i, sl in enumerate(batches)
-    )
+    return sum(decoded_frames(vae, len(range(latent_frames)[sl]), i == 0) for i, sl in enumerate(batches))
 
 
 def encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
         return tiled_decode(vae, z)
     b, _, f, h, w = z.shape
     s = vae.spatial_compression
-    out = z.new_empty(b, vae.config.out_channels, _output_frames(vae, f), h * s, w * s)
+    out = z.new_empty(b, vae.video_out_channels, _output_frames(vae, f), h * s, w * s)
     t = 0
     for y in _decode_frames(vae, z):
         out[:, :, t : t + y.shape[2]] = y
@@ -208,64 +208,73 @@ def _blend_h(a: torch.Tensor, b: torch.Tensor, extent: int) -> torch.Tensor:
     return b
 
 
-def _stitch(tiles: list[list[torch.Tensor]], blend: tuple[int, int], keep: tuple[int, int]) -> torch.Tensor:
+@dataclass(frozen=True)
+class TileGrid:
+    """Spatial tiles: each ``size`` (input units) at every (row, col) start; ``blend`` output rows/columns
+    blended with the upper/left neighbour, ``keep`` kept; the stitched result cropped to ``crop`` (or not)."""
+
+    size: tuple[int, int]
+    rows: list[int]
+    cols: list[int]
+    blend: tuple[int, int]
+    keep: tuple[int, int]
+    crop: tuple[int, int] | None = None
+
+
+def _stitch(tiles: list[list[torch.Tensor]], grid: TileGrid) -> torch.Tensor:
     """Blend each tile with its (already blended) upper and left neighbours, crop, concatenate."""
     rows = []
     for i, row in enumerate(tiles):
         out_row = []
         for j, tile in enumerate(row):
             if i > 0:
-                tile = _blend_v(tiles[i - 1][j], tile, blend[0])
+                tile = _blend_v(tiles[i - 1][j], tile, grid.blend[0])
             if j > 0:
-                tile = _blend_h(row[j - 1], tile, blend[1])
-            out_row.append(tile[:, :, :, : keep[0], : keep[1]])
+                tile = _blend_h(row[j - 1], tile, grid.blend[1])
+            out_row.append(tile[:, :, :, : grid.keep[0], : grid.keep[1]])
         rows.append(torch.cat(out_row, dim=4))
-    return torch.cat(rows, dim=3)
-
-
-def _tile_grid(vae: CausalVAE3D, height: int, width: int, in_tile: tuple[int, int], out_tile: tuple[int, int]):
-    """diffusers' tile geometry: tile starts (input units), blend extents and kept sizes (output units)."""
-    fh, fw = vae.tile_overlap_factor_height, vae.tile_overlap_factor_width
-    stride_h, stride_w = int(in_tile[0] * (1 - fh)), int(in_tile[1] * (1 - fw))
-    blend = (int(out_tile[0] * fh), int(out_tile[1] * fw))
-    keep = (out_tile[0] - blend[0], out_tile[1] - blend[1])
-    return list(range(0, height, stride_h)), list(range(0, width, stride_w)), blend, keep
+    out = torch.cat(rows, dim=3)
+    return out if grid.crop is None else out[:, :, :, : grid.crop[0], : grid.crop[1]]
 
 
 def tiled_encode(vae: CausalVAE3D, x: torch.Tensor) -> torch.Tensor:
-    """Encode in overlapping spatial tiles (diffusers' geometry and blending), streamed over frames."""
-    th, tw = vae.tile_sample_min_height, vae.tile_sample_min_width
-    lh, lw = vae.tile_latent_min_height, vae.tile_latent_min_width
-    rows, cols, blend, keep = _tile_grid(vae, x.shape[3], x.shape[4], (th, tw), (lh, lw))
-    caches = {(i, j): ConvCache() for i in rows for j in cols}
+    """Encode in overlapping spatial tiles (diffusers' geometry and blending), streamed over frames.
+
+    The tiles are cut from what the encoder takes (``to_encoder``: Wan 2.2's patches), as diffusers does.
+    """
     out = []
+    grid, caches = None, {}
     for sl in frame_batches(x.shape[2], vae.num_sample_frames_batch_size, vae.frame_batching):
+        xs = vae.to_encoder(x[:, :, sl].contiguous())  # (B, C, f, H, W)
+        if grid is None:
+            grid = vae.tile_grid(True, xs.shape[3], xs.shape[4])
+            caches = {(i, j): ConvCache() for i in grid.rows for j in grid.cols}
+        th, tw = grid.size
         tiles = []
-        for i in rows:
+        for i in grid.rows:
             row = []
-            for j in cols:
+            for j in grid.cols:
                 cache = caches[(i, j)]
-                h = vae.encoder(x[:, :, sl, i : i + th, j : j + tw].contiguous(), cache)
+                h = vae.encoder(xs[:, :, :, i : i + th, j : j + tw].contiguous(), cache)
                 cache.at_start = False
                 row.append(vae.quant_conv(h) if vae.quant_conv is not None else h)
             tiles.append(row)
-        out.append(_stitch(tiles, blend, keep))
+        out.append(_stitch(tiles, grid))
         release_freed_memory()
     return torch.cat(out, dim=2)
 
 
 def tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
     """Decode in overlapping spatial tiles (diffusers' geometry and blending), streamed over frames."""
-    th, tw = vae.tile_sample_min_height, vae.tile_sample_min_width
-    lh, lw = vae.tile_latent_min_height, vae.tile_latent_min_width
-    rows, cols, blend, keep = _tile_grid(vae, z.shape[3], z.shape[4], (lh, lw), (th, tw))
-    caches = {(i, j): ConvCache() for i in rows for j in cols}
+    grid = vae.tile_grid(False, z.shape[3], z.shape[4])
+    lh, lw = grid.size
+    caches = {(i, j): ConvCache() for i in grid.rows for j in grid.cols}
     out = []
     for sl in frame_batches(z.shape[2], vae.num_latent_frames_batch_size, vae.frame_batching):
         tiles = []
-        for i in rows:
+        for i in grid.rows:
             row = []
-            for j in cols:
+            for j in grid.cols:
                 zi = z[:, :, sl, i : i + lh, j : j + lw].contiguous()
                 if vae.post_quant_conv is not None:
                     zi = vae.post_quant_conv(zi)
@@ -273,6 +282,6 @@ def tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
                 row.append(vae.decoder(zi, cache))
                 cache.at_start = False
             tiles.append(row)
-        out.append(_stitch(tiles, blend, keep))
+        out.append(vae.from_decoder(_stitch(tiles, grid)))
         release_freed_memory()
     return torch.cat(out, dim=2)
