@@ -25,6 +25,7 @@ A cache is attached to a transformer for one denoising run (`caching`, which the
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -32,6 +33,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 Streams = tuple[Tensor, ...]
 BlockFn = Callable[[int, nn.Module, Streams], Streams]
@@ -409,8 +412,8 @@ class _PersistentStepCache(StepCache):
     def run(self, *args, **kwargs) -> Streams:
         out = super().run(*args, **kwargs)
         if self.steps and self.step >= self.steps:
-            if isinstance(self.config, MagCalibration):
-                self.calibrated = self.report()["mag_ratios"]
+            if isinstance(self.config, MagCalibration):  # diffusers reports them the same way, then starts over
+                logger.info("MagCache calibration: mag_ratios=%s", self.report()["mag_ratios"])
             self.clock[0], self.residual, self.first_residual, self._mag = 0, None, None, (1.0, 0, 0.0)
-            self.mag_ratios, self.computed = {}, {}
+            self.mag_ratios, self.computed, self.blocks_run = {}, {}, 0
         return out
