@@ -3,8 +3,10 @@
 `dit generate` refuses a request whose estimate exceeds the free memory of the device, naming the figure and
 the largest frame count and size that fit, instead of running into an out-of-memory kill minutes later. The
 estimate is coarse on purpose: it is meant to catch requests that are far out of reach (a million frames, a 64x
-relay), not to predict a peak to the megabyte. Its VAE term follows the default CogVideoX VAE's measured decode
-(docs/vae3d.md) and is several times high for narrow VAEs such as the demo's; `--force` overrides it.
+relay), not to predict a peak to the megabyte. Its VAE term follows the measured streaming decode of our VAEs
+(vae3d: the default CogVideoX VAE's, `_VAE_MAPS`, and the Wan 2.1 VAE's, `_WAN_VAE_MAPS`; docs/vae3d.md), which
+does not grow with the number of frames, and is several times high for narrow VAEs such as the demo's; `--force`
+overrides it.
 
 Each family reads its own configs (`cogvideox_shape`, `wan_shape`, `image_shape`), through its pipeline class's
 `memory_shape` hook; `video_shape(folder)` finds the family from model_index.json. An image is a request of one
@@ -26,6 +28,12 @@ _BLOCK_ACTIVATIONS = 16
 # The streaming VAE decoder keeps about this many full-resolution feature maps of its widest full-resolution
 # level alive (caches of the causal convolutions plus the block being computed; see docs/vae3d.md's profile).
 _VAE_MAPS = 48
+# The Wan VAE's (vae3d.WanVAE3D) depth-first decode without autograd: the causal convolutions' caches (two frames
+# or running sums each, ~22 maps) and one piece per level. Measured (docs/benchmarks.md, "Wan VAE decode against
+# diffusers'", 2.1's default config at 256 x 256 in fp32): a decode increase of 813 / 871 MB at 5 / 21 latent
+# frames, less the output, is 33-34 maps of the 96-channel full-resolution level (diffusers' AutoencoderKLWan
+# needed 66); 36 leaves margin. Wan 2.2's VAE unpatchifies its last level: vae_width counts it per output pixel.
+_WAN_VAE_MAPS = 36
 # diffusers' 2D AutoencoderKL decoder keeps about this many maps of its widest full-resolution width (the last
 # upsampler's output channels) alive: measured ~4 for SD3's VAE at 512x512 on the CPU, fp32; 6 leaves margin.
 _IMAGE_VAE_MAPS = 6
@@ -121,7 +129,8 @@ def cogvideox_shape(folder: Path) -> VideoShape:
 def wan_shape(folder: Path) -> VideoShape:
     """A WanPipeline folder: hidden = heads x head_dim, patch_size (t, h, w), the VAE's scale factors, and the
     decoder's full-resolution width (decoder_base_dim or base_dim) x dim_mult[0], over patch_size**2 where the VAE
-    (TI2V-5B's) unpatchifies its last level from a 1/patch_size grid."""
+    (TI2V-5B's) unpatchifies its last level from a 1/patch_size grid; the decode is our WanVAE3D's
+    (`_WAN_VAE_MAPS`)."""
     from dit.convert import read_folder_json
 
     t = read_folder_json(folder / "transformer", what="a Wan transformer config", required={
@@ -136,6 +145,7 @@ def wan_shape(folder: Path) -> VideoShape:
         patch=t["patch_size"][1], patch_t=t["patch_size"][0],
         hidden=t["num_attention_heads"] * t["attention_head_dim"], text_tokens=WAN_TEXT_TOKENS,
         vae_width=max(1, width // (v.get("patch_size") or 1) ** 2), weight_numel=folder_weight_numel(folder),
+        vae_maps=_WAN_VAE_MAPS,
     )
 
 

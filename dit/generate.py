@@ -437,17 +437,19 @@ def _parallel(pipe, args: argparse.Namespace, world: int) -> Iterator[bool]:
 def _shard_vae_decode(pipe, num_frames: int) -> None:
     """Under torchrun, split the VAE decode along time when the clip has at least one of diffusers' frame
     batches per rank ("parity" statistics: the frames equal the single-process ones); otherwise every rank
-    decodes the whole clip. Only our vae3d VAE shards: diffusers' (AutoencoderKLWan) decodes whole on each rank."""
+    decodes the whole clip. Both of our vae3d VAEs shard: CogVideoX's CausalVAE3D (frame batches of 2 latent
+    frames, the remainder in the first) and Wan's WanVAE3D (the image frame, then one latent frame per batch); a
+    VAE that is not ours (one passed to the pipeline) decodes whole on each rank."""
     import torch.distributed as dist
 
     from dit.parallel import ContextParallelConfig
-    from vae3d import CausalVAE3D
+    from vae3d.autoencoder import CausalAutoencoder
     from vae3d.streaming import frame_batches
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     vae = pipe.vae
-    if not isinstance(vae, CausalVAE3D):
+    if not isinstance(vae, CausalAutoencoder):
         return
     latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
     batches = len(frame_batches(latent_frames, vae.num_latent_frames_batch_size, vae.frame_batching))

@@ -140,7 +140,8 @@ def test_a_request_that_cannot_fit_is_refused_with_what_fits(wan, tmp_path, caps
 
 @pytest.mark.parallel
 def test_generate_under_torchrun_with_context_parallelism_equals_single_process(wan, tmp_path):
-    """Both experts run context parallel (Ulysses over the 2 heads); diffusers' VAE decodes whole on each rank."""
+    """Both experts run context parallel (Ulysses over the 2 heads); our Wan VAE's decode is split over the 2 ranks
+    too (9 frames = 3 latent frames: [2, 1])."""
     common = ["--model", str(wan["wan22"]), "--seed", "5", *ARGS]
     single = tmp_path / "single.png"
     assert main(["generate", PROMPT, "-o", str(single), *common]) == 0
@@ -156,6 +157,53 @@ def test_generate_under_torchrun_with_context_parallelism_equals_single_process(
     assert a.shape == b.shape == (9, 32, 32, 3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # same frames (8-bit rounding)
     assert json.loads((tmp_path / "par.png.json").read_text())["context_parallel"] == [1, 2]
+
+
+def _time_sharded_frames(rank, world, cases):
+    """Each case (folder, image-to-video, size, expected frames file) run as `dit generate` runs it under torchrun
+    (the VAE time-sharded by _shard_vae_decode): the decode goes through vae3d.parallel, the frames are one
+    process's."""
+    import vae3d.parallel
+    from dit.generate import _shard_vae_decode
+    from dit.pipeline.wan_i2v import WanImageToVideoDiTPipeline
+    from tests.tiny import tiny_picture
+
+    sharded = []
+    decode = vae3d.parallel.decode
+    vae3d.parallel.decode = lambda vae, z: sharded.append(z.shape[2]) or decode(vae, z)
+    for folder, image, size, expected in cases:
+        pipe = (WanImageToVideoDiTPipeline if image else DiTPipeline).from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        _shard_vae_decode(pipe, 9)
+        assert type(pipe.vae).__name__ == "WanVAE3D" and pipe.vae.is_parallel
+        frames = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=size, width=size, num_frames=9,
+                      num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+                      output_type="np", **({"image": tiny_picture(0)} if image else {})).frames[0]
+        np.testing.assert_allclose(frames, np.load(expected), atol=1e-5, rtol=0)
+    assert sharded == [3] * len(cases)  # every decode (3 latent frames) ran sharded
+
+
+@pytest.mark.parallel
+def test_wan_vae_decode_time_sharded_on_two_ranks_equals_one_process(wan, i2v, tmp_path):
+    """Our Wan VAE shards its decode over the ranks as CogVideoX's does (2 gloo processes, 3 latent frames split
+    [2, 1]): Wan 2.1 text-to-video, Wan 2.1 image-to-video (its 9-frame condition encoded sharded too) and TI2V-5B
+    from an image (its one first frame cannot be split: encoded whole on each rank) give one process's frames."""
+    from distributed import run_distributed
+
+    from dit.pipeline.wan_i2v import WanImageToVideoDiTPipeline
+    from tests.tiny import tiny_picture
+
+    cases = []
+    for name, folder, image, size in (("wan21", wan["wan21"], False, 32), ("wan21-i2v", i2v["wan21-i2v"], True, 32),
+                                      ("ti2v", wan["ti2v"], True, 64)):
+        pipe = (WanImageToVideoDiTPipeline if image else DiTPipeline).from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        frames = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=size, width=size, num_frames=9,
+                      num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+                      output_type="np", **({"image": tiny_picture(0)} if image else {})).frames[0]
+        np.save(tmp_path / f"{name}.npy", frames)
+        cases.append((str(folder), image, size, str(tmp_path / f"{name}.npy")))
+    run_distributed(_time_sharded_frames, 2, cases)
 
 
 # -- image-to-video (--image) ------------------------------------------------------------------------------------

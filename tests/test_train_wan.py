@@ -164,6 +164,7 @@ def test_text_and_latents_are_what_wan_pipeline_uses(tmp_path, wan_folder):
     cfg = load_config(CONFIG, overrides=_overrides(tmp_path / "o", wan_folder))
     assert cfg.objective.shift == 3.0  # null in the config: the folder's flow_shift
     bundle = build_bundle(cfg.model, cfg.objective)
+    assert type(bundle.vae).__name__ == "WanVAE3D"  # ours, from the folder's AutoencoderKLWan
     ref = WanPipeline.from_pretrained(wan_folder)
     captions = ["a red circle moving right", ""]
     emb = bundle.encode_text(captions, torch.device("cpu"))["encoder_hidden_states"]

@@ -141,7 +141,7 @@ COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
     "relay_transformer": _TRANSFORMER_ENTRIES,
     "vae": frozenset({("diffusers", "AutoencoderKLCogVideoX"), ("vae3d.model", "CausalVAE3D"),
                       ("vae3d", "CausalVAE3D"), ("diffusers", "AutoencoderKL"),
-                      ("diffusers", "AutoencoderKLWan")}),
+                      ("diffusers", "AutoencoderKLWan"), ("vae3d.wan_model", "WanVAE3D"), ("vae3d", "WanVAE3D")}),
     **{f"text_encoder{s}": _ENCODER_ENTRIES for s in ("", "_2", "_3")},
     **{f"tokenizer{s}": _TOKENIZER_ENTRIES for s in ("", "_2", "_3")},
     "scheduler": frozenset(("diffusers", name) for name in SCHEDULER_CLASSES),
@@ -150,7 +150,9 @@ COMPONENT_CLASSES: dict[str, frozenset[tuple[str, str]]] = {
     "image_encoder": frozenset(("transformers", name) for name in ("CLIPVisionModel", "CLIPVisionModelWithProjection")),
     "image_processor": frozenset(("transformers", name) for name in ("CLIPImageProcessor", "CLIPImageProcessorPil")),
 }
-_VIDEO_VAES = ("AutoencoderKLCogVideoX", "CausalVAE3D")
+# The video VAEs loaded as our own vae3d classes (vae3d.load_vae; diffusers' class names and ours): CogVideoX's
+# (CausalVAE3D) and Wan 2.1 / 2.2's (WanVAE3D).
+_VIDEO_VAES = ("AutoencoderKLCogVideoX", "CausalVAE3D", "AutoencoderKLWan", "WanVAE3D")
 
 
 def _check_index(folder: Path, index: dict) -> dict[str, tuple[str | None, str | None]]:
@@ -256,7 +258,14 @@ def _load_component(folder: Path, name: str, library: str | None, class_name: st
         return load_transformer(sub, torch_dtype=torch_dtype, variant=variant)
     if name == "vae" and class_name in _VIDEO_VAES:
         from vae3d import load_vae
+        from vae3d.loading import CLASSES
 
+        # config.json's _class_name picks load_vae's class: it must be the family model_index.json names
+        found = read_folder_json(sub, what="a VAE folder written by save_pretrained",
+                                 optional={"_class_name": str}).get("_class_name")
+        if CLASSES.get(found) is not CLASSES[class_name]:
+            raise ValueError(f"{str(sub / 'config.json')!r} names class {found!r}, but model_index.json's 'vae' entry "
+                             f"names {class_name!r}")
         return load_vae(sub, torch_dtype=torch_dtype, variant=variant)
     if name == "scheduler":
         import diffusers

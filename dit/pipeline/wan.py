@@ -1,11 +1,12 @@
 """Wan 2.1 / 2.2 text-to-video on our transformer and samplers: the same call and frames as diffusers' WanPipeline.
 
 diffusers' prompt encoding (UMT5, Wan's prompt cleaning, embeddings trimmed to each prompt's length and padded
-with zeros) and VAE (AutoencoderKLWan until vae3d has Wan's); our transformer, and the folder's scheduler run by
-our samplers through the one denoising path. Wan 2.2 A14B has two experts: `transformer` for the high-noise
-steps (t >= boundary_ratio x T), `transformer_2` for the rest, with its own guidance scale. TI2V-5B
-(`expand_timesteps`) takes one timestep per latent token. `relay=k` adds a relay super-resolution stage
-(dit.pipeline.relay) on the flow path, run by the low-noise expert.
+with zeros); our transformer, our VAE (vae3d's WanVAE3D, loaded from the folder's AutoencoderKLWan: streaming
+decode, tiling, slicing, time sharding under torchrun), and the folder's scheduler run by our samplers through the
+one denoising path. Wan 2.2 A14B has two experts: `transformer` for the high-noise steps (t >= boundary_ratio x T),
+`transformer_2` for the rest, with its own guidance scale. TI2V-5B (`expand_timesteps`) takes one timestep per
+latent token. `relay=k` adds a relay super-resolution stage (dit.pipeline.relay) on the flow path, run by the
+low-noise expert.
 
 `WanFamily` is what Wan's pipelines share (this one and dit.pipeline.wan_i2v's image-to-video): the command
 line's hooks, the request check, the expert switch and its guidance, the model function, the VAE's latent
@@ -14,10 +15,11 @@ normalisation and the decode.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers import WanPipeline
@@ -273,9 +275,12 @@ class WanFamily:
         return (z.float() - mean) * inv_std
 
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, F, H, W) -> the VAE posterior's mode, normalised to the transformer's latent space."""
+        """Pixels (B, 3, F, H, W) -> the VAE posterior's mode, normalised to the transformer's latent space. Under
+        time sharding (`dit generate` under torchrun) a clip with fewer frame batches than ranks (TI2V's one first
+        frame) is encoded whole on every rank."""
         vae_device = get_module_execution_device(self.vae)
-        z = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
+        with _whole_clip(self.vae, video.shape[2]):
+            z = self.vae.encode(video.to(vae_device, self.vae.dtype)).latent_dist.mode()
         return self._normalise(z.to(self._execution_device))
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -292,6 +297,30 @@ class WanFamily:
             video = self.video_processor.postprocess_video(self._decode(latents), output_type=output_type)
         self.maybe_free_model_hooks()
         return DiTPipelineOutput(frames=video) if return_dict else (video,)
+
+
+@contextlib.contextmanager
+def _whole_clip(vae: torch.nn.Module, frames: int) -> Iterator[None]:
+    """The VAE's time sharding (vae3d's `enable_parallelism`) off while a clip of `frames` frames is encoded, when
+    the clip has fewer of the VAE's frame batches than ranks (it cannot be sharded); on again afterwards. Every
+    rank sees the same clip, so all of them take the same way."""
+    tp = getattr(vae, "time_parallel", None)
+    if tp is None:
+        yield
+        return
+    import torch.distributed as dist
+
+    from vae3d.streaming import frame_batches
+
+    batches = frame_batches(frames, vae.num_sample_frames_batch_size, vae.frame_batching)
+    if len(batches) >= dist.get_world_size(tp.group):
+        yield
+        return
+    vae.time_parallel = None
+    try:
+        yield
+    finally:
+        vae.time_parallel = tp
 
 
 class WanDiTPipeline(WanFamily, DiTPipeline, WanPipeline):

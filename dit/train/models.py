@@ -2,8 +2,8 @@
 
 `ModelBundle` hides the family differences behind four calls: encode_text, encode_posterior, forward and
 pipeline. CogVideoX (video, T5) is built from scratch or loaded from a diffusers folder; SD3 (images, CLIP + T5)
-is loaded from a diffusers StableDiffusion3Pipeline folder; Wan 2.1 / 2.2 text-to-video (UMT5, AutoencoderKLWan,
-our WanTransformer3DModel) from a diffusers WanPipeline folder.
+is loaded from a diffusers StableDiffusion3Pipeline folder; Wan 2.1 / 2.2 text-to-video (UMT5, our WanVAE3D from
+the folder's AutoencoderKLWan, our WanTransformer3DModel) from a diffusers WanPipeline folder.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class ModelBundle:
         return ((dist.mean - shift) * cfg.scaling_factor).float(), (dist.std * cfg.scaling_factor).float()
 
     def _wan_posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
-        """AutoencoderKLWan on (B, 3, F, H, W): z = (posterior - latents_mean) / latents_std per channel, the
+        """The Wan VAE (WanVAE3D) on (B, 3, F, H, W): z = (posterior - latents_mean) / latents_std per channel, the
         inverse of WanPipeline's decode (latents x std + mean), so a sample's std scales by 1 / latents_std."""
         cfg = self.vae.config
         dist = self.vae.encode(video).latent_dist  # (B, z_dim, F', H', W')
@@ -261,7 +261,7 @@ def _pretrained(cfg: ModelConfig, objective: ObjectiveConfig) -> ModelBundle:
 
 def _pretrained_wan(folder: Path, cls: str | None) -> ModelBundle:
     """A Wan 2.1 / 2.2 text-to-video folder through our WanDiTPipeline loader (allow-listed components, safetensors
-    only): our transformer, diffusers' AutoencoderKLWan, UMT5 and tokenizer, and the folder's own scheduler (its
+    only): our transformer and VAE (WanVAE3D), UMT5 and tokenizer, and the folder's own scheduler (its
     flow shift is the training shift unless objective.shift says otherwise, see dit.train.config)."""
     if cls != "WanPipeline":
         raise ValueError(f"model.pretrained: {str(folder)!r} holds a {cls}; model.family 'wan' needs a WanPipeline "
