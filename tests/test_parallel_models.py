@@ -167,6 +167,36 @@ def test_cfg_parallel_pipeline_same_frames(tmp_path):
     run_distributed(_cfg_pipeline, 2, tmp_path)
 
 
+def _cfg_skip_layer_guidance(rank, world, folder):
+    """SD3.5 skip-layer guidance under CFG parallel: its extra conditional call has no [uncond; cond] halves (one
+    prompt: a batch of 1); the pipeline runs it whole on each cfg group, and the images are the single-process ones,
+    for one prompt and for two."""
+    from dit.parallel import ContextParallelConfig
+    from dit.pipeline import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    for prompt in ("a red circle moving left", ["a red circle moving left", "blue square"]):
+        call = dict(prompt=prompt, negative_prompt=None, height=32, width=32, num_inference_steps=3,
+                    guidance_scale=5.0, output_type="latent", **slg)
+        pipe.transformer.disable_parallelism()
+        ref = pipe(generator=torch.Generator().manual_seed(0), **call).images
+        plain = pipe(generator=torch.Generator().manual_seed(0), **{**call, "skip_guidance_layers": None}).images
+        assert (ref - plain).abs().max() > 1e-3  # the guidance term acts
+        pipe.transformer.enable_parallelism(ContextParallelConfig(cfg_degree=2))
+        got = pipe(generator=torch.Generator().manual_seed(0), **call).images
+        assert (got - ref).abs().max() <= 1e-5, f"rank {rank}: max abs diff {(got - ref).abs().max():.3g}"
+    pipe.transformer.disable_parallelism()
+
+
+def test_cfg_parallel_sd35_skip_layer_guidance(tmp_path):
+    from tests.tiny import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline(tmp_path, sd35=True)
+    run_distributed(_cfg_skip_layer_guidance, 2, tmp_path)
+
+
 def _uneven_heads(rank, world, cases):
     for heads, builds, meshes in cases:
         _check_models(rank, world, meshes, heads, builds, inference=True)

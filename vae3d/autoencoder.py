@@ -133,6 +133,15 @@ class CausalAutoencoder:
     def is_parallel(self) -> bool:
         return self.time_parallel is not None
 
+    def _check_checkpointing(self) -> None:
+        """Gradient checkpointing (diffusers' ``enable_gradient_checkpointing``) recomputes each block in backward;
+        a time shard's blocks exchange halos with the other ranks, collectives that a recomputation would run
+        again inside backward, where nothing keeps the ranks in step: the two are refused together, before any
+        compute."""
+        if self.is_parallel and torch.is_grad_enabled() and self.is_gradient_checkpointing:
+            raise ValueError("gradient checkpointing and time sharding cannot be combined; call "
+                             "disable_gradient_checkpointing() or disable_parallelism()")
+
     # -- encode / decode -------------------------------------------------------------------------
 
     @apply_forward_hook
@@ -141,6 +150,7 @@ class CausalAutoencoder:
     ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         """Video (B, C, 1 + r k, H, W) in [-1, 1] -> posterior over latents (B, Z, 1 + k, H / s, W / s)."""
         streaming.check_video(self, x)
+        self._check_checkpointing()
         moments = parallel.encode(self, x) if self.is_parallel else streaming.encode(self, x)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
@@ -150,6 +160,7 @@ class CausalAutoencoder:
         """Latents (B, Z, F, h, w) -> video (B, C, 1 + r (F - 1), s h, s w) (r F frames when the first
         latent frame is not an image frame: CogVideoX's even batches)."""
         streaming.check_latents(self, z)
+        self._check_checkpointing()
         video = parallel.decode(self, z) if self.is_parallel else streaming.decode(self, z)
         return DecoderOutput(sample=video) if return_dict else (video,)
 

@@ -19,6 +19,11 @@ Two parameter layouts share the rule: ``CausalConv3d`` keeps the weights in ``se
 Without autograd the same call is executed by ``vae3d.lowmem`` (the transform fused a few frames
 at a time, time taps with running sums on large frames, inputs computed on request), which gives
 the same output in far less memory; tests/test_vae3d.py proves the two equal.
+
+Gradient checkpointing (``checkpointed``): diffusers' ``enable_gradient_checkpointing`` sets
+``gradient_checkpointing`` and ``_gradient_checkpointing_func`` on the encoder, decoder and their blocks; a
+checkpointed block runs as a pure function of its inputs and the cached frames it reads, so the
+recomputation in backward sees the cache as the forward saw it and changes nothing.
 """
 
 from __future__ import annotations
@@ -76,6 +81,80 @@ class ConvCache:
     def carry(self, conv: CausalConv, frames: torch.Tensor) -> None:
         """Keep the last ``k_t - 1`` frames of conv's padded input for the next batch."""
         self.frames[conv] = frames.clone()  # keeps the graph: gradients cross batches
+
+
+# -- gradient checkpointing -------------------------------------------------------------------------------------
+
+
+def checkpointing(module: nn.Module) -> bool:
+    """Whether ``module`` checkpoints its blocks now: diffusers' flag is set on it and autograd records."""
+    return torch.is_grad_enabled() and bool(getattr(module, "gradient_checkpointing", False))
+
+
+def cache_keys(module: nn.Module) -> list[nn.Module]:
+    """The modules under ``module`` (itself included) that keep frames in a ConvCache (``carries_frames``)."""
+    return [m for m in module.modules() if getattr(m, "carries_frames", False)]
+
+
+class _PureCall:
+    """``call(*args, cache=...)`` (a block) as a pure function of its inputs, for a gradient-checkpointing function.
+
+    Non-reentrant checkpointing runs the function again in backward, when the streaming loop's cache has
+    moved on (later frame batches have carried their frames) and its flags have changed (``at_start``). So
+    the frames the call reads come in as inputs (one per module of ``keys``, None where nothing is cached
+    yet), the frames it carries go out as outputs, and each run works on a fresh ConvCache made from them
+    and the flags as they were when the call was made: the recomputation sees what the forward saw and
+    writes nowhere. The caller copies the outputs into the live cache once, in the forward.
+    """
+
+    def __init__(self, call: Callable, nargs: int, keys: list[nn.Module], cache: ConvCache | None) -> None:
+        self.call, self.nargs, self.keys, self.cached = call, nargs, keys, cache is not None
+        self.at_start, self.taps_from = (cache.at_start, cache.taps_from) if cache is not None else (True, None)
+
+    def __call__(self, *inputs):
+        if not torch.is_grad_enabled():  # made under autograd (``checkpointing``), run without: a reentrant function
+            raise ValueError(
+                "the gradient-checkpointing function ran the block without autograd (use_reentrant=True?): without "
+                "autograd this VAE runs its low-memory inference path (vae3d.lowmem), not the one the backward "
+                "recomputes, and the gradients would be wrong; call enable_gradient_checkpointing() without an "
+                "argument (diffusers' default: torch.utils.checkpoint with use_reentrant=False) or pass a "
+                "non-reentrant function"
+            )
+        args, before = inputs[: self.nargs], inputs[self.nargs :]
+        if not self.cached:  # a whole video in one call: nothing carried
+            return (self.call(*args, cache=None),)
+        local = ConvCache()
+        local.at_start, local.taps_from = self.at_start, self.taps_from
+        local.frames = {k: f for k, f in zip(self.keys, before) if f is not None}
+        out = self.call(*args, cache=local)
+        return (out, *(local.frames.get(k) for k in self.keys))
+
+
+def checkpointed(owner: nn.Module, module: nn.Module, *args, cache: ConvCache | None):
+    """``module(*args, cache=cache)``; through ``owner``'s gradient-checkpointing function when ``checkpointing(owner)``.
+
+    A time shard's cache exchanges halos with the other ranks on every read: a recomputation would run those
+    collectives again inside backward, where nothing keeps the ranks in step. Refused (``CausalAutoencoder``
+    says so before any compute).
+    """
+    if not checkpointing(owner):
+        return module(*args, cache=cache)
+    if cache is None:
+        return owner._gradient_checkpointing_func(_PureCall(module, len(args), [], None), *args)[0]
+    if cache.shard is not None:
+        raise ValueError("gradient checkpointing and time sharding cannot be combined; call "
+                         "disable_gradient_checkpointing() or disable_parallelism()")
+    keys = cache_keys(module)
+    for k in keys:
+        if k in cache.partials:
+            cache.carried(k, None)  # raises: earlier batches of this video ran without autograd
+    out, *after = owner._gradient_checkpointing_func(
+        _PureCall(module, len(args), keys, cache), *args, *(cache.frames.get(k) for k in keys)
+    )
+    for k, f in zip(keys, after):
+        if f is not None:
+            cache.frames[k] = f
+    return out
 
 
 def _triple(kernel_size: int | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -173,6 +252,10 @@ class CausalConv3d(nn.Module):
     def conv3d(self) -> nn.Conv3d:
         return self.conv
 
+    @property
+    def carries_frames(self) -> bool:
+        return self.time_pad > 0
+
     forward = causal_forward
 
 
@@ -197,6 +280,10 @@ class FlatCausalConv3d(nn.Conv3d):
     @property
     def conv3d(self) -> nn.Conv3d:
         return self
+
+    @property
+    def carries_frames(self) -> bool:
+        return self.time_pad > 0
 
     forward = causal_forward
 

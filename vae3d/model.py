@@ -21,7 +21,7 @@ from torch import nn
 from . import lowmem, streaming
 from .autoencoder import CausalAutoencoder
 from .blocks import Downsample3D, ResnetBlock3D, SpatialNorm3D, Upsample3D, cache_stats, group_norm_transform
-from .causal_conv import CausalConv3d, ConvCache
+from .causal_conv import CausalConv3d, ConvCache, checkpointed, checkpointing
 
 DOWN_BLOCK = "CogVideoXDownBlock3D"
 UP_BLOCK = "CogVideoXUpBlock3D"
@@ -30,8 +30,10 @@ UP_BLOCK = "CogVideoXUpBlock3D"
 class DownBlock3D(nn.Module):
     """ResNet blocks, then (except for the last block) 2x spatial and optionally 2x time downsampling.
 
-    Blocks are containers (named as in diffusers); the encoder/decoder loop over their layers
-    themselves, so that a block's input is freed as soon as its first layer is done with it.
+    Blocks are named as in diffusers. Without gradient checkpointing the encoder/decoder loop over
+    their layers themselves, so that a block's input is freed as soon as its first layer is done with
+    it; ``forward`` is the block as one call, what the encoder checkpoints (as diffusers' blocks, each
+    ResNet block is checkpointed again inside it).
     """
 
     def __init__(
@@ -46,6 +48,15 @@ class DownBlock3D(nn.Module):
         self.downsamplers = (
             nn.ModuleList([Downsample3D(out_channels, out_channels, compress_time)]) if add_downsample else None
         )
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        at_start = cache is None or cache.at_start
+        for resnet in self.resnets:
+            x = checkpointed(self, resnet, x, None, cache=cache)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x, at_start)  # (B, C, T', H / 2, W / 2)
+        return x
 
 
 class MidBlock3D(nn.Module):
@@ -58,6 +69,12 @@ class MidBlock3D(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock3D(channels, channels, groups, eps, dropout, spatial_norm_dim) for _ in range(2)
         )
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, zq: torch.Tensor | None, cache: ConvCache | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = checkpointed(self, resnet, x, zq, cache=cache)
+        return x
 
 
 class UpBlock3D(nn.Module):
@@ -75,6 +92,17 @@ class UpBlock3D(nn.Module):
         self.upsamplers = (
             nn.ModuleList([Upsample3D(out_channels, out_channels, compress_time)]) if add_upsample else None
         )
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, x: torch.Tensor, zq: torch.Tensor, image_first: bool, cache: ConvCache | None = None
+    ) -> torch.Tensor:
+        """The block as one call (what the decoder checkpoints); ``image_first``: the decoder's."""
+        for resnet in self.resnets:
+            x = checkpointed(self, resnet, x, zq, cache=cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, image_first)  # (B, C, T', 2h, 2w)
+        return x
 
 
 def _check_block_types(types: tuple[str, ...], expected: str, name: str) -> None:
@@ -129,18 +157,24 @@ class Encoder3D(nn.Module):
         self.mid_block = MidBlock3D(prev, norm_num_groups, norm_eps, dropout)
         self.norm_out = nn.GroupNorm(norm_num_groups, prev, eps=1e-6)
         self.conv_out = CausalConv3d(prev, 2 * latent_channels, kernel_size=3)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
         at_start = cache is None or cache.at_start
         h = self.conv_in(x, cache)  # (B, C0, T, H, W)
-        for block in self.down_blocks:
-            for resnet in block.resnets:
-                h = resnet(h, None, cache)
-                _release_freed_memory(h)
-            if block.downsamplers is not None:
-                h = block.downsamplers[0](h, at_start)  # (B, C, T', H / 2, W / 2)
-        for resnet in self.mid_block.resnets:
-            h = resnet(h, None, cache)
+        if checkpointing(self):  # diffusers' levels: each down block, then the mid block
+            for block in self.down_blocks:
+                h = checkpointed(self, block, h, cache=cache)
+            h = checkpointed(self, self.mid_block, h, None, cache=cache)
+        else:
+            for block in self.down_blocks:
+                for resnet in block.resnets:
+                    h = checkpointed(block, resnet, h, None, cache=cache)
+                    _release_freed_memory(h)
+                if block.downsamplers is not None:
+                    h = block.downsamplers[0](h, at_start)  # (B, C, T', H / 2, W / 2)
+            for resnet in self.mid_block.resnets:
+                h = checkpointed(self.mid_block, resnet, h, None, cache=cache)
         tf = group_norm_transform(self.norm_out, h, stats=cache_stats(cache))
         return self.conv_out(h, cache, tf)  # (B, 2 * latent, T', h, w)
 
@@ -180,6 +214,7 @@ class Decoder3D(nn.Module):
             prev = ch
         self.norm_out = SpatialNorm3D(prev, latent_channels, groups=norm_num_groups)
         self.conv_out = CausalConv3d(prev, out_channels, kernel_size=3)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
         # z's first frame is the image frame (never repeated in time) when this batch starts the video
@@ -188,18 +223,23 @@ class Decoder3D(nn.Module):
         at_start = cache is None or cache.at_start
         image_first = shard.image_first if shard is not None else at_start and z.shape[2] % 2 == 1
         h = self.conv_in(z, cache)  # (B, C, T, h, w)
-        for resnet in self.mid_block.resnets:
-            h = resnet(h, z, cache)
-        for block in self.up_blocks:
-            for resnet in block.resnets:
-                h = resnet(h, z, cache)
-                _release_freed_memory(h)
-            if block.upsamplers is not None:
-                up = block.upsamplers[0]
-                if lowmem.hand_on_lazily(up, h, image_first, shard):
-                    h = up.lazy(h, image_first)  # read frame by frame by the next block
-                else:
-                    h = up(h, image_first)  # (B, C, T', 2h, 2w)
+        if checkpointing(self):  # diffusers' levels: the mid block, then each up block
+            h = checkpointed(self, self.mid_block, h, z, cache=cache)
+            for block in self.up_blocks:
+                h = checkpointed(self, block, h, z, image_first, cache=cache)
+        else:
+            for resnet in self.mid_block.resnets:
+                h = checkpointed(self.mid_block, resnet, h, z, cache=cache)
+            for block in self.up_blocks:
+                for resnet in block.resnets:
+                    h = checkpointed(block, resnet, h, z, cache=cache)
+                    _release_freed_memory(h)
+                if block.upsamplers is not None:
+                    up = block.upsamplers[0]
+                    if lowmem.hand_on_lazily(up, h, image_first, shard):
+                        h = up.lazy(h, image_first)  # read frame by frame by the next block
+                    else:
+                        h = up(h, image_first)  # (B, C, T', 2h, 2w)
         tf = self.norm_out.transform(h, z, stats=cache_stats(cache))
         return self.conv_out(h, cache, tf)  # (B, 3, T', H, W)
 
@@ -223,7 +263,7 @@ class CausalVAE3D(CausalAutoencoder, ModelMixin, ConfigMixin):
     encoder/decoder is ``CausalAutoencoder``'s (shared with Wan's ``WanVAE3D``).
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
     _no_split_modules = ["ResnetBlock3D"]
 
     @register_to_config

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import lowmem
 from .blocks import causal_residual
-from .causal_conv import ConvCache, FlatCausalConv3d, FrameTransform
+from .causal_conv import ConvCache, FlatCausalConv3d, FrameTransform, checkpointed
 from .lowmem import FrameSource, frame_range, frames_per_step, identity
 
 RESAMPLE_MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
@@ -101,8 +101,9 @@ class AttentionBlock(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v)  # (N, 1, H * W, C)
         return self.proj(rearrange(o, "n 1 (h w) c -> n c h w", h=h)) + f
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, T, H, W) -> (B, C, T, H, W); without autograd a few frames at a time."""
+    def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+        """x (B, C, T, H, W) -> (B, C, T, H, W); without autograd a few frames at a time. Per frame: nothing
+        is cached (``cache`` is taken, and ignored, like the other layers' of an encoder level)."""
         b = x.shape[0]
         if not lowmem.active():
             return rearrange(self.attend(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", b=b)
@@ -143,6 +144,11 @@ class Resample(nn.Module):
     @property
     def conv(self) -> nn.Conv2d:
         return self.resample[1]
+
+    @property
+    def carries_frames(self) -> bool:
+        """A time downsampler keeps the one frame before the next batch in the ConvCache (``time_down``)."""
+        return self.mode == "downsample3d"
 
     def time_up(self, x: torch.Tensor, cache: ConvCache | None, image_first: bool) -> torch.Tensor:
         """x (B, C, T, h, w) -> (B, C, T', h, w): each frame becomes two (the halves of time_conv's output),
@@ -271,10 +277,11 @@ class MidBlock(nn.Module):
         super().__init__()
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
         self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout), ResidualBlock(dim, dim, dropout)])
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
-        x = self.resnets[0](x, cache)
-        return self.resnets[1](self.attentions[0](x), cache)
+        x = checkpointed(self, self.resnets[0], x, cache=cache)
+        return checkpointed(self, self.resnets[1], self.attentions[0](x), cache=cache)
 
 
 class ResidualDownBlock(nn.Module):
@@ -308,12 +315,16 @@ class UpBlock(nn.Module):
             ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(num_res_blocks + 1)
         )
         self.upsamplers = nn.ModuleList([Resample(out_dim, mode)]) if mode is not None else None
+        self.gradient_checkpointing = False
 
     @property
     def up(self) -> Resample | None:
         return self.upsamplers[0] if self.upsamplers is not None else None
 
     shortcut = None  # no shortcut around the level (Wan 2.2's levels have one)
+
+    def forward(self, x: torch.Tensor, image_first: bool, cache: ConvCache | None = None) -> torch.Tensor:
+        return up_level(self, x, cache, image_first)
 
 
 class ResidualUpBlock(nn.Module):
@@ -328,6 +339,7 @@ class ResidualUpBlock(nn.Module):
             ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(num_res_blocks + 1)
         )
         self.upsampler = Resample(out_dim, mode, upsample_out_dim=out_dim) if mode is not None else None
+        self.gradient_checkpointing = False
 
     @property
     def up(self) -> Resample | None:
@@ -337,14 +349,19 @@ class ResidualUpBlock(nn.Module):
     def shortcut(self) -> DupUp3D | None:
         return self.avg_shortcut
 
+    def forward(self, x: torch.Tensor, image_first: bool, cache: ConvCache | None = None) -> torch.Tensor:
+        return up_level(self, x, cache, image_first)
+
 
 def up_level(
     block: UpBlock | ResidualUpBlock, x: torch.Tensor, cache: ConvCache | None, image_first: bool
 ) -> torch.Tensor:
-    """One decoder level (either version), the reference path: x (B, C, T, h, w) -> (B, C', T', 2h, 2w)."""
+    """One decoder level (either version), the reference path: x (B, C, T, h, w) -> (B, C', T', 2h, 2w).
+
+    Each residual block is checkpointed when the level's gradient checkpointing is on."""
     h = x
     for resnet in block.resnets:
-        h = resnet(h, cache)
+        h = checkpointed(block, resnet, h, cache=cache)
     if block.up is None:
         return h
     h = block.up(h, cache, image_first)

@@ -19,10 +19,10 @@ from torch import nn
 
 from . import lowmem, streaming, wan_lowmem
 from .autoencoder import CausalAutoencoder
-from .causal_conv import ConvCache, FlatCausalConv3d
+from .causal_conv import ConvCache, FlatCausalConv3d, checkpointed
 from .streaming import release_freed_memory
 from .wan import (AttentionBlock, MidBlock, Resample, ResidualBlock, ResidualDownBlock, ResidualUpBlock, RMSNorm,
-                  UpBlock, up_level)
+                  UpBlock)
 
 # diffusers' AutoencoderKLWan defaults (the Wan 2.1 VAE's latent statistics).
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -64,14 +64,15 @@ class WanEncoder3d(nn.Module):
         self.mid_block = MidBlock(dims[-1], dropout)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = FlatCausalConv3d(dims[-1], z_dim, 3)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
         h = self.conv_in(x, cache)  # (B, C0, T, H, W)
-        for layer in self.down_blocks:
-            h = layer(h) if isinstance(layer, AttentionBlock) else layer(h, cache)
+        for layer in self.down_blocks:  # each layer (2.1) or level (2.2) checkpointed when that is on
+            h = checkpointed(self, layer, h, cache=cache)
             if not torch.is_grad_enabled() and h.device.type == "cpu":
                 release_freed_memory()  # heap holes of the block's temporaries (see CogVideoX's encoder)
-        h = self.mid_block(h, cache)
+        h = checkpointed(self, self.mid_block, h, cache=cache)
         return self.conv_out(h, cache, self.norm_out.transform())  # (B, 2 Z, T', h, w)
 
 
@@ -100,6 +101,7 @@ class WanDecoder3d(nn.Module):
             self.up_blocks.append(level(a, b, num_res_blocks, dropout, mode))
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = FlatCausalConv3d(dims[-1], out_channels, 3)
+        self.gradient_checkpointing = False
         self.time_factor = 2 ** sum(block.up is not None and block.up.mode == "upsample3d" for block in self.up_blocks)
 
     def forward(self, z: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
@@ -108,9 +110,9 @@ class WanDecoder3d(nn.Module):
         image_first = shard.image_first if shard is not None else cache is None or cache.at_start
         if lowmem.active() and shard is None:  # a shard runs whole: its halos are exchanged once per call
             return wan_lowmem.decode(self, z, cache, image_first)
-        h = self.mid_block(self.conv_in(z, cache), cache)  # (B, C, F, h, w)
-        for block in self.up_blocks:
-            h = up_level(block, h, cache, image_first)
+        h = checkpointed(self, self.mid_block, self.conv_in(z, cache), cache=cache)  # (B, C, F, h, w)
+        for block in self.up_blocks:  # each level checkpointed when that is on (diffusers' levels)
+            h = checkpointed(self, block, h, image_first, cache=cache)
         return self.conv_out(h, cache, self.norm_out.transform())  # (B, C_out, T, H, W)
 
 
@@ -158,7 +160,7 @@ class WanVAE3D(CausalAutoencoder, ModelMixin, ConfigMixin):
     / ``latents_std`` (``scale_latents`` / ``unscale_latents``).
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
     _no_split_modules = ["ResidualBlock", "AttentionBlock", "Resample"]
 
     @register_to_config

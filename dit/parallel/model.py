@@ -86,6 +86,11 @@ class ContextParallelMixin:
     def is_parallel(self) -> bool:
         return self._cp is not None
 
+    @property
+    def cfg_degree(self) -> int:
+        """How many CFG groups split each call's batch (1 when the model is not parallel or has no CFG parallel)."""
+        return self._cp.context.config.cfg_degree if self._cp is not None else 1
+
     def _cp_stream_attention(self, stream: int) -> ContextParallelAttention:
         """An attention backend over stream `stream` alone (e.g. SD3.5's image-only second attention)."""
         if stream not in self._cp.streams:

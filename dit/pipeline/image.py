@@ -201,11 +201,19 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
         def model_fn_for(transformer: torch.nn.Module, _factor: int, embeds: tuple | None = None,
                          skip_layers: list[int] | None = None) -> Callable:
             def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
                 text, pooled = embeds or (state["prompt_embeds"], state["pooled_prompt_embeds"])
-                return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
-                                   pooled_projections=pooled, joint_attention_kwargs=joint_attention_kwargs,
-                                   return_dict=False, **({"skip_layers": skip_layers} if skip_layers else {}))[0]
+                # CFG parallel splits a call's batch into its [uncond; cond] parts; skip-layer guidance's call has
+                # only the conditional batch, which each cfg group then runs whole (exact: every op is per sample)
+                n = getattr(transformer, "cfg_degree", 1) if skip_layers else 1
+                if x.shape[0] % n:
+                    x, text, pooled = (v.repeat(n, *[1] * (v.ndim - 1)) for v in (x, text, pooled))
+                else:
+                    n = 1
+                timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
+                out = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                                  pooled_projections=pooled, joint_attention_kwargs=joint_attention_kwargs,
+                                  return_dict=False, **({"skip_layers": skip_layers} if skip_layers else {}))[0]
+                return out[: out.shape[0] // n]
 
             return model_fn
 
