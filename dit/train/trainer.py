@@ -60,6 +60,8 @@ class Trainer:
         # other objective trains the transformer.
         self.trains_vae = cfg.objective.kind == "autoencoder"
         if self.trains_vae:
+            if t.gradient_checkpointing:
+                self.bundle.vae.enable_gradient_checkpointing()
             trained = AutoencoderStep(self.bundle.vae.requires_grad_(True).train())
         else:
             trained = self.bundle.transformer
