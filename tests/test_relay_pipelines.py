@@ -113,7 +113,7 @@ def test_sd3_relay_keeps_the_base_image(pipes):
     base = _latents(pipe, height=32, width=32, generator=_seeded(1), **call)
     direct = _latents(pipe, height=64, width=64, generator=_seeded(1), **call)
     with torch.no_grad():
-        pixels = lambda z: (pipe._to_pixels(z, shift=True).clamp(-1, 1) + 1) / 2  # noqa: E731
+        pixels = lambda z: (pipe._to_pixels(z).clamp(-1, 1) + 1) / 2  # noqa: E731
         base_up = pixels(samplers.upsample(base, 2))
         psnr = {"direct": (_psnr(torch.nn.functional.avg_pool2d(direct, 2), base, 8.0),
                            _psnr(pixels(direct), base_up, 1.0))}

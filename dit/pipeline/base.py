@@ -18,7 +18,8 @@ import samplers
 from dit.pipeline.loading import (_check_index, _check_roles, _family, _load_component, _read_index, _settings,
                                   check_load_options, check_torch_dtype, component_dtype, component_variants,
                                   init_parameters, resolve_pretrained)
-from dit.cache import CacheConfig, caching, merge_reports
+from dit.cache import CacheConfig, caching, check_cache, merge_reports
+from dit.pipeline.relay import RelayStage, relay_stage
 from dit.sampling import GuidanceScale, denoise
 
 
@@ -186,6 +187,48 @@ class DiTPipeline(DiffusionPipeline):
 
     def disable_vae_slicing(self) -> None:
         self.vae.disable_slicing()
+
+    # -- the steps every call shares -------------------------------------------------------------------------------
+
+    def _check_outputs(self, output_type: str, tensor_inputs=()) -> None:
+        """diffusers' output types, and the step callback's tensor inputs among `_callback_tensor_inputs`."""
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+
+    def _plan_stages(self, cache: CacheConfig | None, relay: int | None, relay_steps: int, relay_start: int,
+                     relay_upsample: str, relay_noise_alpha: float, relay_eta: float) -> RelayStage | None:
+        """A call's `cache=` checked and its relay stage planned (None without `relay`; dit.pipeline.relay), so
+        that their errors come before any model runs."""
+        check_cache(cache)
+        return relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
+                           noise_alpha=relay_noise_alpha, eta=relay_eta)
+
+    def _start_call(self, guidance_scale: float, **properties: Any) -> None:
+        """What diffusers' pipelines keep for a call's callbacks and properties, set as it starts: guidance_scale,
+        current_timestep (None), interrupt (False) and the family's own (`attention_kwargs=...`), each as
+        `_<name>`."""
+        properties.update(guidance_scale=guidance_scale, current_timestep=None, interrupt=False)
+        for name, value in properties.items():
+            setattr(self, f"_{name}", value)
+
+    def _relay_model(self) -> torch.nn.Module:
+        """The relay stage's transformer: the folder's `relay_transformer`, else the base one."""
+        return self.transformer if getattr(self, "relay_transformer", None) is None else self.relay_transformer
+
+    def _relay(self, plan: RelayStage | None, latents: torch.Tensor, run: Callable[..., torch.Tensor], *,
+               to_pixels: Callable | None = None, from_pixels: Callable | None = None,
+               **runtime: Any) -> torch.Tensor:
+        """The relay stage on the base stage's result: the latents as they are without a plan; else z_L made from
+        them (RelayStage.z_low, with the VAE's `to_pixels` / `from_pixels` for pixel upsampling) and the plan's
+        steps run by `run(model, z_L, spec, factor, eta=..., **runtime)`, the family's stage (its `_sample` call
+        for `model` at `factor` times the base size, as the base stage's run(..., 1, ...)), on `_relay_model()`."""
+        if plan is None:
+            return latents
+        z_low = plan.z_low(latents, to_pixels=to_pixels, from_pixels=from_pixels)
+        return run(self._relay_model(), z_low, plan.spec, plan.factor, eta=plan.eta, **runtime)
 
     # -- shared helpers ----------------------------------------------------------------------------------------------
 

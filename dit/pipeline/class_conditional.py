@@ -145,11 +145,7 @@ class ClassConditionalDiTPipeline(ImageFamily, DiTPipeline):
                              f"(pipe.get_label_ids turns names into ids), got {class_labels!r}")
         _check_positive_int("num_inference_steps", num_inference_steps)
         samplers.check_guidance_scale(guidance_scale)
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
-        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
-        if bad:
-            raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+        self._check_outputs(output_type, tensor_inputs)
         return list(items)
 
     @torch.no_grad()
@@ -173,7 +169,7 @@ class ClassConditionalDiTPipeline(ImageFamily, DiTPipeline):
                                                                      callback_on_step_end_tensor_inputs)
         labels = self._check_call(class_labels, num_inference_steps, guidance_scale, output_type,
                                   callback_on_step_end_tensor_inputs)
-        self._guidance_scale, self._interrupt, self._current_timestep = guidance_scale, False, None
+        self._start_call(guidance_scale)
         device, cfg = self._execution_device, self.transformer.config
         channels, size = cfg.in_channels, cfg.sample_size
         if latents is None:

@@ -12,11 +12,10 @@ from diffusers.loaders import CogVideoXLoraLoaderMixin
 from diffusers.video_processor import VideoProcessor
 
 import samplers
-from dit.cache import CacheConfig, check_cache
+from dit.cache import CacheConfig
 from dit.pipeline.base import (DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs,
                                _check_positive_int, _check_prompt_or_embeds, _check_sizes)
 from dit.pipeline.loading import _require_family
-from dit.pipeline.relay import relay_stage
 from dit.convert import (read_folder_json)
 
 
@@ -250,39 +249,37 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
                           negative_prompt_embeds=negative_prompt_embeds)
         self._check_call(num_videos_per_prompt, output_type, callback_on_step_end_tensor_inputs)
         spec = self._sampler(num_inference_steps, timesteps=timesteps)
-        check_cache(cache)
-        # Relay errors (T_r outside the schedule, ...) come before any model runs.
-        relay_plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
-                                 noise_alpha=relay_noise_alpha, eta=relay_eta)
-        self._guidance_scale, self._attention_kwargs = guidance_scale, attention_kwargs
-        self._current_timestep, self._interrupt = None, False
+        plan = self._plan_stages(cache, relay, relay_steps, relay_start, relay_upsample, relay_noise_alpha, relay_eta)
+        self._start_call(guidance_scale, attention_kwargs=attention_kwargs)
         do_cfg = guidance_scale > 1.0
         state = self._encode_state(prompt, negative_prompt, do_cfg, max_sequence_length, prompt_embeds,
                                    negative_prompt_embeds)
         latents, extra = self._initial_latents(state["prompt_embeds"], do_cfg, num_frames, height, width, generator,
                                                latents)
 
-        def run(transformer, x: torch.Tensor, stage: samplers.SamplerSpec, **runtime) -> torch.Tensor:
-            dynamic = samplers.cogvideox_dynamic_scale(guidance_scale, len(stage.schedule)) if use_dynamic_cfg else None
-
-            def scale(t: torch.Tensor) -> float:  # read at every step: a callback may change pipe._guidance_scale
-                if dynamic is not None:  # diffusers sets it at every step, whatever a callback set
-                    self._guidance_scale = dynamic(t)
-                return self._guidance_scale
-
+        def run(transformer, x: torch.Tensor, stage: samplers.SamplerSpec, _factor: int, **runtime) -> torch.Tensor:
             return self._sample(self._model_fn(transformer, state, attention_kwargs), x, stage,
-                                guidance_scale=scale, guide=lambda t: do_cfg,
-                                callback_on_step_end=callback_on_step_end,
+                                guidance_scale=self._stage_scale(guidance_scale, use_dynamic_cfg, len(stage.schedule)),
+                                guide=lambda t: do_cfg, callback_on_step_end=callback_on_step_end,
                                 tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
                                 cache=cache, **runtime)
 
-        latents = run(self.transformer, latents, spec, solver=solver, eta=eta)
-        if relay_plan is not None:
-            z_low = relay_plan.z_low(latents[:, extra:], to_pixels=self._to_pixels,
-                                     from_pixels=self._from_pixels)  # (B, F', C, kH', kW')
-            stage = getattr(self, "relay_transformer", None) or self.transformer
-            latents, extra = run(stage, z_low, relay_plan.spec, eta=relay_plan.eta), 0
-        return self._finish_video(latents[:, extra:], output_type, return_dict)
+        latents = run(self.transformer, latents, spec, 1, solver=solver, eta=eta)[:, extra:]  # padding dropped
+        latents = self._relay(plan, latents, run, to_pixels=self._to_pixels, from_pixels=self._from_pixels)
+        return self._finish_video(latents, output_type, return_dict)
+
+    def _stage_scale(self, guidance_scale: float, use_dynamic_cfg: bool, steps: int) -> Callable[[torch.Tensor], float]:
+        """A stage's guidance scale, read at every step: a callback may change pipe._guidance_scale; with
+        use_dynamic_cfg, CogVideoX's cosine scale for the stage's `steps` from the call's guidance_scale, set on
+        the pipeline at every step (as diffusers does, whatever a callback set)."""
+        dynamic = samplers.cogvideox_dynamic_scale(guidance_scale, steps) if use_dynamic_cfg else None
+
+        def scale(t: torch.Tensor) -> float:
+            if dynamic is not None:
+                self._guidance_scale = dynamic(t)
+            return self._guidance_scale
+
+        return scale
 
     def _call_defaults(self, height: int | None, width: int | None, num_frames: int | None,
                        max_sequence_length: int | None) -> tuple[int, int, int, int]:
@@ -296,11 +293,7 @@ class CogVideoXDiTPipeline(DiTPipeline, CogVideoXLoraLoaderMixin):
     def _check_call(self, num_videos_per_prompt: int, output_type: str, tensor_inputs) -> None:
         if num_videos_per_prompt != 1:
             raise ValueError(f"num_videos_per_prompt must be 1 (as in CogVideoXPipeline), got {num_videos_per_prompt}")
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
-        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
-        if bad:
-            raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+        self._check_outputs(output_type, tensor_inputs)
 
     def _encode_state(self, prompt, negative_prompt, do_cfg: bool, max_sequence_length: int,
                       prompt_embeds: torch.Tensor | None = None,

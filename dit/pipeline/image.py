@@ -10,16 +10,25 @@ import torch
 from diffusers import CogView3PlusPipeline, StableDiffusion3Pipeline
 
 import samplers
-from dit.cache import CacheConfig, check_cache
+from dit.cache import CacheConfig
 from dit.pipeline.base import (DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int,
                                _check_sizes)
 from dit.pipeline.image_family import ImageFamily
-from dit.pipeline.relay import RelayStage, relay_stage
+from dit.pipeline.relay import RelayStage
 
 
 
 class _ImagePipelineMixin:
-    """What our image pipelines share: request checks before any model runs, and decoding to images."""
+    """What our image pipelines share: request checks before any model runs, the latents, the denoising stages
+    and decoding to images. `_vae_shift`: whether the family's latents are shifted by the VAE's shift_factor
+    (SD3's are, CogView3-Plus's are not)."""
+
+    _vae_shift: bool
+
+    def _image_size(self, height: int | None, width: int | None, sample_size: int) -> tuple[int, int]:
+        """The transformer's sample size where the call gave None (only None: 0 is refused later)."""
+        default = sample_size * self.vae_scale_factor
+        return default if height is None else height, default if width is None else width
 
     def _check_image_request(self, prompt, height: int, width: int, num_inference_steps: int,
                              num_images_per_prompt: int, guidance_scale: float, output_type: str,
@@ -31,27 +40,47 @@ class _ImagePipelineMixin:
         _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         _check_sizes(height, width, 1, self.vae_scale_factor * self.transformer.config.patch_size, 1)
         samplers.check_guidance_scale(guidance_scale)
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
+        self._check_outputs(output_type)
 
-    def _to_pixels(self, latents: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    def _to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) -> the VAE's images (B, 3, H, W) in [-1, 1]: undo the VAE's scaling (and shift,
-        where the family uses it: SD3 does, CogView3-Plus does not), decode."""
-        latents = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor if shift else 0.0)
+        where the family uses it), decode."""
+        latents = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor if self._vae_shift else 0.0)
         return self.vae.decode(latents, return_dict=False)[0]
 
-    def _from_pixels(self, images: torch.Tensor, *, shift: bool) -> torch.Tensor:
+    def _from_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w): the VAE posterior's mode, shifted and scaled."""
         z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
-        return (z - (self.vae.config.shift_factor if shift else 0.0)) * self.vae.config.scaling_factor
+        return (z - (self.vae.config.shift_factor if self._vae_shift else 0.0)) * self.vae.config.scaling_factor
+
+    def _image_latents(self, prompt, embeds: torch.Tensor, num_images_per_prompt: int, height: int, width: int,
+                       generator, latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """diffusers' prepare_latents for the call's batch (its prompts, or the prompt embeddings' rows) times
+        num_images_per_prompt, in the embeddings' dtype: ((B, C, H/8, W/8), B)."""
+        batch = (1 if isinstance(prompt, str) else len(prompt) if prompt is not None else embeds.shape[0])
+        batch *= num_images_per_prompt
+        return self.prepare_latents(batch, self.transformer.config.in_channels, height, width, embeds.dtype,
+                                    self._execution_device, generator, latents), batch
+
+    def _image_stages(self, model_fn_for: Callable, **common: Any) -> Callable[..., torch.Tensor]:
+        """run(transformer, x, spec, factor, **runtime), each stage's DiTPipeline._sample (the base stage's, and
+        the relay's through DiTPipeline._relay): model_fn_for(transformer, factor), the family's model function at
+        factor times the base size, with the call's `common` arguments (callback, state, cache, ...). diffusers
+        re-reads guidance_scale and do_classifier_free_guidance at every step (a callback may change them, as
+        diffusers' SD3CFGCutoffCallback does), and so do these stages."""
+        def run(transformer, x: torch.Tensor, spec: samplers.SamplerSpec, factor: int, **runtime) -> torch.Tensor:
+            return self._sample(model_fn_for(transformer, factor), x, spec,
+                                guidance_scale=lambda t: self._guidance_scale,
+                                guide=lambda t: self.do_classifier_free_guidance, **common, **runtime)
+
+        return run
 
     def _check_relay_size(self, plan: RelayStage | None, height: int, width: int) -> None:
         """The relay stage's latents fit its transformer's positional table (SD3, CogView3-Plus have a fixed one),
         checked before any model runs rather than by the transformer after the base stage."""
         if plan is None:
             return
-        stage = self.transformer if getattr(self, "relay_transformer", None) is None else self.relay_transformer
-        cfg = stage.config
+        cfg = self._relay_model().config
         if cfg.get("pos_embed_max_size") is None:
             return
         limit = cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale_factor  # pixels per side
@@ -61,22 +90,12 @@ class _ImagePipelineMixin:
                              f"transformer's position table ({limit} pixels per side); "
                              + (f"the largest relay at {height}x{width} is {most}" if most > 1 else "drop relay"))
 
-    def _relay_images(self, plan: RelayStage, latents: torch.Tensor, model_fn_for: Callable, *, shift: bool,
-                      **sample_kwargs: Any) -> torch.Tensor:
-        """The relay stage from the base latents (B, C, h, w) to (B, C, kh, kw): the folder's relay_transformer,
-        else the base transformer (a CogView3-style high-resolution fix). model_fn_for(transformer, k) is the
-        family's model function at k times the base size; sample_kwargs: DiTPipeline._sample's."""
-        z_low = plan.z_low(latents, to_pixels=partial(self._to_pixels, shift=shift),
-                           from_pixels=partial(self._from_pixels, shift=shift))
-        stage = self.transformer if getattr(self, "relay_transformer", None) is None else self.relay_transformer
-        return self._sample(model_fn_for(stage, plan.factor), z_low, plan.spec, eta=plan.eta, **sample_kwargs)
-
-    def _finish_images(self, latents: torch.Tensor, output_type: str, return_dict: bool, *, shift: bool):
+    def _finish_images(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Latents (B, C, h, w) -> images: decode, post-process."""
         if output_type == "latent":
             image = latents
         else:
-            image = self.image_processor.postprocess(self._to_pixels(latents, shift=shift), output_type=output_type)
+            image = self.image_processor.postprocess(self._to_pixels(latents), output_type=output_type)
         self.maybe_free_model_hooks()
         return DiTPipelineOutput(images=image) if return_dict else (image,)
 
@@ -93,6 +112,7 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
     generation_defaults = {"num_inference_steps": 28, "guidance_scale": 7.0}  # diffusers' call defaults
     text_tokens = 77 + 256  # CLIP's and T5's (max_sequence_length) tokens, beside the image's
     supports_relay = True
+    _vae_shift = True
     _optional_components = [*StableDiffusion3Pipeline._optional_components, "relay_transformer"]
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
@@ -158,9 +178,7 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
                              "attention); condition on text, or use diffusers' StableDiffusion3Pipeline for it")
         callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
                                                                      callback_on_step_end_tensor_inputs)
-        default = self.default_sample_size * self.vae_scale_factor  # only None means default; 0 is refused
-        height = default if height is None else height
-        width = default if width is None else width
+        height, width = self._image_size(height, width, self.default_sample_size)
         self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
                                   guidance_scale, output_type, prompt_embeds)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
@@ -172,15 +190,12 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
                           max_sequence_length=max_sequence_length)
         self._check_skip_layer_guidance(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
                                         skip_layer_guidance_stop, cache)
-        check_cache(cache)
-        plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
-                           noise_alpha=relay_noise_alpha, eta=relay_eta)
+        plan = self._plan_stages(cache, relay, relay_steps, relay_start, relay_upsample, relay_noise_alpha, relay_eta)
         self._check_relay_size(plan, height, width)
-        self._guidance_scale, self._clip_skip, self._interrupt = guidance_scale, clip_skip, False
-        self._skip_guidance_layers, self._skip_layer_guidance_scale = skip_guidance_layers, skip_layer_guidance_scale
-        self._joint_attention_kwargs, self._current_timestep = joint_attention_kwargs, None
-        device = self._execution_device
-        do_cfg = self.do_classifier_free_guidance
+        self._start_call(guidance_scale, clip_skip=clip_skip, skip_guidance_layers=skip_guidance_layers,
+                         skip_layer_guidance_scale=skip_layer_guidance_scale,
+                         joint_attention_kwargs=joint_attention_kwargs)
+        device, do_cfg = self._execution_device, self.do_classifier_free_guidance
         pe, npe, ppe, nppe = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, do_classifier_free_guidance=do_cfg,
@@ -189,49 +204,52 @@ class SD3DiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, StableDiffus
             device=device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=max_sequence_length,
             lora_scale=(joint_attention_kwargs or {}).get("scale"))  # text-encoder LoRA strength, as diffusers
-        positive = (pe, ppe)  # what skip-layer guidance conditions on, whatever a callback changes (as diffusers)
         # The state callbacks read and may replace, as diffusers holds it: [negative; positive] under guidance.
         state = {"prompt_embeds": torch.cat([npe, pe]) if do_cfg else pe,
                  "pooled_prompt_embeds": torch.cat([nppe, ppe]) if do_cfg else ppe}
-        batch = (1 if isinstance(prompt, str) else len(prompt) if prompt is not None else pe.shape[0])
-        latents = self.prepare_latents(batch * num_images_per_prompt, self.transformer.config.in_channels, height,
-                                       width, pe.dtype, device, generator, latents)  # (B, C, H/8, W/8)
+        latents, _ = self._image_latents(prompt, pe, num_images_per_prompt, height, width, generator, latents)
         spec = self._sampler(num_inference_steps, mu=self._dynamic_mu(latents) if mu is None else mu, sigmas=sigmas)
+        model_fn_for = partial(self._model_fn, state=state, attention_kwargs=joint_attention_kwargs, device=device)
+        skip_layer = self._skip_layer(model_fn_for, spec, (pe, ppe), skip_guidance_layers, skip_layer_guidance_scale,
+                                      skip_layer_guidance_start, skip_layer_guidance_stop)
+        run = self._image_stages(model_fn_for, callback_on_step_end=callback_on_step_end,
+                                 tensor_inputs=callback_on_step_end_tensor_inputs, state=state, cache=cache)
+        latents = run(self.transformer, latents, spec, 1, solver=solver, skip_layer=skip_layer)
+        latents = self._relay(plan, latents, run, to_pixels=self._to_pixels, from_pixels=self._from_pixels,
+                              generator=generator)
+        return self._finish_images(latents, output_type, return_dict)
 
-        def model_fn_for(transformer: torch.nn.Module, _factor: int, embeds: tuple | None = None,
-                         skip_layers: list[int] | None = None) -> Callable:
-            def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                text, pooled = embeds or (state["prompt_embeds"], state["pooled_prompt_embeds"])
-                # CFG parallel splits a call's batch into its [uncond; cond] parts; skip-layer guidance's call has
-                # only the conditional batch, which each cfg group then runs whole (exact: every op is per sample)
-                n = getattr(transformer, "cfg_degree", 1) if skip_layers else 1
-                if x.shape[0] % n:
-                    x, text, pooled = (v.repeat(n, *[1] * (v.ndim - 1)) for v in (x, text, pooled))
-                else:
-                    n = 1
-                timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
-                out = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
-                                  pooled_projections=pooled, joint_attention_kwargs=joint_attention_kwargs,
-                                  return_dict=False, **({"skip_layers": skip_layers} if skip_layers else {}))[0]
-                return out[: out.shape[0] // n]
+    @staticmethod
+    def _model_fn(transformer: torch.nn.Module, _factor: int, *, state: dict, attention_kwargs: dict | None,
+                  device: torch.device, embeds: tuple | None = None, skip_layers: list[int] | None = None) -> Callable:
+        """SD3's transformer as model_fn(x, t) (at any size: its positions are its own) on the state's text and
+        pooled embeddings, or on `embeds`, without the blocks `skip_layers` (skip-layer guidance's call)."""
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            text, pooled = embeds or (state["prompt_embeds"], state["pooled_prompt_embeds"])
+            # CFG parallel splits a call's batch into its [uncond; cond] parts; skip-layer guidance's call has
+            # only the conditional batch, which each cfg group then runs whole (exact: every op is per sample)
+            n = getattr(transformer, "cfg_degree", 1) if skip_layers else 1
+            if x.shape[0] % n:
+                x, text, pooled = (v.repeat(n, *[1] * (v.ndim - 1)) for v in (x, text, pooled))
+            else:
+                n = 1
+            timestep = t.to(device=device, dtype=torch.float32).expand(x.shape[0])
+            out = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                              pooled_projections=pooled, joint_attention_kwargs=attention_kwargs,
+                              return_dict=False, **({"skip_layers": skip_layers} if skip_layers else {}))[0]
+            return out[: out.shape[0] // n]
 
-            return model_fn
+        return model_fn
 
-        skip_layer = None
-        if skip_guidance_layers is not None and do_cfg:
-            skip_layer = samplers.SkipLayerGuidance(
-                model_fn_for(self.transformer, 1, positive, list(skip_guidance_layers)), skip_layer_guidance_scale,
-                _step_window(spec, skip_layer_guidance_start, skip_layer_guidance_stop))
-        # diffusers re-reads guidance_scale and do_classifier_free_guidance at every step (a callback may change
-        # them, as diffusers' SD3CFGCutoffCallback does)
-        common = dict(guidance_scale=lambda t: self._guidance_scale, guide=lambda t: self.do_classifier_free_guidance,
-                      callback_on_step_end=callback_on_step_end, tensor_inputs=callback_on_step_end_tensor_inputs,
-                      state=state, cache=cache)
-        latents = self._sample(model_fn_for(self.transformer, 1), latents, spec, solver=solver, skip_layer=skip_layer,
-                               **common)
-        if plan is not None:
-            latents = self._relay_images(plan, latents, model_fn_for, shift=True, generator=generator, **common)
-        return self._finish_images(latents, output_type, return_dict, shift=True)
+    def _skip_layer(self, model_fn_for: Callable, spec: samplers.SamplerSpec, positive: tuple, layers, scale: float,
+                    start: float, stop: float) -> samplers.SkipLayerGuidance | None:
+        """SD3.5's skip-layer guidance term in the base stage (None without layers or guidance): the transformer
+        without `layers` on the `positive` (text, pooled) embeddings, whatever a callback changes (as diffusers),
+        on the steps of diffusers' window."""
+        if layers is None or not self.do_classifier_free_guidance:
+            return None
+        return samplers.SkipLayerGuidance(model_fn_for(self.transformer, 1, embeds=positive, skip_layers=list(layers)),
+                                          scale, _step_window(spec, start, stop))
 
     def _check_skip_layer_guidance(self, layers, scale: float, start: float, stop: float,
                                    cache: CacheConfig | None) -> None:
@@ -275,6 +293,7 @@ class CogView3PlusDiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, Cog
     generation_defaults = {"num_inference_steps": 50, "guidance_scale": 5.0}  # diffusers' call defaults
     text_tokens = 224  # T5 tokens (max_sequence_length)
     supports_relay = True
+    _vae_shift = False
     _optional_components = ["relay_transformer"]
 
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, relay_transformer=None):
@@ -335,35 +354,28 @@ class CogView3PlusDiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, Cog
         `relay=k`: the relay stage of the class docstring, with SD3DiTPipeline's relay_* arguments."""
         callback_on_step_end_tensor_inputs = _callback_tensor_inputs(callback_on_step_end,
                                                                      callback_on_step_end_tensor_inputs)
-        default = self.transformer.config.sample_size * self.vae_scale_factor  # only None means default; 0 is refused
-        height = default if height is None else height
-        width = default if width is None else width
+        height, width = self._image_size(height, width, self.transformer.config.sample_size)
         self._check_image_request(prompt, height, width, num_inference_steps, num_images_per_prompt,
                                   guidance_scale, output_type, prompt_embeds)
         self.check_inputs(prompt, height, width, negative_prompt, callback_on_step_end_tensor_inputs, prompt_embeds,
                           negative_prompt_embeds)
-        check_cache(cache)
         spec = self._sampler(num_inference_steps, timesteps=timesteps)
-        plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
-                           noise_alpha=relay_noise_alpha, eta=relay_eta)
+        plan = self._plan_stages(cache, relay, relay_steps, relay_start, relay_upsample, relay_noise_alpha, relay_eta)
         self._check_relay_size(plan, height, width)
-        self._guidance_scale, self._interrupt, self._current_timestep = guidance_scale, False, None
-        device = self._execution_device
-        do_cfg = self.do_classifier_free_guidance
+        self._start_call(guidance_scale)
+        device, do_cfg = self._execution_device, self.do_classifier_free_guidance
         pe, npe = self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt=num_images_per_prompt,
                                      prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                      max_sequence_length=max_sequence_length, device=device)
         # The state callbacks read and may replace, as diffusers holds it: prompt_embeds is [negative; positive]
         # under guidance, negative_prompt_embeds the negative half (replacing it changes nothing, as in diffusers).
         state = {"prompt_embeds": torch.cat([npe, pe]) if do_cfg else pe, "negative_prompt_embeds": npe}
-        batch = (1 if isinstance(prompt, str) else len(prompt) if prompt is not None else pe.shape[0])
-        latents = self.prepare_latents(batch * num_images_per_prompt, self.transformer.config.in_channels, height,
-                                       width, pe.dtype, device, generator, latents)  # (B, C, H/8, W/8)
+        latents, rows = self._image_latents(prompt, pe, num_images_per_prompt, height, width, generator, latents)
 
         def model_fn_for(transformer: torch.nn.Module, factor: int) -> Callable:
             target = (height * factor, width * factor)  # the relay stage's images are k times larger
-            sizes = {rows: _size_conditioning(pe, rows, original_size or target, target, crops_coords_top_left)
-                     for rows in (batch * num_images_per_prompt, 2 * batch * num_images_per_prompt)}
+            sizes = {n: _size_conditioning(pe, n, original_size or target, target, crops_coords_top_left)
+                     for n in (rows, 2 * rows)}
 
             def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return transformer(hidden_states=x, encoder_hidden_states=state["prompt_embeds"],
@@ -372,14 +384,12 @@ class CogView3PlusDiTPipeline(ImageFamily, _ImagePipelineMixin, DiTPipeline, Cog
 
             return model_fn
 
-        # diffusers re-reads guidance_scale and do_classifier_free_guidance at every step (a callback may change them)
-        common = dict(guidance_scale=lambda t: self._guidance_scale, guide=lambda t: self.do_classifier_free_guidance,
-                      callback_on_step_end=callback_on_step_end, tensor_inputs=callback_on_step_end_tensor_inputs,
-                      state=state, generator=generator, cache=cache)
-        latents = self._sample(model_fn_for(self.transformer, 1), latents, spec, solver=solver, eta=eta, **common)
-        if plan is not None:
-            latents = self._relay_images(plan, latents, model_fn_for, shift=False, **common)
-        return self._finish_images(latents, output_type, return_dict, shift=False)
+        run = self._image_stages(model_fn_for, callback_on_step_end=callback_on_step_end,
+                                 tensor_inputs=callback_on_step_end_tensor_inputs, state=state, generator=generator,
+                                 cache=cache)
+        latents = run(self.transformer, latents, spec, 1, solver=solver, eta=eta)
+        latents = self._relay(plan, latents, run, to_pixels=self._to_pixels, from_pixels=self._from_pixels)
+        return self._finish_images(latents, output_type, return_dict)
 
 
 def _step_window(spec: samplers.SamplerSpec, start: float, stop: float) -> Callable[[torch.Tensor], bool]:

@@ -26,13 +26,12 @@ from diffusers import WanPipeline
 from diffusers.utils.torch_utils import get_module_execution_device
 
 import samplers
-from dit.cache import CacheConfig, check_cache
+from dit.cache import CacheConfig
 from dit.convert import read_folder_json, resolve
 from dit.estimate import WAN_VAE_FACTORS
 from dit.pipeline.base import (DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int,
                                _check_prompt_or_embeds, _check_sizes)
 from dit.pipeline.loading import PIPELINE_FAMILIES, _require_family
-from dit.pipeline.relay import RelayStage, relay_stage
 
 
 @dataclass
@@ -145,11 +144,7 @@ class WanFamily:
                 raise ValueError("guidance_scale_2 is for two-expert (Wan 2.2 A14B) folders, whose pipeline has a "
                                  "boundary_ratio; this one has none")
             samplers.check_guidance_scale(guidance_scale_2)
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is not one of 'np', 'pil', 'pt', 'latent'")
-        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
-        if bad:
-            raise ValueError(f"callback tensor inputs {sorted(bad)} are not among {self._callback_tensor_inputs}")
+        self._check_outputs(output_type, tensor_inputs)
 
     def _diffusers_sizes(self, height: int, width: int, num_frames: int) -> tuple[str, dict[str, int | None]]:
         """What diffusers' Wan pipelines do with the sizes we refuse (for our errors to say): num_frames rounded to
@@ -168,8 +163,7 @@ class WanFamily:
         guidance_scale with two experts)."""
         if self.config.boundary_ratio is not None and guidance_scale_2 is None:
             guidance_scale_2 = guidance_scale
-        self._guidance_scale, self._guidance_scale_2 = guidance_scale, guidance_scale_2
-        self._attention_kwargs, self._current_timestep, self._interrupt = attention_kwargs, None, False
+        super()._start_call(guidance_scale, guidance_scale_2=guidance_scale_2, attention_kwargs=attention_kwargs)
 
     # -- the steps of a call -----------------------------------------------------------------------------------------
 
@@ -186,30 +180,31 @@ class WanFamily:
                                      max_sequence_length=max_sequence_length, device=self._execution_device)
         return {"prompt_embeds": pe.to(dtype), "negative_prompt_embeds": None if npe is None else npe.to(dtype)}
 
-    def _denoise(self, state: dict, latents: torch.Tensor, spec: samplers.SamplerSpec, *, guidance_scale: float,
-                 guidance_scale_2: float | None, attention_kwargs: dict | None, callback_on_step_end: Callable | None,
-                 tensor_inputs, solver: str | None, generator, image: ImageCondition | None = None,
-                 expert: torch.nn.Module | None = None, **runtime: Any) -> torch.Tensor:
-        """The one denoising path (DiTPipeline._sample) with the experts, their guidance and the image; `expert`
-        runs every step instead of the switch at the boundary (the relay stage's). Whether a step is guided is
-        read at every step (`do_classifier_free_guidance`, which a callback may turn off), as in diffusers."""
-        return self._sample(self._model_fn(state, attention_kwargs, image, expert), latents, spec,
-                            guidance_scale=self._guidance(guidance_scale, guidance_scale_2, expert),
-                            guide=lambda t: self.do_classifier_free_guidance,
-                            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, state=state,
-                            solver=solver, generator=generator, **runtime)
+    def _stages(self, state: dict, *, guidance_scale: float, guidance_scale_2: float | None,
+                attention_kwargs: dict | None, image_at: Callable[[int], ImageCondition] | None = None,
+                **common: Any) -> Callable[..., torch.Tensor]:
+        """run(expert, x, spec, factor, **runtime): a stage on the one denoising path (DiTPipeline._sample) with
+        the experts, their guidance and the image; the base stage's with `expert` None (the switch at the
+        boundary), the relay stage's (DiTPipeline._relay) with the expert that runs its every step. `image_at(k)`:
+        the image condition at k times the base size (image-to-video; TI2V's first latent frame is held at the
+        image's after the stage). Whether a step is guided is read at every step (`do_classifier_free_guidance`,
+        which a callback may turn off), as in diffusers. `common`: _sample's callback, tensor inputs, generator
+        and cache."""
+        def run(expert: torch.nn.Module | None, x: torch.Tensor, spec: samplers.SamplerSpec, factor: int,
+                **runtime: Any) -> torch.Tensor:
+            image = None if image_at is None else image_at(factor)
+            out = self._sample(self._model_fn(state, attention_kwargs, image, expert), x, spec,
+                               guidance_scale=self._guidance(guidance_scale, guidance_scale_2, expert),
+                               guide=lambda t: self.do_classifier_free_guidance, state=state, **common, **runtime)
+            return out if image is None or image.first_frame_mask is None else image.hold_first_frame(out)
 
-    def _relay(self, plan: RelayStage, state: dict, latents: torch.Tensor, *, image: ImageCondition | None = None,
-               **kwargs: Any) -> torch.Tensor:
-        """The relay stage from the base latents (B, C, F', H', W') to (B, C, F', kH', kW'), on the flow path.
+        return run
 
-        The low-noise expert runs it: relay starts below the two experts' boundary (T_r = 500 of 1000 against
-        875 for Wan 2.2 A14B), where `transformer_2` is the one trained; with one expert, `transformer`.
-        `image` is the condition at the relay's size; kwargs: _denoise's guidance, attention and callback."""
-        z_low = plan.z_low(latents, to_pixels=self._decode, from_pixels=self._encode)
-        expert = self.transformer if getattr(self, "transformer_2", None) is None else self.transformer_2
-        return self._denoise(state, z_low, plan.spec, solver=None, image=image, expert=expert, eta=plan.eta,
-                             **kwargs)
+    def _relay_model(self) -> torch.nn.Module:
+        """The relay stage's expert: the low-noise one. Relay starts below the two experts' boundary (T_r = 500 of
+        1000 against 875 for Wan 2.2 A14B), where `transformer_2` is the one trained; with one expert,
+        `transformer`."""
+        return self.transformer if getattr(self, "transformer_2", None) is None else self.transformer_2
 
     def _boundary(self) -> float | None:
         """The timestep from which the high-noise expert (`transformer`) runs; None with one expert."""
@@ -372,19 +367,16 @@ class WanDiTPipeline(WanFamily, DiTPipeline, WanPipeline):
                            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
-        check_cache(cache)
-        plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
-                           noise_alpha=relay_noise_alpha, eta=relay_eta)
+        plan = self._plan_stages(cache, relay, relay_steps, relay_start, relay_upsample, relay_noise_alpha, relay_eta)
         self._start_call(guidance_scale, guidance_scale_2, attention_kwargs)
         state = self._prompt_state(prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt,
                                    max_sequence_length, prompt_embeds, negative_prompt_embeds)
         latents = self.prepare_latents(state["prompt_embeds"].shape[0], self.denoisers()[0].config.in_channels,
                                        height, width, num_frames, torch.float32, self._execution_device, generator,
                                        latents)  # (B, C, F', H', W')
-        common = dict(guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
-                      attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
-                      tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache)
-        latents = self._denoise(state, latents, spec, solver=solver, **common)
-        if plan is not None:
-            latents = self._relay(plan, state, latents, **common)  # (B, C, F', kH', kW')
+        run = self._stages(state, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                           attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+                           tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache)
+        latents = run(None, latents, spec, 1, solver=solver)
+        latents = self._relay(plan, latents, run, to_pixels=self._decode, from_pixels=self._encode)
         return self._finish(latents, output_type, return_dict)

@@ -25,10 +25,9 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from dit.cache import CacheConfig, check_cache
+from dit.cache import CacheConfig
 from dit.pipeline.base import DiTPipeline, DiTPipelineOutput, _callback_tensor_inputs, _check_positive_int
 from dit.pipeline.loading import _require_family, pipeline_class
-from dit.pipeline.relay import relay_stage
 from dit.pipeline.wan import ImageCondition, WanDiTPipeline, WanFamily
 
 
@@ -194,28 +193,23 @@ class WanImageToVideoDiTPipeline(WanFamily, DiTPipeline, WanImageToVideoPipeline
                            image_embeds=image_embeds)
         _check_positive_int("num_videos_per_prompt", num_videos_per_prompt)
         spec = self._sampler(num_inference_steps)
-        check_cache(cache)
-        plan = relay_stage(self.scheduler, relay, steps=relay_steps, start=relay_start, upsample=relay_upsample,
-                           noise_alpha=relay_noise_alpha, eta=relay_eta)
+        plan = self._plan_stages(cache, relay, relay_steps, relay_start, relay_upsample, relay_noise_alpha, relay_eta)
         self._start_call(guidance_scale, guidance_scale_2, attention_kwargs)
         state = self._prompt_state(prompt, negative_prompt, self.do_classifier_free_guidance, num_videos_per_prompt,
                                    max_sequence_length, prompt_embeds, negative_prompt_embeds)
         batch, device = state["prompt_embeds"].shape[0], self._execution_device
         noise = self._noise(batch, height, width, num_frames, generator, latents, device)
-        condition = self._image_condition(image, last_image, batch, height, width, num_frames, device, image_embeds)
-        common = dict(guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
-                      attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
-                      tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache)
-        latents = self._denoise(state, noise, spec, solver=solver, image=condition, **common)
-        if condition.first_frame_mask is not None:
-            latents = condition.hold_first_frame(latents)
-        if plan is not None:
-            k = plan.factor
-            condition = self._image_condition(image, last_image, batch, k * height, k * width, num_frames, device,
-                                              image_embeds)
-            latents = self._relay(plan, state, latents, image=condition, **common)  # (B, C, F', kH', kW')
-            if condition.first_frame_mask is not None:
-                latents = condition.hold_first_frame(latents)
+
+        def image_at(k: int) -> ImageCondition:  # the relay stage sees the image(s) encoded at its size
+            return self._image_condition(image, last_image, batch, k * height, k * width, num_frames, device,
+                                         image_embeds)
+
+        run = self._stages(state, guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                           attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
+                           tensor_inputs=callback_on_step_end_tensor_inputs, generator=generator, cache=cache,
+                           image_at=image_at)
+        latents = run(None, noise, spec, 1, solver=solver)
+        latents = self._relay(plan, latents, run, to_pixels=self._decode, from_pixels=self._encode)
         return self._finish(latents, output_type, return_dict)
 
     def _noise(self, batch: int, height: int, width: int, num_frames: int, generator, latents: torch.Tensor | None,
