@@ -59,8 +59,9 @@ def test_wrong_attributes_are_scored_wrong():
     a = ShapeAttributes("red", "circle", "right", "blue")
     clip = _unit(render_clip(a))
     est = evaluate_clip(clip)
-    assert est.score(a) == {"colour": True, "background": True, "motion": True}
+    assert est.score(a) == {"colour": True, "shape": True, "background": True, "motion": True}
     assert est.score(dataclasses.replace(a, shape="square"), attributes=("shape",)) == {"shape": False}
+    assert est.score(dataclasses.replace(a, shape="cross"))["shape"] is False
     with pytest.raises(ValueError, match="attributes=\\['size'\\]; accepted"):
         est.score(a, attributes=["size"])
     assert est.score(dataclasses.replace(a, colour="green"))["colour"] is False
@@ -68,11 +69,11 @@ def test_wrong_attributes_are_scored_wrong():
     assert est.score(dataclasses.replace(a, motion="left"))["motion"] is False
     # A clip that shows something else: a magenta object, played backwards, is not the red one moving right.
     other = evaluate_clip(_unit(render_clip(dataclasses.replace(a, colour="magenta")))[::-1].copy())
-    assert other.score(a) == {"colour": False, "background": True, "motion": False}
+    assert other.score(a) == {"colour": False, "shape": True, "background": True, "motion": False}
     # Nothing but background: no colour, no motion, both wrong.
     blank = evaluate_clip(np.full((9, 32, 32, 3), 40 / 255, np.float32) * np.array([1, 2, 5.5], np.float32))
     assert blank.colour is None and blank.motion is None and blank.shape is None and blank.background == "blue"
-    assert blank.score(a) == {"colour": False, "background": True, "motion": False}
+    assert blank.score(a) == {"colour": False, "shape": False, "background": True, "motion": False}
 
 
 def test_layouts_ranges_and_centroids():

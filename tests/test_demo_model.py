@@ -79,7 +79,8 @@ def test_relay_2_doubles_the_size_and_keeps_the_base_result(tmp_path, demo, defa
     other = _generate(demo, defaults, prompt="a red circle moving left on a blue background")
     assert np.abs(low - base).mean() < 0.5 * np.abs(other - base).mean()
     est_base, est_high = evaluate_clip(base), evaluate_clip(high)
-    assert est_high.score(est_base.__dict__) == {"colour": True, "background": True, "motion": True}
+    assert est_high.score(est_base.__dict__, attributes=("colour", "background", "motion")) == {
+        "colour": True, "background": True, "motion": True}
     # The object's track, per frame, in base pixels (measured: within 0.9 px; it travels about 13 px).
     offset = track_offset_px(base, high)
     assert offset is not None and offset < 2.0, offset
@@ -108,7 +109,8 @@ def _check_grid(demo, defaults, grid):
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}))
     seen = result["seen"]
     assert min(seen[a] for a in ("colour", "background", "motion")) >= 0.9, result
-    assert "heldout" in result  # reported, not held to the target
+    # Shape is graded and reported (docs/demo_model.md), not yet held to a target: the shipped model draws blobs.
+    assert "shape" in seen and "heldout" in result
 
 
 def test_prompt_grid_follows_the_prompts(demo, defaults):

@@ -1,4 +1,4 @@
-"""Checks that a generated clip follows its prompt: background colour, object colour and motion direction.
+"""Checks that a generated clip follows its prompt: background colour, object colour, shape and motion direction.
 
 Algorithm (no learned parts, so it cannot share a failure with the model it grades):
 1. Smooth each frame with a 3x3 box filter, so per-pixel noise does not look like an object.
@@ -7,7 +7,7 @@ Algorithm (no learned parts, so it cannot share a failure with the model it grad
    the clip); its colour is the median of the core (more than 3/4 of it) -> nearest foreground palette colour.
 4. Motion: the object's centroid per frame; a least-squares line through the centroids gives the displacement
    over the clip; below `still_threshold` (fraction of the frame) it is "still", else the dominant axis.
-5. Shape (judged only on request): each candidate shape is drawn with the object's area and centroid and
+5. Shape: each candidate shape is drawn with the object's area and centroid and
    compared by least squares with the object's coverage (unsmoothed colours projected on the background ->
    object colour line); the smallest error over up to 5 frames wins.
 """
@@ -25,10 +25,8 @@ import torch
 from dit.data.shapes import (BACKGROUND_COLOURS, COLOURS, FOREGROUND_COLOURS, SHAPES, ShapeAttributes, ShapesConfig,
                              all_combinations, heldout_combinations, make_caption, shape_coverage)
 
-SCORED_ATTRIBUTES: tuple[str, ...] = ("colour", "background", "motion")
-# The shape is estimated too but not scored by default: issue 9's acceptance judges colour, motion and
-# background, and a small blurred object's shape is the least reliable reading.
 ALL_ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "background", "motion")
+SCORED_ATTRIBUTES: tuple[str, ...] = ALL_ATTRIBUTES
 # Below this colour distance (RGB in [0, 1], Euclidean) nothing in the clip counts as an object.
 MIN_CONTRAST = 0.15
 
@@ -54,7 +52,7 @@ class ClipEstimate:
     def score(self, expected: ShapeAttributes | Mapping[str, str], *,
               attributes: Sequence[str] = SCORED_ATTRIBUTES) -> dict[str, bool]:
         """Per-attribute correctness against the prompted attributes (a ShapeAttributes or a mapping; other
-        keys are ignored). attributes: which to judge, from ALL_ATTRIBUTES; the shape only on request."""
+        keys are ignored). attributes: which to judge, from ALL_ATTRIBUTES (default: all four)."""
         bad = [a for a in attributes if a not in ALL_ATTRIBUTES]
         if bad or not attributes:
             raise ValueError(f"attributes={list(attributes)!r}; accepted: a non-empty subset of {ALL_ATTRIBUTES}")

@@ -38,7 +38,8 @@ def grade_pipeline(pipe, grid: list[GridPrompt], *, steps: int, guidance: float,
             scores[g.heldout].append(score)
             if not all(score.values()):
                 failures.append({"prompt": g.prompt, "heldout": g.heldout, "read": {
-                    "colour": estimate.colour, "background": estimate.background, "motion": estimate.motion}})
+                    "colour": estimate.colour, "shape": estimate.shape, "background": estimate.background,
+                    "motion": estimate.motion}})
     out: dict[str, Any] = {"seen": summarize_scores(scores[False])}
     if scores[True]:
         out["heldout"] = summarize_scores(scores[True])
