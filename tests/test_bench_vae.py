@@ -1,0 +1,29 @@
+"""bench/vae.py end to end on a tiny Wan VAE: decode and --encode run both sides in workers and compare them."""
+
+import json
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from bench import vae
+
+
+@pytest.mark.parametrize("op", ["decode", "encode"])
+def test_bench_reports_both_sides_and_their_ratios(op, tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(tmp_path / "vae")
+    monkeypatch.setattr(sys, "argv", ["bench/vae.py", "--vae", "wan", "--folder", str(tmp_path / "vae"),
+                                      "--size", "16", "--frames", "1", "2", "--compare", "2", "--threads", "1"]
+                        + (["--encode"] if op == "encode" else []))
+    vae.main()
+    record = json.loads(capsys.readouterr().out)
+    assert record["benchmark"].startswith(f"vae {op}, default AutoencoderKLWan config")
+    assert [(r["impl"], r["latent_frames"], r["frames"], r["size"]) for r in record["runs"]] == [
+        ("ours", 1, 1, 16), ("diffusers", 2, 5, 16), ("ours", 2, 5, 16)]  # 2 latents: 1 + 4 frames
+    assert all(r[f"{op}_peak_increase_mb"] >= 0 and f"peak_before_{op}_mb" in r for r in record["runs"])
+    assert record["max_abs_diff"]["2"] < 1e-4  # the videos (encode: the latents) agree
+    assert {"ours_peak_growth", f"{op}_increase_ratio_2", "peak_ratio_ours_over_diffusers_2",
+            "wall_ratio_2", "cpu_ratio_2"} <= set(record)
