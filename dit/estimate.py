@@ -29,10 +29,9 @@ _BLOCK_ACTIVATIONS = 16
 # level alive (caches of the causal convolutions plus the block being computed; see docs/vae3d.md's profile).
 _VAE_MAPS = 48
 # The Wan VAE's (vae3d.WanVAE3D) depth-first decode without autograd: the causal convolutions' caches (two frames
-# or running sums each, ~22 maps) and one piece per level. Measured (docs/benchmarks.md, "Wan VAE decode against
-# diffusers'", 2.1's default config at 256 x 256 in fp32): a decode increase of 813 / 871 MB at 5 / 21 latent
-# frames, less the output, is 33-34 maps of the 96-channel full-resolution level (diffusers' AutoencoderKLWan
-# needed 66); 36 leaves margin. Wan 2.2's VAE unpatchifies its last level: vae_width counts it per output pixel.
+# or running sums each) and one piece per level, counted in maps of the full-resolution level from the measured
+# decode (`python bench/vae.py --vae wan`, docs/benchmarks.md) with a little margin. Wan 2.2's VAE unpatchifies
+# its last level: vae_width counts it per output pixel.
 _WAN_VAE_MAPS = 36
 # diffusers' 2D AutoencoderKL decoder keeps about this many maps of its widest full-resolution width (the last
 # upsampler's output channels) alive: measured ~4 for SD3's VAE at 512x512 on the CPU, fp32; 6 leaves margin.
