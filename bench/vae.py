@@ -18,6 +18,21 @@ and allocator overhead. Time: wall clock and process CPU time (user + system) of
 (encode) call alone; the CPU time is less sensitive to other processes on a shared machine.
 ``max_abs_diff``: of the videos (encode: of the latents), ours against diffusers'.
 
+The floor (measured, not estimated, in each worker): ``params_resident_mb`` is the bytes of the model's
+parameters and buffers whose pages are present in the worker after the call (/proc/self/pagemap: the
+weights are mapped from the safetensors file, so untouched ones, e.g. the encoder's in a decode, are not);
+``cache_peak_mb`` the bytes held by the causal convolutions' caches (ours: the ``ConvCache``'s carried
+frames and running sums; diffusers': its ``feat_cache`` list), walked by a forward hook after every decoder
+(encoder) call, the largest sum over those calls, each storage counted once (``cache_by_size_mb``: that
+sum by frame size). ``floor_mb`` = the two: what a decode that streams over time through causal
+convolutions holds at once whatever else it does. ``peak_minus_floor_mb``: the rest of the peak;
+``runtime_mb`` (the resident set after loading minus the parameters then resident: interpreter, torch,
+diffusers) and ``activations_mb`` (peak - runtime - floor: the call's activations, workspace and heap
+slack) split it. ``floor_ratio_F``: our floor over diffusers' peak; ``floor_with_runtime_ratio_F``: our
+floor plus our runtime over it. Ours also reports ``cache_check``: entries, entries of convolutions with
+time kernel 1 (expected 0), dtypes, storages shared between entries and convolutions with both carried
+frames and running sums (both expected 0), and bytes of storage beyond the entries' views.
+
 Run (one benchmark at a time on the machine):
     flock /tmp/bench.lock python3 bench/vae.py                 # CogVideoX, 128 x 128
     flock /tmp/bench.lock python3 bench/vae.py --vae wan       # Wan 2.1, 256 x 256, 5 / 13 / 21 latents
@@ -36,6 +51,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script (python bench/vae.py): the repository's packages
@@ -52,6 +71,105 @@ def _rss_mb() -> float:
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def resident_mb(tensors) -> float | None:
+    """MB of the pages under the storages of tensors that are present (or swapped) in this process: its
+    own page table (/proc/self/pagemap), not the page cache (mincore would count a file another process
+    read). Each storage once; pages shared by two storages once. None where pagemap cannot be read."""
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    spans = sorted({(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in (t.untyped_storage() for t in tensors)
+                    if s.nbytes() and s.device.type == "cpu"})
+    pages, end = [], -1  # merged page ranges [p0, p1)
+    for a, b in spans:
+        p0, p1 = max(a // page, end), -(-b // page)
+        if p1 > p0:
+            pages.append((p0, p1))
+            end = p1
+    present = 0
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        for p0, p1 in pages:
+            entries = np.frombuffer(os.pread(fd, 8 * (p1 - p0), 8 * p0), dtype=np.uint64)
+            present += int(np.count_nonzero(entries >> np.uint64(62)))  # bit 63 present, 62 swapped
+    finally:
+        os.close(fd)
+    return present * page / 2**20
+
+
+def _cache_entries(obj) -> list[tuple[object, str, torch.Tensor]]:
+    """(key, kind, tensor) of what a causal cache holds: a ConvCache's frames and running sums (key: the
+    module), or the tensors of diffusers' feat_cache list (key: the index)."""
+    import torch
+
+    if hasattr(obj, "frames") and hasattr(obj, "partials"):  # vae3d.causal_conv.ConvCache
+        return ([(k, "frames", t) for k, t in obj.frames.items()]
+                + [(k, "partials", t) for k, ts in obj.partials.items() for t in ts])
+    if isinstance(obj, list):
+        return [(i, "feat_cache", t) for i, t in enumerate(obj) if isinstance(t, torch.Tensor)]
+    return []
+
+
+class CacheProbe:
+    """The causal caches' bytes after every call of ``module`` (a forward hook that finds the cache among the
+    call's arguments: our ConvCache, diffusers' ``feat_cache``): the largest total, by frame size, and checks.
+    Walking a few dozen tensors per latent frame costs nothing next to the decode; nothing is kept alive."""
+
+    def __init__(self, module) -> None:
+        self.peak_bytes, self.by_size, self.check = 0, {}, {}
+        self.handle = module.register_forward_hook(self._after, with_kwargs=True)
+
+    def _after(self, module, args, kwargs, output) -> None:
+        entries = [e for a in (*args, *kwargs.values()) for e in _cache_entries(a)]
+        storages, by_size = {}, {}
+        for _, _, t in entries:
+            s = t.untyped_storage()
+            if s.data_ptr() not in storages:
+                storages[s.data_ptr()] = s.nbytes()
+                size = "x".join(map(str, t.shape[-2:]))
+                by_size[size] = by_size.get(size, 0) + s.nbytes()
+        total = sum(storages.values())
+        if total >= self.peak_bytes:
+            self.peak_bytes, self.by_size = total, by_size
+            self.check = self._check(entries, storages)
+
+    @staticmethod
+    def _check(entries, storages) -> dict:
+        kinds: dict[object, set] = {}
+        for key, kind, _ in entries:
+            kinds.setdefault(key, set()).add(kind)
+        return {
+            "entries": len(entries),
+            "time_kernel_1": sum(getattr(k, "time_pad", None) == 0 for k in kinds),
+            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for _, _, t in entries}),
+            "shared_storages": len(entries) - len(storages),
+            "frames_and_partials": sum(len(v) > 1 for v in kinds.values()),
+            "storage_beyond_views_mb": round(
+                (sum(storages.values()) - sum(t.numel() * t.element_size() for _, _, t in entries)) / 2**20, 1),
+        }
+
+    def report(self, params_mb: float | None, peak_mb: float, rss_load_mb: float, params_load_mb: float | None,
+               ours: bool) -> dict:
+        """The floor's fields of a worker's record (``floor_mb`` and what splits the rest of the peak)."""
+        self.handle.remove()
+        cache = self.peak_bytes / 2**20
+        out = {"cache_peak_mb": round(cache, 1),
+               "cache_by_size_mb": {k: round(v / 2**20, 1) for k, v in sorted(
+                   self.by_size.items(), key=lambda kv: -kv[1])}}
+        if params_mb is not None:
+            floor = params_mb + cache
+            out.update(floor_mb=round(floor, 1), peak_minus_floor_mb=round(peak_mb - floor, 1))
+            if params_load_mb is not None:
+                runtime = rss_load_mb - params_load_mb
+                out.update(runtime_mb=round(runtime, 1), activations_mb=round(peak_mb - runtime - floor, 1))
+        if ours:
+            out["cache_check"] = self.check
+        return out
 
 
 # --vae -> the diffusers class, and the defaults of size and latent frame counts.
@@ -100,11 +218,15 @@ def worker(impl: str, folder: str, inputs: str, out: str | None, threads: int, o
         for p in (vae.decoder if op == "decode" else vae.encoder).parameters():
             p.sum()
     rss_load, peak_load = _rss_mb(), peak_rss_mb()
+    weights = [*vae.parameters(), *vae.buffers()]
+    params_load = resident_mb(weights)
+    probe = CacheProbe(vae.decoder if op == "decode" else vae.encoder)
     t0, c0 = time.perf_counter(), _cpu_s()
     with torch.no_grad():
         y = vae.decode(x).sample if op == "decode" else vae.encode(x).latent_dist.mode()
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     peak = peak_rss_mb()
+    params = resident_mb(weights)
     if out:
         save_file({"y": y.contiguous()}, out)
     z, video = (x, y) if op == "decode" else (y, x)
@@ -119,6 +241,9 @@ def worker(impl: str, folder: str, inputs: str, out: str | None, threads: int, o
         f"{op}_peak_increase_mb": round(peak - rss_load, 1),
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),
+        "params_mb": round(sum(t.numel() * t.element_size() for t in weights) / 2**20, 1),
+        "params_resident_mb": round(params, 1) if params is not None else None,
+        **probe.report(params, peak, rss_load, params_load, impl == "ours"),
     }
 
 
@@ -176,6 +301,10 @@ def _ratios(args, op: str, runs: list[dict]) -> dict:
             summary[f"{op}_increase_ratio_{f}"] = round(o[inc] / d[inc], 3)
             summary[f"wall_ratio_{f}"] = round(o["wall_s"] / d["wall_s"], 3)
             summary[f"cpu_ratio_{f}"] = round(o["cpu_s"] / d["cpu_s"], 3)
+            if "floor_mb" in o:
+                summary[f"floor_ratio_{f}"] = round(o["floor_mb"] / d["peak_rss_mb"], 3)
+            if "runtime_mb" in o:
+                summary[f"floor_with_runtime_ratio_{f}"] = round((o["floor_mb"] + o["runtime_mb"]) / d["peak_rss_mb"], 3)
     return summary
 
 

@@ -26,4 +26,19 @@ def test_bench_reports_both_sides_and_their_ratios(op, tmp_path, monkeypatch, ca
     assert all(r[f"{op}_peak_increase_mb"] >= 0 and f"peak_before_{op}_mb" in r for r in record["runs"])
     assert record["max_abs_diff"]["2"] < 1e-4  # the videos (encode: the latents) agree
     assert {"ours_peak_growth", f"{op}_increase_ratio_2", "peak_ratio_ours_over_diffusers_2",
-            "wall_ratio_2", "cpu_ratio_2"} <= set(record)
+            "wall_ratio_2", "cpu_ratio_2", "floor_ratio_2", "floor_with_runtime_ratio_2"} <= set(record)
+    for r in record["runs"]:  # the floor, measured: the resident weights plus the caches (here tiny: kB)
+        assert 0 < r["params_resident_mb"] <= r["params_mb"] + 0.1 and r["cache_by_size_mb"]
+        assert r["floor_mb"] == pytest.approx(r["params_resident_mb"] + r["cache_peak_mb"], abs=0.11)
+        assert r["cache_peak_mb"] == pytest.approx(sum(r["cache_by_size_mb"].values()), abs=0.1 * len(r["cache_by_size_mb"]))
+    ours = [r for r in record["runs"] if r["impl"] == "ours"]
+    assert all(r["cache_check"]["entries"] > 0 and r["cache_check"]["dtypes"] == ["float32"] for r in ours)
+    assert all(r["cache_check"][k] == 0 for r in ours for k in ("time_kernel_1", "shared_storages", "frames_and_partials"))
+
+
+def test_resident_mb_counts_touched_pages_only():
+    """The pagemap walk sees which pages of a tensor this process has touched (64 MB: always its own mmap)."""
+    t = torch.empty(16 * 2**20)  # 64 MB, untouched
+    assert vae.resident_mb([t]) < 4
+    t[: t.numel() // 2].fill_(1.0)
+    assert 31 < vae.resident_mb([t, t[:10]]) < 36  # half of it; a view of the same storage counts once

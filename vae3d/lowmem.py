@@ -237,54 +237,77 @@ def _taps(
     channel-halving block, 3 instead of 128 for the decoder's conv_out). Outputs go into out,
     which may be x itself: input frame j is transformed before output frame j is written.
     """
-    p = conv.time_pad
-    b, _, t, hh, ww = x.shape
-    c = conv.conv3d
-    c_out = c.out_channels
-    taps = [c.weight[:, :, k] for k in range(p + 1)]  # k_t x (C', C, kh, kw) (views: a copy costs, a conv does not)
-    padding = c.padding[1:]
-    dtype = torch.promote_types(x.dtype, torch.float32)  # the sums accumulate in fp32 (fp64 for fp64)
-    bias = c.bias.to(dtype)[:, None, None] if c.bias is not None else None  # (C', 1, 1)
-
-    def tap(frames: torch.Tensor, k: int) -> torch.Tensor:
-        return F.conv2d(frames, taps[k], None, 1, padding)
-
-    def start(frames: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        """Tap 0 of frames plus the bias: a new output frame's sum, in old's storage (the sums stay where
-        they are: a new tensor per frame left the heap in holes, +75 MB at the peak of a Wan decode)."""
-        y = tap(frames, 0)
-        return torch.add(y, bias, out=old) if bias is not None else old.copy_(y)
-
-    slots = cache.partials.get(conv) if cache is not None else None
-    if slots is not None and slots[0].shape != (b, c_out, hh, ww):
-        raise ValueError(
-            f"frame batch of shape {tuple(x.shape)} does not continue the cached one "
-            f"(running sums of shape {tuple(slots[0].shape)}): every batch of a video needs the same B, H, W"
-        )
-    if slots is None and previous is None and conv.start == "zeros":
-        # zero frames before the video: their taps add nothing, every sum starts from the bias
-        first = bias if bias is not None else torch.zeros((), dtype=dtype, device=x.device)
-        slots = [first.expand(b, c_out, hh, ww).contiguous() for _ in range(p)]
-    if slots is None:
-        # The p transformed frames before this batch: carried input frames, a time shard's halo
-        # or, at the start of a video, the first frame replicated. They only feed the sums; each
-        # of their pushes restarts one slot, so whatever the slots held first is discarded.
-        slots = [torch.empty(b, c_out, hh, ww, dtype=dtype, device=x.device) for _ in range(p)]
-        if previous is None:
-            previous = _video_start(conv, x, tf)
-        for i in range(p):
-            f = previous[:, :, i]
-            _push(lambda k: tap(f, k), lambda old: start(f, old), slots, None)
+    kernel = _TapKernel(conv, x)
+    slots = _initial_sums(conv, x, cache, tf, previous, kernel)
     if cache is not None:
         cache.frames.pop(conv, None)
     inplace = out is x
-    for j in range(t):  # one frame at a time (frames here are large)
+    for j in range(x.shape[2]):  # one frame at a time (frames here are large)
         frame = tf(frame_range(x, j, j + 1), j, j + 1)[:, :, 0]  # (B, C, H, W)
         if inplace and frame.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             frame = frame.clone()  # an identity transform's view: output j overwrites it before tap 0
-        _push(lambda k: tap(frame, k), lambda old: start(frame, old), slots, out[:, :, j])
+        kernel.push(frame, slots, out[:, :, j])
     if cache is not None:
         cache.partials[conv] = slots
+
+
+class _TapKernel:
+    """A causal convolution's time slices as 2D convolutions, and the dtype and bias of its running sums."""
+
+    def __init__(self, conv: CausalConv, x: torch.Tensor | FrameSource) -> None:
+        c = conv.conv3d
+        # k_t x (C', C, kh, kw): views (a copy costs, a conv does not)
+        self.taps = [c.weight[:, :, k] for k in range(conv.time_pad + 1)]
+        self.padding = c.padding[1:]
+        self.dtype = torch.promote_types(x.dtype, torch.float32)  # the sums accumulate in fp32 (fp64 for fp64)
+        self.bias = c.bias.to(self.dtype)[:, None, None] if c.bias is not None else None  # (C', 1, 1)
+
+    def tap(self, frames: torch.Tensor, k: int) -> torch.Tensor:
+        """Tap k of frames (B, C, H, W): (B, C', H, W), no bias."""
+        return F.conv2d(frames, self.taps[k], None, 1, self.padding)
+
+    def start(self, frames: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Tap 0 of frames plus the bias: a new output frame's sum, in old's storage (the sums stay where
+        they are: a new tensor per frame left the heap in holes, +75 MB at the peak of a Wan decode)."""
+        y = self.tap(frames, 0)
+        return torch.add(y, self.bias, out=old) if self.bias is not None else old.copy_(y)
+
+    def push(self, frame: torch.Tensor, slots: list[torch.Tensor], out: torch.Tensor | None) -> None:
+        """Add input frame (B, C, H, W) to the running sums (``_push``), output frame into out (None: not wanted)."""
+        _push(lambda k: self.tap(frame, k), lambda old: self.start(frame, old), slots, out)
+
+
+def _initial_sums(
+    conv: CausalConv, x: torch.Tensor | FrameSource, cache: ConvCache | None, tf: FrameTransform,
+    previous: torch.Tensor | None, kernel: _TapKernel,
+) -> list[torch.Tensor]:
+    """The p running sums before x's first frame (each (B, C', H, W)): the cache's from the batch before,
+    the bias alone at a zero start, or computed from the p transformed frames before x."""
+    p = conv.time_pad
+    b, _, _, hh, ww = x.shape
+    c_out = conv.conv3d.out_channels
+    slots = cache.partials.get(conv) if cache is not None else None
+    if slots is not None:
+        if slots[0].shape != (b, c_out, hh, ww):
+            raise ValueError(
+                f"frame batch of shape {tuple(x.shape)} does not continue the cached one "
+                f"(running sums of shape {tuple(slots[0].shape)}): every batch of a video needs the same B, H, W"
+            )
+        return slots
+    if previous is None and conv.start == "zeros":
+        # zero frames before the video: their taps add nothing, every sum starts from the bias
+        bias = kernel.bias
+        first = bias if bias is not None else torch.zeros((), dtype=kernel.dtype, device=x.device)
+        return [first.expand(b, c_out, hh, ww).contiguous() for _ in range(p)]
+    # The p transformed frames before this batch: carried input frames, a time shard's halo or, at
+    # the start of a video, the first frame replicated. They only feed the sums; each of their
+    # pushes restarts one slot, so whatever the slots held first is discarded.
+    slots = [torch.empty(b, c_out, hh, ww, dtype=kernel.dtype, device=x.device) for _ in range(p)]
+    if previous is None:
+        previous = _video_start(conv, x, tf)
+    for i in range(p):
+        kernel.push(previous[:, :, i], slots, None)
+    return slots
 
 
 def _video_start(conv: CausalConv, x: torch.Tensor | FrameSource, tf: FrameTransform) -> torch.Tensor:
