@@ -218,11 +218,16 @@ class FeedForward(nn.Module):
 # ------------------------------------------------------------------------------------- fused projections
 
 
+def hooked(module: nn.Module) -> bool:
+    """The module's call runs more than its arithmetic: forward hooks (activation capture), a diffusers hook
+    (layerwise casting, group offload) or an accelerate hook (offload); a fast path must call it instead."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or hasattr(module, "_diffusers_hook")
+                or hasattr(module, "_hf_hook"))
+
+
 def _plain(lin: nn.Module) -> bool:
-    """A bare nn.Linear whose call is just its matmul: not wrapped (PEFT LoRA), no forward hooks (activation
-    capture), no diffusers hook (layerwise casting, group offload) or accelerate hook (offload) to run."""
-    return type(lin) is nn.Linear and not (lin._forward_pre_hooks or lin._forward_hooks
-                                           or hasattr(lin, "_diffusers_hook") or hasattr(lin, "_hf_hook"))
+    """A bare nn.Linear whose call is just its matmul: not wrapped (PEFT LoRA), not `hooked`."""
+    return type(lin) is nn.Linear and not hooked(lin)
 
 
 def _adjacent(ts: list[Tensor]) -> bool:

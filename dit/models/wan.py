@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from dit.embeddings import TimestepEmbedder
 from dit.cache import StepCacheMixin, run_blocks
 from dit.layers import (ADALN_ZERO, Attention, AttentionBackendMixin, FeedForward, Rope, broadcast_timestep,
-                        checkpointed, gated_add, layer_norm, modulate, modulation_chunks)
+                        checkpointed, gated_add, hooked, layer_norm, modulate, modulation_chunks)
 from dit.models import lowmem
 from dit.parallel.model import ContextParallelMixin
 from dit.rope import apply_rope_, wan_rope
@@ -143,7 +143,7 @@ class WanTransformerBlock(nn.Module):
         """x (B, N, D) video tokens, text (B, T, D), image (B, M, D) or None; modulation (B, 6, D), or (B, N, 6, D)
         per token; rope (N, Dh/2) rotations. The residual stream is updated in fp32 and kept in x's dtype."""
         if lowmem.usable(self, x, text, modulation):  # inference: the same arithmetic in place and in token chunks
-            return lowmem.wan_block(self, x, text, image, modulation, rotate(rope))
+            return lowmem.wan_block(self, x, text, image, modulation, rope)
         m = modulation_chunks(self.scale_shift_table + modulation.float(), ADALN_ZERO)  # each (B, [N,] D), fp32
         h = modulate(layer_norm(x.float(), self.eps), m.shift_msa, m.scale_msa).type_as(x)
         x = gated_add(x.float(), m.gate_msa, self.attn1(h, rope=rotate(rope))).type_as(x)
@@ -251,6 +251,17 @@ class WanTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
 
     # -- forward --------------------------------------------------------------------------------------
 
+    def _embed_patches(self, latents: Tensor) -> Tensor:
+        """patch_embedding (B, C, F, H, W) -> (B, N, D) tokens. For inference, the Conv3d (stride = kernel) as one
+        matmul over the flattened patches, which yields the token layout directly (no channels-first conv output
+        to transpose); training, and a wrapped or hooked module (LoRA, offloading), call the module."""
+        conv = self.patch_embedding
+        if not lowmem.usable(conv, latents) or type(conv) is not nn.Conv3d or hooked(conv):
+            return conv(latents).flatten(2).transpose(1, 2).contiguous()
+        pt, ph, pw = conv.kernel_size
+        patches = rearrange(latents, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        return F.linear(patches, conv.weight.flatten(1), conv.bias)  # weight (D, C, pt, ph, pw): the same order
+
     def _check_inputs(self, x: Tensor, timestep: Any, text: Tensor, image: Tensor | None) -> None:
         """ValueError naming the expected shape or value, before any compute."""
         cfg = self.config
@@ -319,8 +330,7 @@ class WanTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
         # The compute dtype: patch_embedding is exempt from layerwise casting (fp8 storage elsewhere).
         dtype, device = self.patch_embedding.weight.dtype, hidden_states.device
 
-        x = self.patch_embedding(hidden_states.to(dtype))  # (B, D, F', H', W')
-        x = x.flatten(2).transpose(1, 2).contiguous()  # (B, N, D), frame-major tokens
+        x = self._embed_patches(hidden_states.to(dtype))  # (B, N, D), frame-major tokens
         t = torch.as_tensor(timestep, device=device)
         t = t if t.ndim == 2 else broadcast_timestep(t, b, device)  # (B,) or (B, N)
         image = None if encoder_hidden_states_image is None else encoder_hidden_states_image.to(dtype)
@@ -340,7 +350,11 @@ class WanTransformer3DModel(ContextParallelMixin, AttentionBackendMixin, ModelMi
         (x,) = run_blocks(self, self.blocks, block_fn, (x,))
 
         m = modulation_chunks(self.scale_shift_table + temb.unsqueeze(-2), FINAL_CHUNKS)  # each (B, [N,] D)
-        x = modulate(layer_norm(x.float(), cfg.eps), m.shift.to(x.device), m.scale.to(x.device)).type_as(x)
+        shift, scale = m.shift.to(x.device), m.scale.to(x.device)
+        if lowmem.usable(self.proj_out, x, shift, scale):  # inference: as the blocks' adaLN norms
+            x = lowmem.modulated_norm(x, shift, scale, cfg.eps)
+        else:
+            x = modulate(layer_norm(x.float(), cfg.eps), shift, scale).type_as(x)
         x = self.proj_out(x)  # (B, N, pt ph pw C_out)
         if self.is_parallel:
             x = self._cp_gather(x, n)  # (B / cfg, N_r, ..) shards -> (B, N, ..)
