@@ -8,8 +8,9 @@ token chunks, added into the residual stream chunk by chunk, so the (tokens, 4 D
 CogVideoX's chunks stay under glibc's 32 MiB mmap threshold: reused heap, whereas a larger CPU allocation is a
 fresh mmap whose page faults cost several times the arithmetic done on it (Wan's fp32 MLP chunks are larger on
 purpose, `_chunk_rows`). Where Wan's reference rounds after each fp32 step, one mixed-dtype op may compute the
-same steps and round once: bf16 results then differ from the reference by at most one ulp. Below CHUNK_ABOVE_BYTES fewer, larger ops win
-(each op is a thread barrier, costly on a shared CPU), so short sequences are not chunked.
+same steps and round once: bf16 results then differ from the reference by at most one ulp.
+Below CHUNK_ABOVE_BYTES fewer, larger ops win (each op is a thread barrier, costly on a shared CPU), so short
+sequences are not chunked.
 
 Chosen in one place (`usable`, at the top of the block's forward); the parity tests prove it equal to the
 reference: every no-grad comparison with diffusers runs this path, the gradient tests run the reference.
