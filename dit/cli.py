@@ -78,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate videos or images from text prompts",
         description="Generate a video (or image) per prompt. Without --model, the embedded demo model is used.",
     )
+    _request_arguments(gen)
+    _sampling_arguments(gen)
+    _execution_arguments(gen)
+    gen.set_defaults(func=generate)
+    train = sub.add_parser("train", help="train a model from a YAML config (run under `accelerate launch`)",
+                           description="Train from a strict YAML config.")
+    train.add_argument("config", help="path to a training YAML config")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.steps=10 (value read as YAML; repeatable)")
+    train.add_argument("--build-cache", action="store_true",
+                       help="encode the data into data.cache (latents and text embeddings) and exit")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def _request_arguments(gen: argparse.ArgumentParser) -> None:
+    """What to generate and where to write it: prompts, model, conditioning, outputs."""
     gen.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file); for a class-conditional "
                      "DiT folder, a class name of its id2label (e.g. 'golden retriever')")
     gen.add_argument("-o", "--output", help="output file (one prompt) or folder (default: outputs/)")
@@ -95,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="outputs per prompt (images, or clips of a video model): output j uses the prompt's "
                           "seed + j, each with its own file and sidecar")
     gen.add_argument("--negative-prompt", help="what to steer away from (with --guidance > 1)")
+
+
+def _sampling_arguments(gen: argparse.ArgumentParser) -> None:
+    """Size, steps, guidance, seed and output format of each request."""
     gen.add_argument("--frames", type=_positive_int, help="frame count (1 + 4n for CogVideoX and Wan VAEs); image "
                      "models make one; a video model writing png or jpg without --frames makes one frame")
     gen.add_argument("--height", type=_positive_int, help="height in pixels")
@@ -109,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "models, png for image models); png, webp, jpg write a one-frame request as one picture")
     gen.add_argument("--solver", help="override the model's sampler: ddim, euler, heun, dpmpp_2m, cogvideox_dpm, "
                      "unipc")
+
+
+def _execution_arguments(gen: argparse.ArgumentParser) -> None:
+    """How the request runs: dtype, device, kernels, relay, caching, parallelism."""
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and activations dtype")
     gen.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until used (GPU memory saver)")
@@ -136,16 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-degree", type=int, choices=(1, 2), default=1,
                      help="2: the unconditional and conditional halves of guidance on two process groups "
                           "(under torchrun; needs --guidance > 1)")
-    gen.set_defaults(func=generate)
-    train = sub.add_parser("train", help="train a model from a YAML config (run under `accelerate launch`)",
-                           description="Train from a strict YAML config.")
-    train.add_argument("config", help="path to a training YAML config")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.steps=10 (value read as YAML; repeatable)")
-    train.add_argument("--build-cache", action="store_true",
-                       help="encode the data into data.cache (latents and text embeddings) and exit")
-    train.set_defaults(func=cmd_train)
-    return parser
 
 
 def _first_line(e: BaseException) -> str:
