@@ -1,8 +1,9 @@
 """Grade a text-to-video pipeline on the prompt grid: `python -m dit.demo.grid [--model FOLDER] [--every N]`.
 
-Each canonical prompt of the grid (colour x shape x motion x background; the held-out combinations included)
-is generated once, with its own seed, and read back by `dit.demo.evaluate.evaluate_clip`. Prints JSON: success
-rates per attribute on the seen and on the held-out combinations, and the settings used.
+Each canonical prompt of the grid (colour x shape x motion x background; the held-out combinations included;
+with `--frames 1` the image grid: colour x shape x background, image captions) is generated once, with its own
+seed, and read back by `dit.demo.evaluate.evaluate_clip`. Prints JSON: success rates per attribute on the seen
+and on the held-out combinations, and the settings used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dit.data.shapes import ShapesConfig
 from dit.demo.evaluate import GridPrompt, evaluate_clip, prompt_grid, summarize_scores
 
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dit.demo.grid", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEMO_MODEL), help="pipeline folder (default: the embedded demo)")
     parser.add_argument("--every", type=int, default=1, help="grade every N-th prompt of the grid (1: all 550)")
+    parser.add_argument("--frames", type=int, help="frames per clip (default: the model's); 1 grades the image grid "
+                        "(image captions, no motion: 110 prompts)")
     parser.add_argument("--relay", type=int, help="add the relay stage (e.g. 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--failures", action="store_true", help="list every failed prompt")
@@ -64,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     pipe = DiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    grid = prompt_grid()[::args.every]
-    extra: dict[str, Any] = {"height": defaults.get("height"), "width": defaults.get("width"),
-                             "num_frames": defaults.get("num_frames")}
+    frames = args.frames or defaults.get("num_frames")
+    grid = prompt_grid(ShapesConfig(num_frames=1) if frames == 1 else None)[::args.every]
+    extra: dict[str, Any] = {"height": defaults.get("height"), "width": defaults.get("width"), "num_frames": frames}
     if args.relay:
         extra.update(relay=args.relay, **relay_defaults(defaults))
     start = time.perf_counter()
     result = grade_pipeline(pipe, grid, steps=steps, guidance=guidance, seed=args.seed, **extra)
-    result = {"model": str(folder), "prompts": len(grid), "steps": steps, "guidance": guidance, "relay": args.relay,
+    result = {"model": str(folder), "prompts": len(grid), "frames": frames, "steps": steps, "guidance": guidance, "relay": args.relay,
               "seconds": round(time.perf_counter() - start, 1), **result}
     if not args.failures:
         result["failures"] = len(result["failures"])
