@@ -51,3 +51,13 @@ def test_grid_command_grades_the_image_grid_with_frames_1(capsys):
     assert result["frames"] == 1 and result["prompts"] == 6  # 110 image prompts, every 20th
     graded = result["seen"]["count"] + result.get("heldout", {}).get("count", 0)
     assert graded == 6 and set(result["seen"]) >= {"colour", "shape", "background"}
+
+
+@pytest.mark.parametrize("argv, message", [(["-o", "x.jpg"], "give a .png path"),
+                                           (["-o", "x.png", "--scale", "0"], "--scale 0: give an integer >= 1")])
+def test_gallery_refuses_bad_options_before_loading(argv, message, capsys):
+    from dit.demo.gallery import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

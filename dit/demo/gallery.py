@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.output.lower().endswith(".png"):
         parser.error(f"--output {args.output!r}: give a .png path")
+    if args.scale < 1:
+        parser.error(f"--scale {args.scale}: give an integer >= 1 (1 keeps the frames' size)")
     defaults = generation_defaults(Path(args.model))
     pipe = DiTPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
