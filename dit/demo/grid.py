@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--failures", action="store_true", help="list every failed prompt")
     args = parser.parse_args(argv)
+    if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
+        nearest = max(1, 4 * round((args.frames - 1) / 4) + 1)
+        parser.error(f"--frames {args.frames}: the VAE takes 1 + 4k frames (1, 5, 9, ...); nearest {nearest}")
     folder = Path(args.model)
     defaults = generation_defaults(folder)
     steps, guidance = defaults.get("num_inference_steps", 25), defaults.get("guidance_scale", 4.0)
@@ -75,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         extra.update(relay=args.relay, **relay_defaults(defaults))
     start = time.perf_counter()
     result = grade_pipeline(pipe, grid, steps=steps, guidance=guidance, seed=args.seed, **extra)
-    result = {"model": str(folder), "prompts": len(grid), "frames": frames, "steps": steps, "guidance": guidance, "relay": args.relay,
-              "seconds": round(time.perf_counter() - start, 1), **result}
+    result = {"model": str(folder), "prompts": len(grid), "frames": frames, "steps": steps, "guidance": guidance,
+              "relay": args.relay, "seconds": round(time.perf_counter() - start, 1), **result}
     if not args.failures:
         result["failures"] = len(result["failures"])
     print(json.dumps(result, indent=2))
