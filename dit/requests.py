@@ -271,6 +271,14 @@ def generation_defaults(folder: Path) -> dict[str, Any]:
     return data
 
 
+def sampling_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The folder's recommended steps, guidance, size and frame count as pipeline keyword arguments (steps 25 and
+    guidance 4 where it names none; size and frames None: the pipeline's own defaults)."""
+    return {"num_inference_steps": defaults.get("num_inference_steps", 25),
+            "guidance_scale": defaults.get("guidance_scale", 4.0),
+            **{k: defaults.get(k) for k in ("height", "width", "num_frames")}}
+
+
 def relay_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     """The relay stage's settings the model was trained for (steps, start T_r, how the base result is upsampled),
     as pipeline keyword arguments."""

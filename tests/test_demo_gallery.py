@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from dit.data.shapes import BACKGROUND_COLOURS, FOREGROUND_COLOURS, MOTIONS, SHAPES
 from dit.demo.gallery import COLUMNS, gallery_prompts, tile
@@ -47,3 +48,29 @@ def test_gallery_refuses_bad_options_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gallery_draws_each_prompt_of_the_demo_in_its_cell(tmp_path, capsys):
+    """The whole command on the shipped model: a png of the tiled layout whose first and last cells are the
+    pipeline's own clips for their prompts and seeds."""
+    from PIL import Image
+
+    from dit.demo.gallery import main
+    from dit.pipeline import DiTPipeline
+    from dit.requests import DEMO_MODEL, generation_defaults, sampling_defaults
+
+    assert main(["-o", str(tmp_path / "g.png"), "--scale", "1", "--seed", "3"]) == 0
+    picture = np.asarray(Image.open(tmp_path / "g.png"), dtype=np.float32) / 255
+    pipe = DiTPipeline.from_pretrained(DEMO_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p for row in gallery_prompts() for p in row]
+    call = sampling_defaults(generation_defaults(DEMO_MODEL))
+    for k in (0, len(prompts) - 1):
+        clip = pipe(prompt=prompts[k], generator=torch.Generator().manual_seed(3 + k), output_type="np",
+                    **call).frames[:1]  # (1, F, H, W, 3)
+        _, f, h, w, _ = clip.shape
+        r, c = divmod(k, len(COLUMNS))
+        cell = picture[r * (h + 2):r * (h + 2) + h, c * (3 * w + 2):c * (3 * w + 2) + 3 * w]
+        assert picture.shape == (len(SHAPES) * (h + 2) - 2, len(COLUMNS) * (3 * w + 2) - 2, 3)
+        # one prompt alone against the same prompt in the batch of all: equal up to the png's rounding
+        np.testing.assert_allclose(cell, tile(clip, 1), atol=2 / 255)

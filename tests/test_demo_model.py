@@ -12,7 +12,7 @@ import torch
 
 from bench.relay_demo import pool2, track_offset_px
 from dit.cli import main
-from dit.requests import DEMO_MODEL, EMBEDDED_MODEL_NAME
+from dit.requests import DEMO_MODEL, EMBEDDED_MODEL_NAME, sampling_defaults
 from dit.demo.evaluate import evaluate_clip, prompt_grid
 from dit.demo.grid import grade_pipeline
 
@@ -105,7 +105,7 @@ def test_diffusers_loads_the_folder_and_gives_our_frames(demo, defaults):
 
 
 def _check_grid(demo, defaults, grid):
-    result = grade_pipeline(demo, grid, steps=defaults["num_inference_steps"], guidance=defaults["guidance_scale"])
+    result = grade_pipeline(demo, grid, **sampling_defaults(defaults))
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}))
     seen = result["seen"]
     assert min(seen[a] for a in ("colour", "background", "motion")) >= 0.9, result

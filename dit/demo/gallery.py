@@ -48,7 +48,7 @@ def tile(clips: np.ndarray, rows: int, *, gap: int = 2, scale: int = 1) -> np.nd
 def main(argv: list[str] | None = None) -> int:
     from dit.outputs import write_image
     from dit.pipeline import DiTPipeline
-    from dit.requests import DEMO_MODEL, generation_defaults
+    from dit.requests import DEMO_MODEL, generation_defaults, sampling_defaults
 
     parser = argparse.ArgumentParser(prog="python -m dit.demo.gallery", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="the png to write")
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     prompts = [p for row in gallery_prompts() for p in row]
     frames = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(args.seed + k) for k in range(len(prompts))],
-                  num_inference_steps=defaults.get("num_inference_steps", 25),
-                  guidance_scale=defaults.get("guidance_scale", 4.0), height=defaults.get("height"),
-                  width=defaults.get("width"), num_frames=defaults.get("num_frames"), output_type="np").frames
+                  output_type="np", **sampling_defaults(defaults)).frames
     picture = tile(np.asarray(frames), len(SHAPES), scale=args.scale)  # (rows, cols) of (F, H, W, 3) cells
     write_image(picture, Path(args.output))
     print(f"wrote {args.output} ({picture.shape[1]}x{picture.shape[0]})")

@@ -20,10 +20,11 @@ from dit.data.shapes import ShapesConfig
 from dit.demo.evaluate import GridPrompt, evaluate_clip, prompt_grid, summarize_scores
 
 
-def grade_pipeline(pipe, grid: list[GridPrompt], *, steps: int, guidance: float, batch_size: int = 16,
-                   seed: int = 0, **call_kwargs: Any) -> dict[str, Any]:
+def grade_pipeline(pipe, grid: list[GridPrompt], *, batch_size: int = 16, seed: int = 0,
+                   **call_kwargs: Any) -> dict[str, Any]:
     """Generate every prompt of `grid` (batches of `batch_size`; prompt k draws its latents from a generator
-    seeded seed + k, so results do not depend on the batching) and score it.
+    seeded seed + k, so results do not depend on the batching) and score it. `call_kwargs` go to the pipeline
+    (steps, guidance, size, frames, relay: `dit.requests.sampling_defaults` gives a folder's own).
 
     Returns {"seen": rates, "heldout": rates (absent when the grid has none), "failures": [...]}, rates as
     `summarize_scores` gives them."""
@@ -32,8 +33,8 @@ def grade_pipeline(pipe, grid: list[GridPrompt], *, steps: int, guidance: float,
     for start in range(0, len(grid), batch_size):
         chunk = grid[start:start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
-        frames = pipe(prompt=[g.prompt for g in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=generators, output_type="np", **call_kwargs).frames  # (B, F, H, W, 3)
+        frames = pipe(prompt=[g.prompt for g in chunk], generator=generators, output_type="np",
+                      **call_kwargs).frames  # (B, F, H, W, 3)
         for g, clip in zip(chunk, frames):
             estimate = evaluate_clip(clip)
             score = estimate.score(g.attributes)
@@ -50,7 +51,7 @@ def grade_pipeline(pipe, grid: list[GridPrompt], *, steps: int, guidance: float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dit.requests import DEMO_MODEL, generation_defaults, relay_defaults
+    from dit.requests import DEMO_MODEL, generation_defaults, relay_defaults, sampling_defaults
     from dit.pipeline import DiTPipeline
 
     parser = argparse.ArgumentParser(prog="python -m dit.demo.grid", description=__doc__.splitlines()[0])
@@ -67,19 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--frames {args.frames}: the VAE takes 1 + 4k frames (1, 5, 9, ...); nearest {nearest}")
     folder = Path(args.model)
     defaults = generation_defaults(folder)
-    steps, guidance = defaults.get("num_inference_steps", 25), defaults.get("guidance_scale", 4.0)
+    call = sampling_defaults(defaults)
+    call["num_frames"] = frames = args.frames or call["num_frames"]
+    if args.relay:
+        call.update(relay=args.relay, **relay_defaults(defaults))
     torch.manual_seed(0)
     pipe = DiTPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    frames = args.frames or defaults.get("num_frames")
     grid = prompt_grid(ShapesConfig(num_frames=1) if frames == 1 else None)[::args.every]
-    extra: dict[str, Any] = {"height": defaults.get("height"), "width": defaults.get("width"), "num_frames": frames}
-    if args.relay:
-        extra.update(relay=args.relay, **relay_defaults(defaults))
     start = time.perf_counter()
-    result = grade_pipeline(pipe, grid, steps=steps, guidance=guidance, seed=args.seed, **extra)
-    result = {"model": str(folder), "prompts": len(grid), "frames": frames, "steps": steps, "guidance": guidance,
-              "relay": args.relay, "seconds": round(time.perf_counter() - start, 1), **result}
+    result = grade_pipeline(pipe, grid, seed=args.seed, **call)
+    result = {"model": str(folder), "prompts": len(grid), "frames": frames, "steps": call["num_inference_steps"],
+              "guidance": call["guidance_scale"], "relay": args.relay, "seconds": round(time.perf_counter() - start, 1),
+              **result}
     if not args.failures:
         result["failures"] = len(result["failures"])
     print(json.dumps(result, indent=2))
