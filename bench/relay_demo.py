@@ -1,13 +1,13 @@
 """Relay stage of the embedded demo model: does it keep the base result, and does block noise matter?
 
 Two measurements, printed as JSON (issue 5's trained-model checks):
-1. Generation (text -> 32x32 base -> relay 2x -> 64x64), `--prompts` grid prompts: the relay output averaged
+1. Generation (text -> base at the folder's size -> relay 2x), `--prompts` grid prompts: the relay output averaged
    over 2x2 blocks against the base result (mean absolute difference in [0, 1] pixels and PSNR; the largest
    per-frame offset of the object's centroid, in base pixels), next to the
    same distance between two seeds' base results (the scale of "unrelated"); with block noise (the trained
    noise_alpha) and with white noise (noise_alpha 0) at the relay start.
-2. Super-resolution of real clips (procedural shapes at 64x64, downscaled 2x and upscaled back, as in training):
-   PSNR of the relay output against the true 64x64 clip, with block noise and with white noise, same seeds;
+2. Super-resolution of real clips (procedural shapes at twice the base size, downscaled 2x and upscaled back, as
+   in training): PSNR of the relay output against the true clip, with block noise and with white noise, same seeds;
    the mean absolute difference between the two outputs; and the PSNR of the true clip's own VAE round trip
    (the ceiling for any output of this VAE).
 
@@ -77,9 +77,10 @@ def super_resolution(pipe, defaults: dict, clips: int) -> dict:
     from dit.data import ShapesConfig, ShapesDataset
     from dit.train.objectives import low_resolution
 
-    # Object paths from the same centred band as the relay stage's training clips (configs/demo/relay.yaml).
-    data = ShapesDataset(ShapesConfig(seed=12345, length=clips, height=64, width=64, num_frames=9, split="all",
-                                      antialias=2, position_jitter=0.3))
+    # Objects and paths as in the relay stage's training clips (configs/demo/relay.yaml), at its output size.
+    data = ShapesDataset(ShapesConfig(seed=12345, length=clips, height=2 * defaults["height"],
+                                      width=2 * defaults["width"], num_frames=9, split="all", antialias=2,
+                                      object_size=0.4, position_jitter=0.0))
     vae, scale = pipe.vae, pipe.vae.config.scaling_factor
     path = samplers.train_path_from_config(dict(pipe.scheduler.config, _class_name=type(pipe.scheduler).__name__))
     schedule = samplers.relay_schedule(path, defaults["relay_start"], defaults["relay_steps"])

@@ -1,6 +1,6 @@
 """The embedded demo model (dit/assets/demo): it ships, loads in both pipelines, follows its prompts.
 
-The prompt-grid check generates the whole grid (550 prompts, seen and held-out, about a minute on 2 cores);
+The prompt-grid check generates the whole grid (550 prompts, seen and held-out, about two minutes on 2 cores);
 `python -m dit.demo.grid` prints the same rates as JSON (README figures).
 """
 
@@ -61,7 +61,18 @@ def test_dit_generate_without_model_uses_the_demo(tmp_path, defaults):
     side = json.loads((tmp_path / "demo.gif.json").read_text())
     assert side["model"] == EMBEDDED_MODEL_NAME and side["steps"] == defaults["num_inference_steps"]
     est = evaluate_clip(frames)
-    assert (est.colour, est.background, est.motion) == ("red", "blue", "right"), est
+    assert (est.colour, est.shape, est.background, est.motion) == ("red", "circle", "blue", "right"), est
+
+
+def test_dit_generate_png_gives_one_picture_of_the_asked_shape(tmp_path, defaults):
+    import imageio.v3 as iio
+
+    out = tmp_path / "square.png"
+    assert main(["generate", "a yellow square on a black background", "-o", str(out)]) == 0
+    image = iio.imread(out)
+    assert image.shape == (defaults["height"], defaults["width"], 3)
+    est = evaluate_clip(image[None])
+    assert (est.colour, est.shape, est.background) == ("yellow", "square", "black"), est
 
 
 def test_relay_2_doubles_the_size_and_keeps_the_base_result(tmp_path, demo, defaults):
@@ -79,8 +90,8 @@ def test_relay_2_doubles_the_size_and_keeps_the_base_result(tmp_path, demo, defa
     other = _generate(demo, defaults, prompt="a red circle moving left on a blue background")
     assert np.abs(low - base).mean() < 0.5 * np.abs(other - base).mean()
     est_base, est_high = evaluate_clip(base), evaluate_clip(high)
-    assert est_high.score(est_base.__dict__, attributes=("colour", "background", "motion")) == {
-        "colour": True, "background": True, "motion": True}
+    attributes = ("colour", "shape", "background", "motion")
+    assert est_high.score(est_base.__dict__, attributes=attributes) == dict.fromkeys(attributes, True)
     # The object's track, per frame, in base pixels (measured: within 0.9 px; it travels about 13 px).
     offset = track_offset_px(base, high)
     assert offset is not None and offset < 2.0, offset
@@ -107,12 +118,12 @@ def test_diffusers_loads_the_folder_and_gives_our_frames(demo, defaults):
 def _check_grid(demo, defaults, grid):
     result = grade_pipeline(demo, grid, **sampling_defaults(defaults))
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}))
-    seen = result["seen"]
-    assert min(seen[a] for a in ("colour", "background", "motion")) >= 0.9, result
-    # Shape is graded and reported (docs/demo_model.md), not yet held to a target: the shipped model draws blobs.
-    assert "shape" in seen and "heldout" in result
+    attributes = ("colour", "shape", "background", "motion")
+    assert min(result["seen"][a] for a in attributes) >= 0.9, result
+    assert min(result["heldout"][a] for a in attributes) >= 0.8, result  # combinations never trained on
 
 
 def test_prompt_grid_follows_the_prompts(demo, defaults):
-    # All 550 prompts (about a minute on 2 cores): seen combinations held to >= 90% per attribute.
+    # All 550 prompts (about two minutes on 2 cores): seen combinations held to >= 90% per attribute, the 55
+    # held-out ones to >= 80%.
     _check_grid(demo, defaults, prompt_grid())

@@ -522,8 +522,9 @@ def test_in_process_resume_with_grad_accumulation_matches_an_uninterrupted_run(t
 
 def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path):
     """configs/demo/*.yaml through dit.demo.build with two steps each: the VAE stage trains the VAE (and
-    measures its scaling factor), the next one trains it further, the base stage trains on it, the relay stage starts from the base weights, and
-    the assembled folder generates with --relay in both our pipeline and diffusers'."""
+    measures its scaling factor), the next one trains it further, the base transformer trains on its images and
+    then on clips from those weights, the relay transformer (its own, patch 4) on the same VAE, and the assembled
+    folder generates with --relay in both our pipeline and diffusers'."""
     from diffusers import DiffusionPipeline
 
     from dit.demo import build
@@ -537,8 +538,14 @@ def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path)
     assert json.loads(next((tmp_path / "vae" / "validation").glob("*/metrics.json")).read_text())["psnr"]
     ft_final = build.run_stage("vae-ft", tmp_path, small)  # fine-tunes the stage-1 VAE (vae_pretrained)
     assert json.loads((ft_final / "vae" / "config.json").read_text())["latent_channels"] == cfg["latent_channels"]
-    build.run_stage("base", tmp_path, small)
-    build.run_stage("relay", tmp_path, small)
+    image_final = build.run_stage("base-image", tmp_path, small)
+    assert json.loads((image_final / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((ft_final / "vae" / "config.json").read_text())["scaling_factor"]
+    base_final = build.run_stage("base", tmp_path, small)  # from the image stage's weights (model.pretrained)
+    relay_final = build.run_stage("relay", tmp_path, small)
+    patch = [json.loads((f / "pipeline" / "transformer" / "config.json").read_text())["patch_size"]
+             for f in (base_final, relay_final)]
+    assert patch == [2, 4]
     assert build.run_stage("relay", tmp_path, small) == tmp_path / "relay" / "final"  # done: skipped
     with pytest.raises(ValueError, match="holds 2 steps but configs/demo/relay.yaml asks for 3"):
         build.run_stage("relay", tmp_path, {**small, "train.steps": 3})
@@ -549,7 +556,7 @@ def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path)
     assert pipe.vae.config.scaling_factor == ft_scale
     frames = pipe("a red circle", num_inference_steps=2, relay=2, relay_steps=2, relay_upsample="pixel",
                   output_type="np").frames
-    assert frames.shape == (1, 9, 64, 64, 3)
+    assert frames.shape == (1, 9, 128, 128, 3)
     ref = DiffusionPipeline.from_pretrained(target)
     assert type(ref).__name__ == "CogVideoXPipeline" and ref.vae.config.scaling_factor == ft_scale
 

@@ -1,8 +1,8 @@
 """Build the embedded demo model: `python -m dit.demo.build` from the repository root.
 
-Four `dit train` runs from configs/demo/ (the VAE; the VAE trained further at a new learning rate, mostly at
-32x32; the base transformer; the relay super-resolution transformer; the transformer stages' latent caches are
-built first), then the pieces are assembled into one diffusers-format
+Five `dit train` runs from configs/demo/ (the VAE; the VAE trained further at a new learning rate; the base
+transformer on still images, then on clips with images mixed in; the relay super-resolution transformer; the
+transformer stages' latent caches are built first), then the pieces are assembled into one diffusers-format
 CogVideoX pipeline folder (with `relay_transformer/` and `generation_config.json`) at dit/assets/demo.
 
 Every stage resumes: a finished stage (its `final/` exists) is skipped, an interrupted one continues from its
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-STAGES = ("vae", "vae-ft", "base", "relay")
+STAGES = ("vae", "vae-ft", "base-image", "base", "relay")
 TARGET = Path(__file__).resolve().parents[1] / "assets" / "demo"
 # What `dit generate` uses when no option overrides it (read from generation_config.json in the folder).
 GENERATION_CONFIG = {
-    "height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 25, "guidance_scale": 4.0, "fps": 8,
+    "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 25, "guidance_scale": 4.0, "fps": 8,
     # The relay stage was trained on inputs downscaled 2x in pixels, upscaled and re-encoded: "pixel" gives it
     # the same kind of input at generation time.
     "relay_steps": 10, "relay_start": 500, "relay_upsample": "pixel",
@@ -57,14 +57,14 @@ def _add_time(workdir: Path, key: str, seconds: float, *, replace: bool = False)
 def stage_paths(name: str, workdir: Path) -> dict[str, str]:
     """The config keys that place a stage under `workdir` and chain it to the previous stage's output."""
     out = {"output_dir": str(workdir / name)}
-    if name in ("base", "relay"):
+    if name in ("base-image", "base", "relay"):
         out["data.cache"] = str(workdir / f"cache-{name}")
     if name == "vae-ft":
         out["model.vae_pretrained"] = str(workdir / "vae" / "final" / "vae")
-    if name == "base":
+    if name in ("base-image", "relay"):  # the relay transformer is its own (patch 4), on the same VAE
         out["model.vae_pretrained"] = str(workdir / "vae-ft" / "final" / "vae")
-    if name == "relay":
-        out["model.pretrained"] = str(workdir / "base" / "final" / "pipeline")
+    if name == "base":
+        out["model.pretrained"] = str(workdir / "base-image" / "final" / "pipeline")
     return out
 
 
