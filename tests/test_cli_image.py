@@ -128,7 +128,7 @@ def test_the_demo_model_writes_one_frame_as_an_image(tmp_path):
     frames = pipe(prompt=PROMPT, num_frames=1, num_inference_steps=4, guidance_scale=side["guidance"],
                   height=side["height"], width=side["width"], generator=torch.Generator().manual_seed(2),
                   output_type="np").frames[0]
-    assert frames.shape == (1, 32, 32, 3)
+    assert frames.shape == (1, side["height"], side["width"], 3) == (1, 64, 64, 3)
     assert np.abs(_read(out) - frames[0] * 255).max() <= 0.5 + 1e-3
 
 
