@@ -203,14 +203,20 @@ def _load(impl: str, folder: str):
     return vae3d.load_vae(folder)
 
 
-def worker(impl: str, folder: str, inputs: str, out: str | None, threads: int, op: str = "decode") -> dict:
+def worker(
+    impl: str, folder: str, inputs: str, out: str | None, threads: int, op: str = "decode",
+    exact_tile: list[int] | None = None,
+) -> dict:
     """One measurement: load, make the weights op uses resident, run op ("decode": latents -> video,
-    "encode": video -> the posterior's mode) on the saved input, report its peak and times."""
+    "encode": video -> the posterior's mode) on the saved input, report its peak and times.
+    ``exact_tile`` (ours, decode): height and width of exact tiles (``enable_exact_tiling``)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     torch.set_num_threads(threads)
     vae = _load(impl, folder)
+    if exact_tile and impl == "ours":
+        vae.enable_exact_tiling(*exact_tile)
     x = load_file(inputs)["x"]
     # Both sides map the safetensors file lazily; make the decoder's (encoder's) weights resident now so
     # that the increase below is activations (and allocator overhead) only.
@@ -232,6 +238,7 @@ def worker(impl: str, folder: str, inputs: str, out: str | None, threads: int, o
     z, video = (x, y) if op == "decode" else (y, x)
     return {
         "impl": impl,
+        **({"exact_tile": exact_tile} if exact_tile and impl == "ours" else {}),
         "latent_frames": z.shape[2],
         "frames": video.shape[2],
         "size": video.shape[-1],
@@ -247,9 +254,12 @@ def worker(impl: str, folder: str, inputs: str, out: str | None, threads: int, o
     }
 
 
-def _run_worker(impl: str, folder: str, inputs: str, out: str | None, threads: int, op: str) -> dict:
+def _run_worker(
+    impl: str, folder: str, inputs: str, out: str | None, threads: int, op: str, exact_tile: list[int] | None = None
+) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--folder", folder, "--inputs", inputs,
            "--threads", str(threads)] + (["--encode"] if op == "encode" else []) + (["--out", out] if out else [])
+    cmd += ["--exact-tile", *map(str, exact_tile)] if exact_tile else []
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{impl} worker failed:\n{res.stderr[-3000:]}")
@@ -277,7 +287,7 @@ def _measure(args, op: str, folder: Path, tmp: Path) -> tuple[list[dict], dict]:
         outs = {}
         for impl in (["diffusers"] if f in args.compare else []) + ["ours"]:
             outs[impl] = str(tmp / f"{impl}{f}.safetensors") if f in args.compare else None
-            runs.append(_run_worker(impl, str(folder), inputs, outs[impl], args.threads, op))
+            runs.append(_run_worker(impl, str(folder), inputs, outs[impl], args.threads, op, args.exact_tile))
             print(json.dumps(runs[-1]), file=sys.stderr)
         if f in args.compare:
             a, b = load_file(outs["diffusers"])["y"], load_file(outs["ours"])["y"]
@@ -317,6 +327,8 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--compare", type=int, nargs="+", help="latent frame counts run on both (default 13, wan: 5 13 21)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folder", help="reuse a saved default-config folder (created if missing)")
+    ap.add_argument("--exact-tile", type=int, nargs=2, metavar=("H", "W"),
+                    help="ours (wan decode): exact tiles of at most H x W pixels (enable_exact_tiling)")
     ap.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -327,7 +339,7 @@ def main() -> None:
     args = _parse_args()
     op = "encode" if args.encode else "decode"
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.inputs, args.out, args.threads, op)))
+        print(json.dumps(worker(args.worker, args.folder, args.inputs, args.out, args.threads, op, args.exact_tile)))
         return
     defaults = VAES[args.vae]
     args.size = args.size or defaults["size"]
@@ -345,6 +357,7 @@ def main() -> None:
         "memory_method": "VmHWM of a fresh subprocess per measurement (peak resident set of its own address space)",
         "size": args.size,
         "threads": args.threads,
+        **({"exact_tile": args.exact_tile} if args.exact_tile else {}),
         "torch": torch.__version__,
         "runs": runs,
         "max_abs_diff": diffs,

@@ -10,16 +10,19 @@ from diffusers import AutoencoderKLWan
 from bench import vae
 
 
-@pytest.mark.parametrize("op", ["decode", "encode"])
-def test_bench_reports_both_sides_and_their_ratios(op, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("op, extra", [("decode", []), ("encode", []), ("decode", ["--exact-tile", "8", "8"])])
+def test_bench_reports_both_sides_and_their_ratios(op, extra, tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                      temperal_downsample=[False, True, True]).save_pretrained(tmp_path / "vae")
     monkeypatch.setattr(sys, "argv", ["bench/vae.py", "--vae", "wan", "--folder", str(tmp_path / "vae"),
                                       "--size", "16", "--frames", "1", "2", "--compare", "2", "--threads", "1"]
-                        + (["--encode"] if op == "encode" else []))
+                        + (["--encode"] if op == "encode" else []) + extra)
     vae.main()
     record = json.loads(capsys.readouterr().out)
+    tile = [8, 8] if extra else None  # 2 x 2 exact tiles of the 16 x 16 frame, ours only
+    assert record.get("exact_tile") == tile
+    assert [r.get("exact_tile") for r in record["runs"]] == [tile, None, tile]
     assert record["benchmark"].startswith(f"vae {op}, default AutoencoderKLWan config")
     assert [(r["impl"], r["latent_frames"], r["frames"], r["size"]) for r in record["runs"]] == [
         ("ours", 1, 1, 16), ("diffusers", 2, 5, 16), ("ours", 2, 5, 16)]  # 2 latents: 1 + 4 frames

@@ -37,6 +37,8 @@ class CausalAutoencoder:
         """Runtime options (attributes, as in diffusers), off by default."""
         self.use_slicing = False
         self.use_tiling = False
+        # Set by a model's enable_exact_tiling (Wan): decode in exact spatial tiles of at most this many pixels.
+        self.exact_tile_size: tuple[int, int] | None = None
         # Frames per encoder call and latent frames per decoder call (``streaming.frame_batches``).
         self.num_latent_frames_batch_size = latent_batch
         self.num_sample_frames_batch_size = sample_batch
@@ -85,6 +87,11 @@ class CausalAutoencoder:
     def tile_grid(self, encode: bool, height: int, width: int) -> streaming.TileGrid:
         """The tiles of an input of height x width (pixels to encode, or latents to decode)."""
         raise NotImplementedError
+
+    def exact_tile_plans(self, height: int, width: int) -> tuple[list, int]:
+        """Exact tiles of the decoder's output for latents of height x width (``vae3d.wan_tiles.TilePlan``s)
+        and the output pixels per decoder pixel; only a model without statistics over space has them."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact tiles")
 
     def to_encoder(self, x: torch.Tensor) -> torch.Tensor:
         """A frame batch of the video as the encoder takes it."""

@@ -29,6 +29,7 @@ from .causal_conv import ConvCache
 
 if TYPE_CHECKING:
     from .autoencoder import CausalAutoencoder as CausalVAE3D  # either VAE
+    from .wan_tiles import TilePlan
 
 FRAME_BATCHING = ("diffusers", "causal")
 
@@ -36,7 +37,7 @@ FRAME_BATCHING = ("diffusers", "causal")
 # -- validation (before any compute) ------------------------------------------------------------
 
 
-def _nearest_multiples(value: int, step: int, offset: int = 0) -> list[int]:
+def nearest_multiples(value: int, step: int, offset: int = 0) -> list[int]:
     """The valid values ``offset + step * k`` (>= offset + step if offset == 0) around ``value``."""
     low = offset + step * ((value - offset) // step)
     cands = [v for v in (low, low + step) if v >= max(offset, 1)]
@@ -52,11 +53,11 @@ def check_video(vae: CausalVAE3D, x: torch.Tensor) -> None:
         raise ValueError(f"got {c} input channels (shape {tuple(x.shape)}); this VAE takes {vae.video_in_channels}")
     r, s = vae.temporal_compression, vae.spatial_compression
     if f < 1 or (f - 1) % r != 0:
-        near = " or ".join(map(str, _nearest_multiples(f, r, offset=1)))
+        near = " or ".join(map(str, nearest_multiples(f, r, offset=1)))
         raise ValueError(f"num_frames {f} is not 1 + {r}k; nearest valid frame counts: {near}")
     for name, v in (("height", h), ("width", w)):
         if v < 1 or v % s != 0:
-            near = " or ".join(map(str, _nearest_multiples(v, s)))
+            near = " or ".join(map(str, nearest_multiples(v, s)))
             raise ValueError(f"{name} {v} is not a multiple of the spatial compression {s}; nearest valid: {near}")
     _check_batching(vae)
 
@@ -70,6 +71,18 @@ def check_latents(vae: CausalVAE3D, z: torch.Tensor) -> None:
     if min(z.shape[2:]) < 1:
         raise ValueError(f"latents have an empty dimension: shape {tuple(z.shape)}")
     _check_batching(vae)
+    if vae.exact_tile_size is not None:
+        _check_exact_tiles(vae)
+
+
+def _check_exact_tiles(vae: CausalVAE3D) -> None:
+    """Exact tiles run the depth-first decoder, which keeps nothing for autograd, on one process."""
+    if torch.is_grad_enabled():
+        raise ValueError("exact tiles decode without autograd: call decode under torch.no_grad() (or "
+                         "torch.inference_mode()), or disable_exact_tiling() to decode with gradients")
+    if vae.is_parallel:
+        raise ValueError("exact tiles and time sharding are not combined: call disable_exact_tiling() or "
+                         "disable_parallelism()")
 
 
 def _check_batching(vae: CausalVAE3D) -> None:
@@ -146,14 +159,16 @@ def _encode_frames(vae: CausalVAE3D, x: torch.Tensor):
         yield h
 
 
-def _decode_frames(vae: CausalVAE3D, z: torch.Tensor):
-    """Yield the decoded frames of each latent-frame batch of z (B, latent, F, h, w)."""
+def _decode_frames(vae: CausalVAE3D, z: torch.Tensor, plan: TilePlan | None = None):
+    """Yield the decoded frames of each latent-frame batch of z (B, latent, F, h, w) (``plan``: of one exact
+    tile, ``vae3d.wan_tiles``)."""
     cache = ConvCache()
     for sl in frame_batches(z.shape[2], vae.num_latent_frames_batch_size, vae.frame_batching):
         zi = z[:, :, sl].contiguous()
         if vae.post_quant_conv is not None:
             zi = vae.post_quant_conv(zi)
-        y = vae.from_decoder(vae.decoder(zi, cache))  # (B, C, f, H, W)
+        y = vae.decoder(zi, cache) if plan is None else vae.decoder(zi, cache, plan)
+        y = vae.from_decoder(y)  # (B, C, f, H, W)
         cache.at_start = False
         release_freed_memory()
         yield y
@@ -177,16 +192,39 @@ def decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
     """z (B, latent, F, h, w) -> video (B, C, frames, h * s, w * s), sliced/tiled as enabled."""
     if vae.use_slicing and z.shape[0] > 1:
         return torch.cat([decode(vae, zs) for zs in z.split(1)])
+    if vae.exact_tile_size is not None:
+        return exact_tiled_decode(vae, z)
     if vae.use_tiling and (z.shape[4] > vae.tile_latent_min_width or z.shape[3] > vae.tile_latent_min_height):
         return tiled_decode(vae, z)
-    b, _, f, h, w = z.shape
-    s = vae.spatial_compression
-    out = z.new_empty(b, vae.video_out_channels, _output_frames(vae, f), h * s, w * s)
+    out = _new_video(vae, z)
     t = 0
     for y in _decode_frames(vae, z):
         out[:, :, t : t + y.shape[2]] = y
         t += y.shape[2]
     assert t == out.shape[2], (t, out.shape)
+    return out
+
+
+def _new_video(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
+    """The uninitialised video that latents z (B, latent, F, h, w) decode to."""
+    b, _, f, h, w = z.shape
+    s = vae.spatial_compression
+    return z.new_empty(b, vae.video_out_channels, _output_frames(vae, f), h * s, w * s)
+
+
+def exact_tiled_decode(vae: CausalVAE3D, z: torch.Tensor) -> torch.Tensor:
+    """Decode one exact spatial tile at a time, each over all frames with caches of its own, into one
+    video: equal to the untiled decode (``vae3d.wan_tiles``)."""
+    out = _new_video(vae, z)
+    plans, p = vae.exact_tile_plans(z.shape[3], z.shape[4])
+    for plan in plans:
+        rows = slice(p * plan.tile.rows.start, p * plan.tile.rows.stop)
+        cols = slice(p * plan.tile.cols.start, p * plan.tile.cols.stop)
+        t = 0
+        for y in _decode_frames(vae, z, plan):  # y (B, C, f, rows, cols)
+            out[:, :, t : t + y.shape[2], rows, cols] = y
+            t += y.shape[2]
+        assert t == out.shape[2], (t, out.shape)
     return out
 
 

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import lowmem
+from . import lowmem, wan_tiles
 from .causal_conv import ConvCache
 from .streaming import release_freed_memory
+from .wan_tiles import Span, TilePlan, Window
 
 if TYPE_CHECKING:
     from .wan import DupUp3D
@@ -43,31 +44,41 @@ class ShortcutSum:
         return y.add_(self.shortcut.frames(self.x, self.first, a, b))
 
 
-def decode(dec: WanDecoder3d, z: torch.Tensor, cache: ConvCache | None, image_first: bool) -> torch.Tensor:
-    """``dec(z, cache)`` without autograd: latents (B, Z, T, h, w) -> frames (B, C, T', H, W), depth first."""
+def decode(
+    dec: WanDecoder3d, z: torch.Tensor, cache: ConvCache | None, image_first: bool, plan: TilePlan | None = None
+) -> torch.Tensor:
+    """``dec(z, cache)`` without autograd: latents (B, Z, T, h, w) -> frames (B, C, T', H, W), depth first.
+
+    ``plan`` (``vae3d.wan_tiles``): only that output tile (B, C, T', rows, cols), each level on its window.
+    """
     if cache is None:  # a whole video in one call: its pieces still carry their state from one to the next
         cache = ConvCache()
     b, _, t, h, w = z.shape
-    scale = 2 ** sum(block.up is not None for block in dec.up_blocks)
+    plan = plan or wan_tiles.whole_frame(dec, (h, w))
+    last = plan.levels[-1]  # (rows, cols) of the full-resolution level's window
     # The peak is at full resolution: only its frames take the lean time taps; the smaller levels run
     # the faster conv3d windows, whose temporaries stay under that peak.
-    cache.taps_from = b * dec.conv_out.in_channels * h * scale * w * scale * z.dtype.itemsize
+    cache.taps_from = b * dec.conv_out.in_channels * last.shape[0] * last.shape[1] * z.dtype.itemsize
     frames = dec.time_factor * t - (dec.time_factor - 1 if image_first else 0)
-    out = z.new_empty(b, dec.conv_out.out_channels, frames, h * scale, w * scale)
+    out = z.new_empty(b, dec.conv_out.out_channels, frames, *plan.tile.shape)
     written = [0]
 
-    def emit(y: torch.Tensor) -> None:  # y (B, C, n, H, W): the next n frames of the batch
-        out[:, :, written[0] : written[0] + y.shape[2]] = y
+    def emit(y: torch.Tensor) -> None:  # y (B, C, n, *last.shape): the next n frames of the batch
+        out[:, :, written[0] : written[0] + y.shape[2]] = plan.tile.view(y, last)
         written[0] += y.shape[2]
 
-    x = dec.mid_block(dec.conv_in(z, cache), cache)  # (B, C, T, h, w)
-    _level(dec, 0, x, cache, image_first, emit)
+    x = dec.mid_block(dec.conv_in(z, cache), cache)  # (B, C, T, h, w): the whole frame (its attention is global)
+    _level(dec, 0, plan.levels[0].crop(x, Window(Span(0, h), Span(0, w))), cache, image_first, emit, plan)
     assert written[0] == frames, (written, frames)
     return out
 
 
-def _level(dec: WanDecoder3d, i: int, x: torch.Tensor, cache: ConvCache | None, image_first: bool, emit) -> None:
-    """Run up-level i on x (B, C, n, h, w), the next n frames at its resolution, and everything after it.
+def _level(
+    dec: WanDecoder3d, i: int, x: torch.Tensor, cache: ConvCache | None, image_first: bool, emit,
+    plan: TilePlan,
+) -> None:
+    """Run up-level i on x (B, C, n, h, w), the next n frames of its window (``plan.levels[i]``), and everything
+    after it.
 
     ``image_first``: x's first frame is the video's first. The caller does not keep x (it is passed
     as an expression), so it is freed after the first residual block unless a shortcut needs it.
@@ -83,10 +94,13 @@ def _level(dec: WanDecoder3d, i: int, x: torch.Tensor, cache: ConvCache | None, 
     if block.up is None:  # the last level: the output convolution
         emit(dec.conv_out(h, cache, dec.norm_out.transform()))
         return
+    # What the upsampler needs of the window (all of it untiled); a tile's spoiled edges are cut off here.
+    h = plan.keep[i].crop(h, plan.levels[i])
+    keep = keep if keep is None else plan.keep[i].crop(keep, plan.levels[i])
     src = block.up.lazy(h, cache, image_first)  # (B, C', n', 2h, 2w), time doubled now, space on request
     del h
     if keep is not None:
         src = ShortcutSum(src, block.shortcut, keep, image_first)
     n, step = src.shape[2], lowmem.frames_per_step(src)
     for a in range(0, n, step):
-        _level(dec, i + 1, src.frames(a, min(n, a + step)), cache, image_first and a == 0, emit)
+        _level(dec, i + 1, src.frames(a, min(n, a + step)), cache, image_first and a == 0, emit, plan)

@@ -17,10 +17,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
-from . import lowmem, streaming, wan_lowmem
+from . import lowmem, streaming, wan_lowmem, wan_tiles
 from .autoencoder import CausalAutoencoder
 from .causal_conv import ConvCache, FlatCausalConv3d, checkpointed
 from .streaming import release_freed_memory
+from .wan_tiles import TilePlan
 from .wan import (AttentionBlock, MidBlock, Resample, ResidualBlock, ResidualDownBlock, ResidualUpBlock, RMSNorm,
                   UpBlock)
 
@@ -104,12 +105,15 @@ class WanDecoder3d(nn.Module):
         self.gradient_checkpointing = False
         self.time_factor = 2 ** sum(block.up is not None and block.up.mode == "upsample3d" for block in self.up_blocks)
 
-    def forward(self, z: torch.Tensor, cache: ConvCache | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cache: ConvCache | None = None, plan: TilePlan | None = None) -> torch.Tensor:
+        """``plan``: decode only that exact tile (``vae3d.wan_tiles``; without autograd, unsharded)."""
         # z's first frame is the video's image frame when the batch starts it (a time shard: rank 0's)
         shard = cache.shard if cache is not None else None
         image_first = shard.image_first if shard is not None else cache is None or cache.at_start
         if lowmem.active() and shard is None:  # a shard runs whole: its halos are exchanged once per call
-            return wan_lowmem.decode(self, z, cache, image_first)
+            return wan_lowmem.decode(self, z, cache, image_first, plan)
+        if plan is not None:
+            raise ValueError("an exact tile is decoded without autograd and unsharded (vae3d.wan_tiles)")
         h = checkpointed(self, self.mid_block, self.conv_in(z, cache), cache=cache)  # (B, C, F, h, w)
         for block in self.up_blocks:  # each level checkpointed when that is on (diffusers' levels)
             h = checkpointed(self, block, h, image_first, cache=cache)
@@ -276,6 +280,28 @@ class WanVAE3D(CausalAutoencoder, ModelMixin, ConfigMixin):
         self.tile_sample_min_width = tile_sample_min_width or self.tile_sample_min_width
         self.tile_sample_stride_height = tile_sample_stride_height or self.tile_sample_stride_height
         self.tile_sample_stride_width = tile_sample_stride_width or self.tile_sample_stride_width
+
+    def enable_exact_tiling(self, tile_height: int = 256, tile_width: int = 256) -> None:
+        """Decode in spatial tiles of at most tile_height x tile_width pixels, one at a time over all frames,
+        with a result equal to the untiled decode (``vae3d.wan_tiles``: each tile's windows reach past it as
+        far as the decoder sees; no blending). Memory: one tile's caches and activations instead of the whole
+        frame's; time: the halos' compute. Decode only (encode is unaffected), without autograd, unsharded."""
+        s = self.spatial_compression
+        for name, v in (("tile_height", tile_height), ("tile_width", tile_width)):
+            if not isinstance(v, int) or v < s or v % s:
+                near = " or ".join(map(str, streaming.nearest_multiples(v, s))) if isinstance(v, int) else ""
+                near = near or str(s)
+                raise ValueError(f"{name} {v!r} is not a positive multiple of the spatial compression {s}; "
+                                 f"nearest valid: {near}")
+        self.exact_tile_size = (tile_height, tile_width)
+
+    def disable_exact_tiling(self) -> None:
+        self.exact_tile_size = None
+
+    def exact_tile_plans(self, height: int, width: int) -> tuple[list[TilePlan], int]:
+        p = self.config.patch_size or 1
+        size = (self.exact_tile_size[0] // p, self.exact_tile_size[1] // p)
+        return wan_tiles.plan_tiles(self.decoder, (height, width), size), p
 
     # -- latent normalisation (what a diffusion model sees) ------------------------------------------
 
