@@ -21,6 +21,8 @@ measured; a section that fails or runs out of memory leaves its error and the ne
 - wan: the same for Wan 2.1 1.3B at 81 x 480 x 832 (21 x 60 x 104 latents, 32,760 video tokens, 512 text), batch 1.
 - vae: CogVideoX VAE decode of 13 x 60 x 90 latents (49 x 480 x 720), bf16: peak memory and time, ours and
   diffusers', and the output difference.
+- wan_vae: the Wan 2.1 VAE (diffusers' default config) decoding 21 x 60 x 104 latents (81 x 480 x 832), bf16: the
+  same for ours, ours in exact tiles of 240 x 416 (vae3d.wan_tiles) and diffusers'.
 
 Nothing is downloaded: weights are seeded random, built on the GPU. Packages beyond the GPU image's (diffusers)
 travel as wheels with the working tree (docs/gpu.md). `--tiny --device cpu` runs every section at toy sizes on the
@@ -61,11 +63,12 @@ class Section:
 
 SECTIONS = (
     Section("env", 20, "versions, GPU, installed attention kernels"),
-    Section("attention", 55, "each installed attention kernel: time, error, lse, ring merge"),
-    Section("parity", 70, "bf16 parity with diffusers: CogVideoX-2B, SD3-medium, Wan-1.3B (2 layers each)"),
-    Section("cogvideox", 140, "CogVideoX-2B full size, 49 x 480 x 720: ours / diffusers, eager / compiled"),
-    Section("wan", 125, "Wan-1.3B full size, 81 x 480 x 832: ours / diffusers, eager / compiled"),
-    Section("vae", 70, "CogVideoX VAE decode, 49 x 480 x 720: ours / diffusers"),
+    Section("attention", 50, "each installed attention kernel: time, error, lse, ring merge"),
+    Section("parity", 65, "bf16 parity with diffusers: CogVideoX-2B, SD3-medium, Wan-1.3B (2 layers each)"),
+    Section("cogvideox", 125, "CogVideoX-2B full size, 49 x 480 x 720: ours / diffusers, eager / compiled"),
+    Section("wan", 110, "Wan-1.3B full size, 81 x 480 x 832: ours / diffusers, eager / compiled"),
+    Section("vae", 50, "CogVideoX VAE decode, 49 x 480 x 720: ours / diffusers"),
+    Section("wan_vae", 60, "Wan 2.1 VAE decode, 81 x 480 x 832: ours, ours in exact tiles / diffusers"),
 )
 
 
@@ -92,6 +95,8 @@ def sizes(tiny: bool) -> dict[str, Any]:
             "wan": {"config": dict(WAN_2_1_1_3B), "latent": [1, 16, 21, 60, 104], "text": [1, 512, 4096],
                     "warmup": 1, "reps": 3},
             "vae": {"config": {}, "latent": [1, 16, 13, 60, 90], "warm_latent": [1, 16, 3, 60, 90]},
+            "wan_vae": {"config": {}, "latent": [1, 16, 21, 60, 104], "warm_latent": [1, 16, 2, 60, 104],
+                        "exact_tile": [240, 416]},
         }
     cog = dict(COGVIDEOX_2B, num_attention_heads=2, attention_head_dim=16, time_embed_dim=8, text_embed_dim=16,
                num_layers=2, sample_width=8, sample_height=8, sample_frames=9, max_text_seq_length=7)
@@ -101,6 +106,8 @@ def sizes(tiny: bool) -> dict[str, Any]:
                caption_projection_dim=32, pooled_projection_dim=16, in_channels=4, out_channels=4, sample_size=16,
                pos_embed_max_size=16)
     vae = dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2)
+    wan_vae = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0.0] * 4,
+                   latents_std=[1.0] * 4)
     return {
         "attention": {"cogvideox_2b": [2, 2, 40, 16], "wan_1_3b": [1, 2, 48, 32], "reference_queries": 16,
                       "warmup": 1, "reps": 2, "ring_blocks": 4},
@@ -114,6 +121,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
                       "warmup": 1, "reps": 2},
         "wan": {"config": wan, "latent": [1, 4, 3, 8, 8], "text": [1, 7, 32], "warmup": 1, "reps": 2},
         "vae": {"config": vae, "latent": [1, 4, 3, 8, 8], "warm_latent": [1, 4, 2, 8, 8]},
+        "wan_vae": {"config": wan_vae, "latent": [1, 4, 3, 8, 8], "warm_latent": [1, 4, 2, 8, 8], "exact_tile": [32, 32]},
     }
 
 
@@ -460,49 +468,77 @@ def section_wan(rec: Recorder, args: argparse.Namespace) -> None:
     _forward_rows(rec, args, "wan")
 
 
-def section_vae(rec: Recorder, args: argparse.Namespace) -> None:
+VAE_CLASSES = {"vae": "AutoencoderKLCogVideoX", "wan_vae": "AutoencoderKLWan"}
+
+
+def _decode_row(rec: Recorder, dev: Device, name: str, model, z, warm) -> Any:
+    """One timed decode of z (after a warm-up decode of warm) with its peak memory, as row ``name``; the output."""
     import torch
-    from diffusers import AutoencoderKLCogVideoX
+
+    holder: dict[str, Any] = {}
+    with rec.row(name), torch.inference_mode():
+        model.decode(warm)
+        row: dict[str, Any] = {}
+
+        def run():
+            holder["out"] = model.decode(z).sample
+
+        dev.sync()
+        t0 = time.perf_counter()
+        row.update(dev.peak(run))
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        row["output_shape"] = list(holder["out"].shape)
+        rec.put(name, row)
+    _free()
+    return holder.get("out")
+
+
+def _vae_rows(rec: Recorder, args: argparse.Namespace, kind: str) -> None:
+    """A VAE decode, bf16: ours (and, with ``exact_tile`` in the spec, ours in exact tiles) and diffusers'."""
+    import diffusers
+    import torch
 
     import vae3d
 
-    spec = args.sizes["vae"]
+    spec = args.sizes[kind]
     dev = Device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         with torch.device(args.device):
-            ref = randomize_(AutoencoderKLCogVideoX(**spec["config"]), 0, 0.02)
+            ref = randomize_(getattr(diffusers, VAE_CLASSES[kind])(**spec["config"]), 0, 0.02)
         ref.save_pretrained(folder)
         ref = ref.to(torch.bfloat16).eval().requires_grad_(False)
         ours = vae3d.load_vae(folder, torch_dtype=torch.bfloat16, device=args.device).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(spec["latent"], generator=g).to(args.device, torch.bfloat16)  # (B, C, F, H, W), as diffusers'
     warm = torch.randn(spec["warm_latent"], generator=g).to(args.device, torch.bfloat16)
-    rec.put("shape", {"latent (B, C, F, H, W)": list(z.shape), "dtype": "bf16",
+    rec.put("shape", {"latent (B, C, F, H, W)": list(z.shape), "dtype": "bf16", "exact_tile": spec.get("exact_tile"),
                       "method": "one warm-up decode of a short latent, then one timed decode with its peak memory"})
-    outs = {}
-    for impl, model in (("ours", ours), ("diffusers", ref)):
-        with rec.row(impl), torch.inference_mode():
-            model.decode(warm)
-            row = {}
-            holder = {}
-
-            def run(model=model, holder=holder):
-                holder["out"] = model.decode(z).sample
-
-            dev.sync()
-            t0 = time.perf_counter()
-            row.update(dev.peak(run))
-            row["seconds"] = round(time.perf_counter() - t0, 2)
-            outs[impl] = holder.pop("out")
-            row["output_shape"] = list(outs[impl].shape)
-            rec.put(impl, row)
-        _free()
-    if len(outs) == 2:
-        rec.put("rel_error_ours_vs_diffusers", rel_error(outs["ours"], outs["diffusers"]))
-        o, d = rec.data.get("ours", {}), rec.data.get("diffusers", {})
+    outs = {"ours": _decode_row(rec, dev, "ours", ours, z, warm)}
+    if spec.get("exact_tile"):
+        ours.enable_exact_tiling(*spec["exact_tile"])
+        outs["ours_exact_tiles"] = _decode_row(rec, dev, "ours_exact_tiles", ours, z, warm)
+        ours.disable_exact_tiling()
+    outs["diffusers"] = _decode_row(rec, dev, "diffusers", ref, z, warm)
+    d = rec.data.get("diffusers", {})
+    ratios = {}
+    for impl in [k for k in outs if k != "diffusers"]:
+        if outs[impl] is not None and outs["diffusers"] is not None:
+            rec.put(f"rel_error_{impl}_vs_diffusers", rel_error(outs[impl], outs["diffusers"]))
+        o = rec.data.get(impl, {})
         if o.get("peak_allocated_mb") and d.get("peak_allocated_mb"):
-            rec.put("ratios", {"peak_ours_over_diffusers": round(o["peak_allocated_mb"] / d["peak_allocated_mb"], 3),
-                               "time_ours_over_diffusers": round(o["seconds"] / d["seconds"], 3)})
+            suffix = "" if impl == "ours" else "_" + impl.removeprefix("ours_")
+            ratios[f"peak_ours_over_diffusers{suffix}"] = round(o["peak_allocated_mb"] / d["peak_allocated_mb"], 3)
+            ratios[f"time_ours_over_diffusers{suffix}"] = round(o["seconds"] / d["seconds"], 3)
+    if ratios:
+        rec.put("ratios", ratios)
+
+
+def section_vae(rec: Recorder, args: argparse.Namespace) -> None:
+    _vae_rows(rec, args, "vae")
+
+
+def section_wan_vae(rec: Recorder, args: argparse.Namespace) -> None:
+    _vae_rows(rec, args, "wan_vae")
 
 
 def section_selftest_sleep(rec: Recorder, args: argparse.Namespace) -> None:
@@ -513,7 +549,7 @@ def section_selftest_sleep(rec: Recorder, args: argparse.Namespace) -> None:
 
 SECTION_FUNCTIONS: dict[str, Callable[[Recorder, argparse.Namespace], None]] = {
     "env": section_env, "attention": section_attention, "parity": section_parity, "cogvideox": section_cogvideox,
-    "wan": section_wan, "vae": section_vae, "_selftest_sleep": section_selftest_sleep,
+    "wan": section_wan, "vae": section_vae, "wan_vae": section_wan_vae, "_selftest_sleep": section_selftest_sleep,
 }
 
 
@@ -574,13 +610,14 @@ def plan(args: argparse.Namespace) -> tuple[dict, list[str]]:
                 diffusers_class(kind)(**spec["config"])
         except Exception as e:  # noqa: BLE001
             problems.append(f"parity {kind}: diffusers' model does not build: {type(e).__name__}: {e}")
-    try:
-        from diffusers import AutoencoderKLCogVideoX
+    for kind, cls_name in VAE_CLASSES.items():
+        try:
+            import diffusers
 
-        with torch.device("meta"):
-            AutoencoderKLCogVideoX(**sz["vae"]["config"])
-    except Exception as e:  # noqa: BLE001
-        problems.append(f"vae: diffusers' AutoencoderKLCogVideoX does not build: {type(e).__name__}: {e}")
+            with torch.device("meta"):
+                getattr(diffusers, cls_name)(**sz[kind]["config"])
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{kind}: diffusers' {cls_name} does not build: {type(e).__name__}: {e}")
     from dit.attention import BACKENDS, KERNELS
 
     missing = [b for b in BACKENDS if b not in KERNELS and b != "auto"]
@@ -740,8 +777,9 @@ def summary(report: dict) -> dict:
             head[f"{kind}_ratios"] = s[kind]["ratios"]
     if "parity" in s:
         head["parity"] = {k: v for k, v in s["parity"].items() if isinstance(v, dict)}
-    if "ratios" in s.get("vae", {}):
-        head["vae_ratios"] = s["vae"]["ratios"]
+    for kind in VAE_CLASSES:
+        if "ratios" in s.get(kind, {}):
+            head[f"{kind}_ratios"] = s[kind]["ratios"]
     return head
 
 

@@ -26,7 +26,8 @@ def test_dry_run_validates_the_full_plan_without_cuda(tmp_path):
     assert line["plan_ok"] and line["problems"] == []
     report = json.loads((tmp_path / "gpu.json").read_text())
     plan = report["plan"]
-    assert [s["name"] for s in plan["sections"]] == ["env", "attention", "parity", "cogvideox", "wan", "vae"]
+    assert [s["name"] for s in plan["sections"]] == ["env", "attention", "parity", "cogvideox", "wan", "vae",
+                                                          "wan_vae"]
     assert plan["sum_of_time_boxes_s"] <= 480 and plan["budget_s"] <= 480
     cog, wan = plan["models"]["cogvideox"], plan["models"]["wan"]
     assert cog["tokens"] == 226 + 13 * 30 * 45 and cog["batch"] == 2  # 49 x 480 x 720, guidance batch
@@ -34,6 +35,7 @@ def test_dry_run_validates_the_full_plan_without_cuda(tmp_path):
     assert 1.6e9 < cog["parameters"] < 1.8e9 and 1.3e9 < wan["parameters"] < 1.5e9
     assert max(cog["memory_bound_gib"], wan["memory_bound_gib"]) < 78
     assert plan["sizes"]["vae"]["latent"] == [1, 16, 13, 60, 90]
+    assert plan["sizes"]["wan_vae"]["latent"] == [1, 16, 21, 60, 104]  # 81 x 480 x 832
 
 
 def test_dry_run_reports_a_plan_over_budget(tmp_path):
@@ -67,11 +69,11 @@ def test_sections_run_at_toy_sizes_on_the_cpu(tmp_path):
     from bench import gpu
 
     args = gpu.parse_args(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--compile-backend", "aot_eager"])
-    for name in ("env", "attention", "parity", "cogvideox", "vae"):
+    names = ("env", "attention", "parity", "cogvideox", "vae", "wan_vae")
+    for name in names:
         gpu.run_section_in_process(name, args, tmp_path)
     torch._dynamo.reset()
-    read = {name: json.loads((tmp_path / f"{name}.json").read_text())
-            for name in ("env", "attention", "parity", "cogvideox", "vae")}
+    read = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in names}
     assert read["env"]["attention_kernels"]["sdpa"] == "installed"
     row = read["attention"]["cogvideox_2b"]["sdpa"]
     assert "error" not in row, row
@@ -87,6 +89,9 @@ def test_sections_run_at_toy_sizes_on_the_cpu(tmp_path):
     assert cog["diffusers_eager"]["rel_error_vs_ours_eager"] < 1e-2
     assert "eager_median_s_ours_over_diffusers" in cog["ratios"]
     assert read["vae"]["rel_error_ours_vs_diffusers"] < 1e-2
+    wan_vae = read["wan_vae"]
+    assert wan_vae["rel_error_ours_vs_diffusers"] < 1e-2 and wan_vae["rel_error_ours_exact_tiles_vs_diffusers"] < 1e-2
+    assert wan_vae["ours_exact_tiles"]["output_shape"] == wan_vae["diffusers"]["output_shape"] == [1, 3, 9, 64, 64]
 
 
 def test_a_section_over_its_time_box_keeps_its_figures(tmp_path):
