@@ -51,11 +51,10 @@ def track_offset_px(base: np.ndarray, high: np.ndarray) -> float | None:
 
 
 def generation(pipe, defaults: dict, prompts: list[str], alpha: float) -> dict:
-    from dit.requests import relay_defaults
+    from dit.requests import relay_defaults, sampling_defaults
 
     relay = dict(relay_defaults(defaults), relay_noise_alpha=alpha)
-    kw = dict(num_inference_steps=defaults["num_inference_steps"], guidance_scale=defaults["guidance_scale"],
-              output_type="np")
+    kw = dict(sampling_defaults(defaults), output_type="np")
     diff, ref, ps, track = [], [], [], []
     for k, prompt in enumerate(prompts):
         base = pipe(prompt=prompt, generator=torch.Generator().manual_seed(k), **kw).frames[0]

@@ -37,9 +37,8 @@ def defaults():
 
 
 def _generate(pipe, defaults, prompt=PROMPT, seed=0, **kw):
-    return pipe(prompt=prompt, num_inference_steps=defaults["num_inference_steps"],
-                guidance_scale=defaults["guidance_scale"], generator=torch.Generator().manual_seed(seed),
-                output_type="np", **kw).frames[0]  # (F, H, W, 3)
+    args = {**sampling_defaults(defaults), **kw}  # what `dit generate` passes, unless the test says otherwise
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **args).frames[0]
 
 
 def test_the_folder_ships_in_the_package_within_25_mb():

@@ -541,6 +541,7 @@ def test_demo_build_chains_vae_base_and_relay_stages_into_one_pipeline(tmp_path)
     image_final = build.run_stage("base-image", tmp_path, small)
     assert json.loads((image_final / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] == \
         json.loads((ft_final / "vae" / "config.json").read_text())["scaling_factor"]
+    assert build.stage_paths("base", tmp_path)["model.pretrained"] == str(image_final / "pipeline")
     base_final = build.run_stage("base", tmp_path, small)  # from the image stage's weights (model.pretrained)
     relay_final = build.run_stage("relay", tmp_path, small)
     patch = [json.loads((f / "pipeline" / "transformer" / "config.json").read_text())["patch_size"]
