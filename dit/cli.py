@@ -57,6 +57,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tile_size(text: str) -> tuple[int, int]:
+    """--vae-tile: "H" (square) or "HxW", in pixels."""
+    parts = text.lower().split("x")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected H or HxW in pixels (e.g. 256 or 240x416), got {text!r}")
+    size = tuple(_positive_int(p) for p in parts)
+    return (size[0], size[-1])
+
+
 def _class_id(text: str) -> int:
     try:
         value = int(text)
@@ -143,6 +152,9 @@ def _execution_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--attention", metavar="BACKEND",
                      help="attention kernel: auto (fastest installed for the dtype and device), sdpa (default), "
                           "sdpa_flash, sdpa_cudnn, sdpa_efficient, flash (flash_attn 2), flash3, sage, xformers, math")
+    gen.add_argument("--vae-tile", type=_tile_size, metavar="HxW",
+                     help="decode in exact spatial tiles of at most H x W pixels, one at a time (Wan VAEs; the same "
+                          "frames as without, the decode's memory that of one tile; e.g. 256 or 240x416)")
     gen.add_argument("--relay", type=_positive_int,
                      help="relay super-resolution factor (e.g. 2): a second stage at k x height, k x width from "
                           "the upsampled result (CogVideoX, Wan, SD3, CogView3-Plus)")

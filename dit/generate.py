@@ -228,12 +228,37 @@ def _plan(args: argparse.Namespace) -> tuple[Path, list[tuple[Request, Path]], d
     if args.offload and not args.device.startswith("cuda"):
         raise UsageError(f"--offload moves models between CPU and GPU; it needs --device cuda, got --device "
                          f"{args.device}")
+    _check_vae_tile(getattr(args, "vae_tile", None), folder, settings["world"])
     _sizes(requests, folder, family, fmt, defaults, args.relay)  # before any weights load
     requests, indices = per_prompt(requests, args.num_images)
     paths = output_paths(requests, args.output, fmt, indices=indices, per_request=args.num_images)
     for parent in {p.parent for p in paths}:
         check_writable(parent)
     return folder, list(zip(requests, paths)), settings
+
+
+def _check_vae_tile(tile: tuple[int, int] | None, folder: Path, world: int) -> None:
+    """--vae-tile: exact tiles are the Wan VAE's (a folder's AutoencoderKLWan, which we load as WanVAE3D), in
+    multiples of its spatial compression, in one process (under torchrun the decode is time-sharded instead)."""
+    if tile is None:
+        return
+    from dit.convert import read_folder_json
+    from vae3d.streaming import nearest_multiples
+
+    config = read_folder_json(folder / "vae", what="a VAE config")
+    name = config.get("_class_name")
+    if name != "AutoencoderKLWan":
+        raise UsageError(f"--vae-tile: exact tiles are the Wan VAE's (AutoencoderKLWan); this model's VAE is {name}, "
+                         "whose normalisation spans the frame")
+    if world > 1:
+        raise UsageError("--vae-tile decodes in one process; under torchrun the VAE decode is time-sharded instead: "
+                         "drop --vae-tile or run without torchrun")
+    scale = 2 ** (len(config.get("dim_mult", (1, 2, 4, 4))) - 1) * (config.get("patch_size") or 1)
+    for name, v in zip(("height", "width"), tile):
+        if v % scale:
+            near = " or ".join(map(str, nearest_multiples(v, scale)))
+            raise UsageError(f"--vae-tile {tile[0]}x{tile[1]}: the tile {name} {v} is not a multiple of the VAE's "
+                             f"spatial compression {scale}; nearest valid: {near}")
 
 
 def _check_attention(backend: str | None, device: str) -> None:
@@ -358,6 +383,8 @@ def _load(folder: Path, args: argparse.Namespace, todo: list, family: type):
             model.set_attention_backend(args.attention)
     if getattr(args, "compile", False):
         pipe.enable_compile()  # after the backend: compilation happens at the first step
+    if getattr(args, "vae_tile", None) is not None:
+        pipe.vae.enable_exact_tiling(*args.vae_tile)
     if args.offload:
         pipe.enable_model_cpu_offload(device=args.device)
     else:

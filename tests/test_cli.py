@@ -106,6 +106,8 @@ def test_other_bad_input_one_line_exit_2(model, tmp_path, capsys):
         (["generate", "", "--model", str(model)], "the prompt is empty"),
         (["generate", "--model", str(model)], "give a PROMPT or --prompts-file"),
         (["generate", "a cat", "--model", str(model), "--offload"], "--offload moves models between CPU and GPU"),
+        (["generate", "a cat", "--model", str(model), "--vae-tile", "64"],
+         "--vae-tile: exact tiles are the Wan VAE's (AutoencoderKLWan); this model's VAE is AutoencoderKLCogVideoX"),
     ]
     for argv, match in cases:
         code, line = _main_error(capsys, argv)

@@ -97,6 +97,33 @@ def test_relay_2_doubles_height_and_width(wan, tmp_path):
     assert (side["relay"], side["height"], side["width"]) == (2, 32, 32)  # the request; relay makes it 2x
 
 
+@pytest.mark.parametrize("name,size,tile", [("wan21", 32, "16"), ("ti2v", 64, "32x48")])
+def test_vae_tile_writes_the_untiled_frames(wan, tmp_path, monkeypatch, name, size, tile):
+    """--vae-tile: exact tiles (vae3d.wan_tiles) give the frames of the untiled decode (2 x 2 tiles)."""
+    import vae3d.wan_tiles
+
+    plans, plan_tiles = [], vae3d.wan_tiles.plan_tiles
+    monkeypatch.setattr(vae3d.wan_tiles, "plan_tiles", lambda *a: plans.extend(plan_tiles(*a)) or plans)
+    out = tmp_path / "tiled.png"
+    assert main(["generate", PROMPT, "-o", str(out), "--model", str(wan[name]), "--seed", "3", *ARGS,
+                 "--height", str(size), "--width", str(size), "--vae-tile", tile]) == 0
+    written = _read_png_folder(out)
+    direct = _direct(wan[name], 3, height=size, width=size)
+    assert written.shape == direct.shape == (9, size, size, 3)
+    assert np.abs(written.astype(np.float64) - direct * 255).max() <= 1  # equal within 8-bit rounding
+    assert "vae_tile" not in json.loads((tmp_path / "tiled.png.json").read_text())  # the same frames: not a setting
+    assert len(plans) == 4
+
+
+def test_vae_tile_under_torchrun_is_refused_before_any_weights_load(wan, tmp_path, capsys, no_load, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the check comes before any process group
+    argv = ["generate", PROMPT, "-o", str(tmp_path / "x.mp4"), "--model", str(wan["wan21"]), *ARGS,
+            "--ulysses-degree", "2", "--vae-tile", "16"]
+    assert main(argv) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "--vae-tile decodes in one process" in lines[0], lines
+
+
 def test_defaults_are_wan_pipelines_or_the_folders_generation_config(wan, tmp_path):
     def plan(folder):
         args = build_parser().parse_args(["generate", PROMPT, "--model", str(folder), "-o", str(tmp_path / "x.mp4")])
@@ -120,6 +147,10 @@ def test_defaults_are_wan_pipelines_or_the_folders_generation_config(wan, tmp_pa
     ("wan22", ["--frames", "8"], "num_frames 8 must be 1 + 4n for this VAE; nearest valid: 5 or 9"),
     ("ti2v", ["--height", "48"], "height 48 must be divisible by 32; nearest valid: 32 or 64"),  # VAE x16, patch 2
     ("wan22", ["--solver", "banana"], "unknown solver 'banana'"),
+    ("wan21", ["--vae-tile", "12x16"], "--vae-tile 12x16: the tile height 12 is not a multiple of the VAE's spatial "
+                                       "compression 8; nearest valid: 8 or 16"),
+    ("ti2v", ["--vae-tile", "24"], "the tile height 24 is not a multiple of the VAE's spatial compression 16; "
+                                   "nearest valid: 16 or 32"),  # VAE x8, patch 2
 ])
 def test_bad_requests_are_one_line_before_any_weights_load(wan, tmp_path, capsys, no_load, name, argv, match):
     out = tmp_path / "new" / "x.mp4"
