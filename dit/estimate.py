@@ -33,6 +33,10 @@ _VAE_MAPS = 48
 # decode (`python bench/vae.py --vae wan`, docs/benchmarks.md) with a little margin. Wan 2.2's VAE unpatchifies
 # its last level: vae_width counts it per output pixel.
 _WAN_VAE_MAPS = 36
+# Exact VAE tiles (--vae-tile, vae3d.wan_tiles): the maps shrink to one tile's windows, the tile plus this margin
+# of output pixels on each side, which covers the halos' share of the lower levels at the sizes measured in
+# docs/benchmarks.md ("Exact tiles").
+_TILE_MARGIN = 24
 # diffusers' 2D AutoencoderKL decoder keeps about this many maps of its widest full-resolution width (the last
 # upsampler's output channels) alive: measured ~4 for SD3's VAE at 512x512 on the CPU, fp32; 6 leaves margin.
 _IMAGE_VAE_MAPS = 6
@@ -149,9 +153,10 @@ def wan_shape(folder: Path) -> VideoShape:
 
 
 def video_request_bytes(shape: VideoShape, height: int, width: int, frames: int, *, relay: int | None,
-                        guidance: float, dtype_bytes: int) -> int:
+                        guidance: float, dtype_bytes: int, vae_tile: tuple[int, int] | None = None) -> int:
     """Estimated peak bytes of one generation: weights, the transformer's activations (both halves of CFG)
-    and the VAE decode with its output, at the relay stage's size when relay is given."""
+    and the VAE decode with its output, at the relay stage's size when relay is given (``vae_tile``: in exact
+    tiles of at most that many pixels)."""
     scale = relay or 1
     h, w = height * scale, width * scale
     latent_frames = (frames - 1) // shape.temporal + 1
@@ -159,7 +164,9 @@ def video_request_bytes(shape: VideoShape, height: int, width: int, frames: int,
     tokens = shape.text_tokens + -(-latent_frames // shape.patch_t) * grid
     batch = 2 if guidance > 1 else 1
     transformer = batch * tokens * shape.hidden * _BLOCK_ACTIVATIONS * dtype_bytes
-    vae = shape.vae_maps * shape.vae_width * h * w * dtype_bytes + frames * h * w * _OUTPUT_BYTES
+    maps_h, maps_w = (h, w) if vae_tile is None else (min(h, vae_tile[0] + 2 * _TILE_MARGIN),
+                                                        min(w, vae_tile[1] + 2 * _TILE_MARGIN))
+    vae = shape.vae_maps * shape.vae_width * maps_h * maps_w * dtype_bytes + frames * h * w * _OUTPUT_BYTES
     return shape.weight_numel * dtype_bytes + max(transformer, vae)
 
 
@@ -188,11 +195,13 @@ def available_bytes(device: str) -> int | None:
 
 
 def largest_fitting(shape: VideoShape, height: int, width: int, frames: int, *, relay: int | None,
-                    guidance: float, dtype_bytes: int, budget: int) -> tuple[int | None, tuple[int, int] | None]:
+                    guidance: float, dtype_bytes: int, budget: int,
+                    vae_tile: tuple[int, int] | None = None) -> tuple[int | None, tuple[int, int] | None]:
     """The largest frame count (1 + kn) at height x width, and the largest size with the same aspect at `frames`
     (multiples of the VAE x patch factor), that fit `budget`; None for either where even the smallest does not."""
     def fits(h: int, w: int, f: int) -> bool:
-        return video_request_bytes(shape, h, w, f, relay=relay, guidance=guidance, dtype_bytes=dtype_bytes) <= budget
+        return video_request_bytes(shape, h, w, f, relay=relay, guidance=guidance, dtype_bytes=dtype_bytes,
+                                   vae_tile=vae_tile) <= budget
 
     k, m = shape.temporal, shape.spatial * shape.patch
     best_frames = _largest(lambda n: fits(height, width, 1 + k * n), (frames - 1) // k)

@@ -70,7 +70,7 @@ def _check_memory(folder: Path, todo: list, args: argparse.Namespace, guidance: 
         return
     shape, nbytes = video_shape(folder), DTYPE_BYTES[args.dtype]
     for r, _, _ in todo:
-        opts = dict(relay=args.relay, guidance=guidance, dtype_bytes=nbytes)
+        opts = dict(relay=args.relay, guidance=guidance, dtype_bytes=nbytes, vae_tile=getattr(args, "vae_tile", None))
         need = video_request_bytes(shape, r.height, r.width, r.frames, **opts)
         if need <= budget:
             continue

@@ -55,6 +55,19 @@ def test_the_estimate_grows_with_every_dimension_and_relay():
     assert video_request_bytes(SHAPE, 480, 720, 49, **dict(OPTS, dtype_bytes=4)) > base
 
 
+def test_exact_vae_tiles_shrink_the_decode_term_to_a_tile():
+    wan = VideoShape(spatial=8, temporal=4, patch=2, patch_t=1, hidden=64, text_tokens=512, vae_width=96,
+                     weight_numel=1000, vae_maps=36)  # a small transformer: the VAE term is the peak
+    whole = video_request_bytes(wan, 480, 832, 81, **OPTS)
+    tiled = video_request_bytes(wan, 480, 832, 81, **OPTS, vae_tile=(240, 416))
+    output = 81 * 480 * 832 * 3 * 9  # the decoded video and its copies stay whole
+    assert tiled - output == pytest.approx((whole - output) * (288 * 464) / (480 * 832), rel=1e-3)
+    assert video_request_bytes(wan, 480, 832, 81, **OPTS, vae_tile=(960, 960)) == whole  # one tile: the frame
+    frames, _ = largest_fitting(wan, 480, 832, 1001, budget=tiled, **OPTS)
+    tiled_frames, _ = largest_fitting(wan, 480, 832, 1001, budget=tiled, **OPTS, vae_tile=(240, 416))
+    assert tiled_frames >= 81 and frames is None  # untiled, no frame count fits: the maps do not shrink with frames
+
+
 def test_largest_fitting_is_the_boundary():
     budget = video_request_bytes(SHAPE, 480, 720, 49, **OPTS)
     frames, size = largest_fitting(SHAPE, 480, 720, 1001, budget=budget, **OPTS)
