@@ -244,6 +244,7 @@ def _check_vae_tile(tile: tuple[int, int] | None, folder: Path, world: int) -> N
         return
     from dit.convert import read_folder_json
     from vae3d.streaming import nearest_multiples
+    from vae3d.wan_model import spatial_factor
 
     config = read_folder_json(folder / "vae", what="a VAE config")
     name = config.get("_class_name")
@@ -253,7 +254,7 @@ def _check_vae_tile(tile: tuple[int, int] | None, folder: Path, world: int) -> N
     if world > 1:
         raise UsageError("--vae-tile decodes in one process; under torchrun the VAE decode is time-sharded instead: "
                          "drop --vae-tile or run without torchrun")
-    scale = 2 ** (len(config.get("dim_mult", (1, 2, 4, 4))) - 1) * (config.get("patch_size") or 1)
+    scale = spatial_factor(config.get("dim_mult", (1, 2, 4, 4)), config.get("patch_size"))  # WanVAE3D's
     for name, v in zip(("height", "width"), tile):
         if v % scale:
             near = " or ".join(map(str, nearest_multiples(v, scale)))

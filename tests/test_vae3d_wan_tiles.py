@@ -152,3 +152,6 @@ def test_exact_tiling_refuses_bad_input_before_decoding(models):
     finally:
         ours.disable_exact_tiling()
         ours.disable_parallelism()
+    plan = wan_tiles.plan_tiles(ours.decoder, (4, 4), (16, 16))[0]
+    with pytest.raises(ValueError, match="an exact tile is decoded without autograd"):
+        ours.decoder(_latents(1, 4, 4), None, plan)  # the decoder called directly, autograd on

@@ -120,6 +120,11 @@ class WanDecoder3d(nn.Module):
         return self.conv_out(h, cache, self.norm_out.transform())  # (B, C_out, T, H, W)
 
 
+def spatial_factor(dim_mult: tuple[int, ...], patch_size: int | None) -> int:
+    """Pixels per latent along height and width: 2 per level after the first, times the patch size (Wan 2.2)."""
+    return 2 ** (len(dim_mult) - 1) * (patch_size or 1)
+
+
 def patchify(x: torch.Tensor, p: int | None) -> torch.Tensor:
     """Video (B, C, T, p H, p W) -> (B, C p p, T, H, W), diffusers' channel order (c, column, row)."""
     if not p or p == 1:
@@ -203,7 +208,7 @@ class WanVAE3D(CausalAutoencoder, ModelMixin, ConfigMixin):
         # diffusers' Wan batching: the first frame alone, then one latent frame's worth at a time.
         levels = len(dim_mult) - 1
         self._time = 2 ** sum(temperal_downsample[:levels])
-        self._space = 2**levels * (patch_size or 1)
+        self._space = spatial_factor(dim_mult, patch_size)
         self.init_options(latent_batch=1, sample_batch=self._time, frame_batching="causal")
         self.tile_sample_min_height = self.tile_sample_min_width = 256
         self.tile_sample_stride_height = self.tile_sample_stride_width = 192
